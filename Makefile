@@ -1,0 +1,22 @@
+# Entry points of the harness. `make setup && make table1` and `make setup && make test`
+# work on a fresh machine (see README.md).
+PY ?= .venv/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup test table1 bench minkowski
+
+# A virtual environment with the CPU build of torch pinned (a looser pin pulls a CUDA build).
+setup: .venv/.setup-done
+.venv/.setup-done: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests
+
+# Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached.
+minkowski: setup
+	scripts/build_minkowski.sh $(PY)
