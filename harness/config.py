@@ -1,0 +1,349 @@
+"""Configs: omegaconf YAML files checked against dataclass schemas.
+
+Every YAML under ``configs/`` has a schema (a dataclass): method YAMLs the method's ``Config``,
+dataset and task YAMLs theirs, sweep YAMLs ``SweepConfig`` below. A misspelt key or a wrong
+type fails at load with a ``ConfigError`` naming the file and the full dotted key; command-line
+``key=value`` overrides go through the same check.
+
+Torch-free: the CLI validates a sweep (``--dry-run``) without loading a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from harness.registry import DATASETS, METHODS, TASKS, RegistryError
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file, the key and the value."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared schemas
+
+
+@dataclass
+class BackboneConfig:
+    # Registered backbone variant (Res16UNet34C = the paper's network, Res16UNet14A = small).
+    name: str = "Res16UNet34C"
+    # Override the variant's LAYERS / PLANES (8 entries each); null keeps the published values.
+    layers: Optional[List[int]] = None
+    planes: Optional[List[int]] = None
+    # auto = minkowski when MinkowskiEngine imports, else the pure-PyTorch backend.
+    backend: str = "auto"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    dampening: float = 0.0
+    weight_decay: float = 1e-4
+    # Multiplier of lr for parameters outside the backbone (e.g. KITTI's head x40).
+    head_lr_scale: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    # poly: lr * (1 - step/steps)^power | step: lr * gamma^(step // step_size)
+    # cosine: half cosine to 0 | multistep: lr * gamma^(milestones passed) | constant
+    name: str = "poly"
+    power: float = 0.9
+    gamma: float = 0.1
+    step_size: int = 1000
+    # multistep milestones as fractions of the run's steps (0.444 = epoch 80 of 180)
+    milestones: List[float] = field(default_factory=list)
+
+
+@dataclass
+class TrainerConfig:
+    # Write a resumable checkpoint every N steps (and on SIGUSR1/SIGTERM); 0 = only at the end.
+    checkpoint_every: int = 100
+    log_every: int = 10
+    # Evaluate on the validation split every N steps for the training curves; 0 = only at the end.
+    eval_every: int = 0
+    # bf16 autocast on CPU / fp16 on CUDA.
+    amp: bool = False
+    # Stop with an error after this many non-finite losses in a row.
+    max_bad_steps: int = 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep schema
+
+
+@dataclass
+class ColumnConfig:
+    """One Table-1 column: a (dataset, task) pair with its fine-tuning recipe overrides."""
+
+    dataset: str = "???"
+    task: str = "???"
+    # Overrides of configs/tasks/<task>.yaml for this column (checked against the task schema).
+    recipe: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LocalLauncherConfig:
+    # Jobs that run at once on this machine; torch threads per job = cpus // parallel.
+    parallel: int = 1
+    cpus: int = 0  # 0 = all CPUs of this machine
+    # "local" runs each job in a subprocess (submitit LocalExecutor); "debug" in this process.
+    executor: str = "local"
+    timeout_min: int = 600
+
+
+@dataclass
+class SlurmStageConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    gpus_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    timeout_min: Optional[int] = None
+    nodes: Optional[int] = None
+    tasks_per_node: Optional[int] = None
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SlurmLauncherConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int = 32
+    timeout_min: int = 24 * 60
+    nodes: int = 1
+    tasks_per_node: int = 1
+    # Cap on fine-tuning array jobs running at once.
+    array_parallelism: int = 32
+    # Extra sbatch parameters, e.g. {mail-type: END}.
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
+    # Per-stage overrides of the fields above.
+    pretrain: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    finetune: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local | slurm
+    local: LocalLauncherConfig = field(default_factory=LocalLauncherConfig)
+    slurm: SlurmLauncherConfig = field(default_factory=SlurmLauncherConfig)
+
+
+@dataclass
+class SweepConfig:
+    name: str = "???"
+    # Where runs/<name>/ goes (results, checkpoints, logs, reports).
+    output_dir: str = "runs"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # Methods (rows of Table 1), each with overrides of configs/methods/<name>.yaml.
+    methods: Dict[str, Any] = field(default_factory=dict)
+    # Pre-training always uses ScanNet; this names its dataset entry below.
+    pretrain_dataset: str = "scannet"
+    # Datasets by registered name, each with overrides of configs/datasets/<name>.yaml.
+    datasets: Dict[str, Any] = field(default_factory=dict)
+    # Overrides of configs/tasks/<task>.yaml applied to every column of that task.
+    tasks: Dict[str, Any] = field(default_factory=dict)
+    # Table-1 columns by id (e.g. scannet-semseg).
+    columns: Dict[str, ColumnConfig] = field(default_factory=dict)
+    seeds: List[int] = field(default_factory=lambda: [0])
+    device: str = "auto"  # auto | cpu | cuda
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).split("\n")[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def load_yaml(path: Union[str, Path]) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got a {type(cfg).__name__}")
+    return cfg
+
+
+def structured(schema: type, *layers: Any, where: Sequence[str] = (), prefix: str = "") -> DictConfig:
+    """Merge ``layers`` (dicts or DictConfigs) onto ``schema``; errors name ``where[i]`` and the key.
+
+    ``where[i]`` describes layer i (a file path or "override"); ``prefix`` is the dotted path of
+    this config inside a larger one, so a nested error reads ``methods.csc.lr``.
+    """
+    if not is_dataclass(schema):
+        raise TypeError(f"{schema!r} is not a dataclass schema")
+    cfg = OmegaConf.structured(schema)
+    for i, layer in enumerate(layers):
+        if layer is None:
+            continue
+        source = where[i] if i < len(where) else "override"
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None) or ""
+            full = f"{prefix}.{key}" if prefix and key else (prefix or key)
+            detail = str(exc).split("\n")[0]
+            if "not in" in detail or "Key '" in detail and "not in" in detail:
+                known = ", ".join(f.name for f in fields(schema))
+                raise ConfigError(f"{source}: unknown key '{full}' ({detail}). Known keys: {known}") from exc
+            raise ConfigError(f"{source}: bad value for '{full}': {detail}") from exc
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def parse_overrides(items: Iterable[str]) -> DictConfig:
+    """``a.b=1`` style command-line overrides as one DictConfig."""
+    items = list(items)
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. seeds=[0,1])")
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad override: {_describe(exc)}") from exc
+
+
+def to_plain(cfg: Any) -> Any:
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable short hash of plain or omegaconf data (the identity of a job's result)."""
+    blob = json.dumps([to_plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plugin configs (method / dataset / task YAMLs)
+
+
+def default_config_root() -> Path:
+    env = os.environ.get("HARNESS_CONFIGS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def plugin_config(kind: str, name: str, overrides: Any = None, root: Optional[Path] = None,
+                  prefix: str = "", layers: Sequence[Any] = (), where: Sequence[str] = ()) -> DictConfig:
+    """The config of plugin ``name`` of ``kind`` (method | dataset | task).
+
+    Schema: the registered class's ``Config``; file: ``configs/<kind>s/<name>.yaml`` when it
+    exists; then ``overrides`` (from the sweep or the command line), then further ``layers``
+    described by ``where``.
+    """
+    registry = {"method": METHODS, "dataset": DATASETS, "task": TASKS}[kind]
+    try:
+        cls = registry.get(name, where=prefix or "")
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from exc
+    root = Path(root) if root is not None else default_config_root()
+    path = root / f"{kind}s" / f"{name}.yaml"
+    file_cfg = load_yaml(path) if path.is_file() else None
+    if file_cfg is not None and kind in file_cfg and file_cfg[kind] != name:
+        raise ConfigError(f"{path}: '{kind}: {file_cfg[kind]}' does not match the file name '{name}'")
+    base = {kind: name}
+    cfg = structured(cls.Config, base, file_cfg, overrides, *layers,
+                     where=("", str(path), "override", *where), prefix=prefix)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps
+
+
+@dataclass
+class ResolvedSweep:
+    """A sweep with every plugin config merged and checked; what the planner expands."""
+
+    path: Path
+    cfg: DictConfig  # the SweepConfig
+    methods: Dict[str, DictConfig]
+    datasets: Dict[str, DictConfig]
+    columns: Dict[str, DictConfig]  # column id -> task config (recipe merged)
+
+    @property
+    def name(self) -> str:
+        return str(self.cfg.name)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.output_dir) / self.name
+
+
+def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_root: Optional[Path] = None
+               ) -> ResolvedSweep:
+    """Load a sweep YAML, apply overrides and resolve every method, dataset and task config."""
+    path = Path(path)
+    file_cfg = load_yaml(path)
+    over = parse_overrides(overrides)
+    cfg = structured(SweepConfig, file_cfg, over, where=(str(path), "command-line override"))
+    root = Path(config_root) if config_root is not None else _config_root_for(path)
+    for key in ("name",):
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"{path}: missing required key '{key}'")
+    if not cfg.methods:
+        raise ConfigError(f"{path}: 'methods' is empty: name at least one method")
+
+    methods: Dict[str, DictConfig] = {}
+    for name, extra in cfg.methods.items():
+        methods[name] = plugin_config("method", name, extra, root, prefix=f"methods.{name}")
+
+    # Datasets used: the pre-training one plus every column's.
+    used = [cfg.pretrain_dataset] + [c.dataset for c in cfg.columns.values()]
+    datasets: Dict[str, DictConfig] = {}
+    for name in dict.fromkeys(used):
+        datasets[name] = plugin_config("dataset", name, cfg.datasets.get(name), root, prefix=f"datasets.{name}")
+    for name in cfg.datasets:
+        if name not in datasets:
+            raise ConfigError(f"{path}: datasets.{name} is configured but no column or pre-training uses it")
+
+    columns: Dict[str, DictConfig] = {}
+    for cid, col in cfg.columns.items():
+        for key in ("dataset", "task"):
+            if OmegaConf.is_missing(col, key):
+                raise ConfigError(f"{path}: columns.{cid}.{key} is required")
+        task_cfg = plugin_config("task", col.task, cfg.tasks.get(col.task), root, prefix=f"columns.{cid}",
+                                 layers=[col.recipe], where=[f"{path} (columns.{cid}.recipe)"])
+        ds_cls = DATASETS.get(col.dataset)
+        if ds_cls.tasks and col.task not in ds_cls.tasks:
+            raise ConfigError(f"{path}: columns.{cid}: dataset '{col.dataset}' has no labels for task "
+                              f"'{col.task}' (it supports {', '.join(ds_cls.tasks)})")
+        columns[cid] = task_cfg
+    return ResolvedSweep(path=path, cfg=cfg, methods=methods, datasets=datasets, columns=columns)
+
+
+def _config_root_for(sweep_path: Path) -> Path:
+    """configs/ is the parent of the sweep's folder when it is configs/sweeps/, else the default."""
+    parent = sweep_path.resolve().parent
+    if parent.name == "sweeps" and (parent.parent / "methods").is_dir():
+        return parent.parent
+    return default_config_root()

@@ -1,0 +1,265 @@
+"""Geometry for the embedded miniature datasets: scenes of boxes, meshes, ray-cast RGB-D frames.
+
+A synthetic scene is a list of axis-aligned boxes (parts), each belonging to an object instance
+with a category and a colour. From it we write meshes (vertices on the visible faces), render
+depth and colour frames by exact ray casting (a depth test for free), and sample lidar scans.
+One colour function (albedo x face shading x a 3D texture) serves the mesh vertices and the
+rendered pixels, so a point and the pixel it projects to agree, as in a real reconstruction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+LIGHT = np.array([0.3, -0.5, 0.81], dtype=np.float64)
+LIGHT = LIGHT / np.linalg.norm(LIGHT)
+FACE_NORMALS = np.array([[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]], dtype=np.float64)
+
+
+@dataclass
+class Instance:
+    """An object made of box parts."""
+
+    id: int
+    category: str
+    color: Tuple[int, int, int]
+
+
+@dataclass
+class Part:
+    lo: Sequence[float]
+    hi: Sequence[float]
+    instance: int  # index into the scene's instances
+    hidden: Sequence[int] = ()  # faces left out of the mesh, order -x,+x,-y,+y,-z,+z
+    color: Optional[Sequence[float]] = None  # None = the instance's colour
+
+
+@dataclass
+class BoxScene:
+    lo: np.ndarray  # (P, 3) part minimum corners
+    hi: np.ndarray  # (P, 3) part maximum corners
+    part_instance: np.ndarray  # (P,) index into instances
+    instances: List[Instance]
+    hidden: np.ndarray  # (P, 6) bool
+    colors: np.ndarray  # (P, 3) float albedo per part
+
+    @staticmethod
+    def build(parts: Sequence[Part], instances: List[Instance]) -> "BoxScene":
+        lo = np.array([p.lo for p in parts], dtype=np.float64)
+        hi = np.array([p.hi for p in parts], dtype=np.float64)
+        if np.any(hi <= lo):
+            raise ValueError("synth: a part has a non-positive extent")
+        inst = np.array([p.instance for p in parts], dtype=np.int64)
+        hidden = np.zeros((len(parts), 6), dtype=bool)
+        for i, p in enumerate(parts):
+            hidden[i, list(p.hidden)] = True
+        colors = np.array([p.color if p.color is not None else instances[p.instance].color for p in parts],
+                          dtype=np.float64)
+        return BoxScene(lo, hi, inst, instances, hidden, colors)
+
+
+def texture(points: np.ndarray, cell: float = 0.04, amount: float = 0.12) -> np.ndarray:
+    """A deterministic 3D brightness texture in [1 - amount, 1 + amount] (hash of the cell)."""
+    ijk = np.floor(points / cell).astype(np.int64)
+    h = (ijk[:, 0] * 73856093) ^ (ijk[:, 1] * 19349663) ^ (ijk[:, 2] * 83492791)
+    h = (h ^ (h >> 13)) * 1274126177
+    u = ((h >> 8) & 0xFFFF).astype(np.float64) / 65535.0
+    return 1.0 + amount * (2.0 * u - 1.0)
+
+
+def shade(albedo: np.ndarray, normals: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Colour of surface points: albedo x (ambient + diffuse) x texture, as uint8."""
+    diffuse = np.abs(normals @ LIGHT)
+    c = albedo * (0.7 + 0.3 * diffuse)[:, None] * texture(points)[:, None]
+    return np.clip(np.rint(c), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Meshes
+
+
+def box_mesh(scene: BoxScene, spacing: float) -> Dict[str, np.ndarray]:
+    """Grid-triangulated visible faces: vertices, faces, colours, part id and face id per vertex."""
+    verts, faces, part_ids, face_ids, normals = [], [], [], [], []
+    base = 0
+    for p in range(len(scene.lo)):
+        lo, hi = scene.lo[p], scene.hi[p]
+        for f in range(6):
+            if scene.hidden[p, f]:
+                continue
+            axis, side = divmod(f, 2)
+            u_ax, v_ax = [a for a in range(3) if a != axis]
+            nu = max(1, int(np.ceil((hi[u_ax] - lo[u_ax]) / spacing)))
+            nv = max(1, int(np.ceil((hi[v_ax] - lo[v_ax]) / spacing)))
+            us = np.linspace(lo[u_ax], hi[u_ax], nu + 1)
+            vs = np.linspace(lo[v_ax], hi[v_ax], nv + 1)
+            uu, vv = np.meshgrid(us, vs, indexing="ij")
+            v = np.empty((uu.size, 3))
+            v[:, axis] = hi[axis] if side else lo[axis]
+            v[:, u_ax] = uu.ravel()
+            v[:, v_ax] = vv.ravel()
+            i = np.arange(nu)[:, None] * (nv + 1) + np.arange(nv)[None, :]
+            a, b, c, d = i, i + (nv + 1), i + (nv + 1) + 1, i + 1
+            tri = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)])
+            if side == 0:  # outward winding
+                tri = tri[:, ::-1]
+            verts.append(v)
+            faces.append(tri + base)
+            part_ids.append(np.full(len(v), p))
+            face_ids.append(np.full(len(v), f))
+            normals.append(np.repeat(FACE_NORMALS[f][None], len(v), 0))
+            base += len(v)
+    verts_a = np.concatenate(verts)
+    parts = np.concatenate(part_ids)
+    normals_a = np.concatenate(normals)
+    colors = shade(scene.colors[parts], normals_a, verts_a)
+    return {
+        "vertices": verts_a.astype(np.float32),
+        "faces": np.concatenate(faces).astype(np.int32),
+        "colors": colors,
+        "part": parts,
+        "face": np.concatenate(face_ids),
+        "normals": normals_a.astype(np.float32),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray casting
+
+
+def _slab(lo: np.ndarray, hi: np.ndarray, o: np.ndarray, inv: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Entry distance (inf where missed or starting inside) and entry axis of rays vs one box."""
+    t1 = (lo - o) * inv
+    t2 = (hi - o) * inv
+    tmin_ax = np.fmin(t1, t2)  # fmin/fmax drop the NaN of 0 * inf (ray in the slab's plane)
+    tmax_ax = np.fmax(t1, t2)
+    tmin = tmin_ax.max(-1)
+    tmax = tmax_ax.min(-1)
+    hit = (tmax >= tmin) & (tmin > 1e-6)
+    return np.where(hit, tmin, np.inf), tmin_ax.argmax(-1)
+
+
+def raycast(scene: BoxScene, origins: np.ndarray, dirs: np.ndarray,
+            candidates: Optional[List[np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First hit of each ray: distance t (inf if none), part index (-1), face normal (R,3).
+
+    ``candidates[p]``, when given, lists the only rays that can hit part p (screen-space culling);
+    rays starting inside a part (e.g. a camera inside a wall) ignore that part.
+    """
+    R = len(origins)
+    t_best = np.full(R, np.inf)
+    part_best = np.full(R, -1, dtype=np.int64)
+    axis_best = np.zeros(R, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_all = 1.0 / dirs
+        for p in range(len(scene.lo)):
+            idx = None if candidates is None else candidates[p]
+            if idx is not None and len(idx) == 0:
+                continue
+            o = origins if idx is None else origins[idx]
+            inv = inv_all if idx is None else inv_all[idx]
+            t, ax = _slab(scene.lo[p], scene.hi[p], o, inv)
+            sel = np.arange(R) if idx is None else idx
+            better = t < t_best[sel]
+            rows = sel[better]
+            t_best[rows] = t[better]
+            part_best[rows] = p
+            axis_best[rows] = ax[better]
+    normals = np.zeros((R, 3))
+    ok = part_best >= 0
+    sign = -np.sign(dirs[ok, axis_best[ok]])
+    normals[np.nonzero(ok)[0], axis_best[ok]] = sign
+    return t_best, part_best, normals
+
+
+def screen_candidates(scene: BoxScene, K: np.ndarray, pose: np.ndarray, width: int, height: int
+                      ) -> List[Optional[np.ndarray]]:
+    """Per part, the pixel indices inside its projected bounding rectangle (None = all pixels)."""
+    world_to_cam = np.linalg.inv(pose)
+    out: List[Optional[np.ndarray]] = []
+    signs = np.array([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=np.float64)
+    for lo, hi in zip(scene.lo, scene.hi):
+        corners = lo + signs * (hi - lo)
+        cam = corners @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
+        if np.any(cam[:, 2] <= 1e-3):
+            out.append(None if np.any(cam[:, 2] > 1e-3) else np.zeros(0, dtype=np.int64))
+            continue
+        u = K[0, 0] * cam[:, 0] / cam[:, 2] + K[0, 2]
+        v = K[1, 1] * cam[:, 1] / cam[:, 2] + K[1, 2]
+        c0, c1 = max(int(np.floor(u.min())) - 1, 0), min(int(np.ceil(u.max())) + 1, width - 1)
+        r0, r1 = max(int(np.floor(v.min())) - 1, 0), min(int(np.ceil(v.max())) + 1, height - 1)
+        if c0 > c1 or r0 > r1:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        rows, cols = np.meshgrid(np.arange(r0, r1 + 1), np.arange(c0, c1 + 1), indexing="ij")
+        out.append((rows * width + cols).ravel())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Cameras (OpenCV convention: x right, y down, z forward; poses are camera-to-world)
+
+
+def intrinsics(width: int, height: int, fx: float) -> np.ndarray:
+    k = np.eye(4)
+    k[0, 0] = k[1, 1] = fx
+    k[0, 2] = (width - 1) / 2.0
+    k[1, 2] = (height - 1) / 2.0
+    return k
+
+
+def look_at(eye: Sequence[float], target: Sequence[float], up: Sequence[float] = (0, 0, 1)) -> np.ndarray:
+    eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
+    z = target - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(z, up)
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    pose = np.eye(4)
+    pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = x, y, z, eye
+    return pose
+
+
+def camera_rays(K: np.ndarray, pose: np.ndarray, width: int, height: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """World-frame ray origins and unit directions per pixel (row-major), and each ray's z-scale.
+
+    Depth (distance along the optical axis) = t * zscale for a hit at distance t.
+    """
+    u, v = np.meshgrid(np.arange(width), np.arange(height))
+    x = (u.ravel() - K[0, 2]) / K[0, 0]
+    y = (v.ravel() - K[1, 2]) / K[1, 1]
+    d_cam = np.stack([x, y, np.ones_like(x)], -1)
+    norm = np.linalg.norm(d_cam, axis=1)
+    d_cam /= norm[:, None]
+    dirs = d_cam @ pose[:3, :3].T
+    origins = np.repeat(pose[None, :3, 3], len(dirs), 0)
+    return origins, dirs, 1.0 / norm
+
+
+def render_rgbd(scene: BoxScene, K: np.ndarray, pose: np.ndarray, width: int, height: int,
+                max_depth: float = 10.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Depth (metres, 0 = no return), colour (uint8 HxWx3) and part index (-1) of one view."""
+    origins, dirs, zscale = camera_rays(K, pose, width, height)
+    t, part, normals = raycast(scene, origins, dirs, screen_candidates(scene, K, pose, width, height))
+    depth = np.where(np.isfinite(t), t * zscale, 0.0)
+    depth[depth > max_depth] = 0.0
+    pts = origins + dirs * np.where(np.isfinite(t), t, 0.0)[:, None]
+    color = np.zeros((len(t), 3), dtype=np.uint8)
+    ok = part >= 0
+    color[ok] = shade(scene.colors[part[ok]], normals[ok], pts[ok])
+    return depth.reshape(height, width), color.reshape(height, width, 3), part.reshape(height, width)
+
+
+def rigid(yaw: float, translation: Sequence[float]) -> np.ndarray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    T = np.eye(4)
+    T[:2, :2] = [[c, -s], [s, c]]
+    T[:3, 3] = translation
+    return T
+
+
+def transform(T: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ T[:3, :3].T + T[:3, 3]
