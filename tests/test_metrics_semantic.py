@@ -108,3 +108,19 @@ def test_many_points_is_fast():
     t = time.perf_counter()
     confusion_matrix(pred, gt, 20, 20)
     assert time.perf_counter() - t < 2.0
+
+
+def test_metrics_package_is_pure_numpy():
+    import subprocess
+    import sys
+
+    code = "import sys, harness.metrics as m; assert 'torch' not in sys.modules; print(m.__all__)"
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr
+    for name in ("semantic_iou", "instance_ap", "detection_ap", "box3d_iou"):
+        assert name in out.stdout

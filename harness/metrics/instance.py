@@ -33,8 +33,9 @@ Rules (``th`` the IoU threshold; ``min_region_size`` = 100 points):
 4. Every prediction having IoU > th with *no* same-label gt instance (counted
    or not; whether it was taken is not looked at) is a false positive, unless
    ``ignored / mask_points > th`` where ``ignored`` = its points on void labels
-   + its points on same-label gt instances under 100 points (+ again, on
-   same-label instances with id < 1000).  Note that the same threshold ``th``
+   + its points on same-label gt instances under 100 points (+ its points on
+   same-label instances with id < 1000, possible only if label 0 is in
+   ``class_ids``; counted twice if such an instance is also small).  Note that the same threshold ``th``
    is used for this share, so at AP25 a prediction is ignored as soon as over
    25% of it is void.  Small gt instances of *other* labels do not count.
 5. AP per class and threshold (not VOC AP): scores sorted, each distinct score
@@ -71,10 +72,11 @@ def _prepare_scene(gt_ids, preds, classes, class_arr, min_region_size):
     n = gt_ids.size
     uniq, inv, counts = np.unique(gt_ids, return_inverse=True, return_counts=True)
     inv = inv.reshape(-1)
-    void = ~np.isin(gt_ids // 1000, class_arr)
+    # void depends on the id only (its label), so it is kept per distinct id
+    void_u = (~np.isin(uniq // 1000, class_arr)).astype(np.int64)
 
     per_class = {c: ([], []) for c in classes}
-    gt_slot = {}  # index into uniq -> (class, position in that class's gt list)
+    gt_slot = {}  # index into uniq -> position in its class's gt list
     for u, (gid, cnt) in enumerate(zip(uniq.tolist(), counts.tolist())):
         if gid == 0:
             continue
@@ -102,15 +104,13 @@ def _prepare_scene(gt_ids, preds, classes, class_arr, min_region_size):
         count = int(np.count_nonzero(mask))
         if count < min_region_size:
             continue
-        void_inter = int(np.count_nonzero(void & mask))
+        inter = np.bincount(inv[mask], minlength=uniq.size)  # shared points per distinct id
+        void_inter = int(inter @ void_u)
         touched = []
-        slots = slots_by_class[label]
-        if slots:
-            inter = np.bincount(inv[mask], minlength=uniq.size)
-            for u in slots:
-                k = int(inter[u])
-                if k > 0:
-                    touched.append((gt_slot[u], k))
+        for u in slots_by_class[label]:
+            k = int(inter[u])
+            if k > 0:
+                touched.append((gt_slot[u], k))
         per_class[label][1].append((count, float(score), void_inter, touched))
     return per_class
 
