@@ -253,16 +253,17 @@ def default_config_root() -> Path:
 
 
 def plugin_config(kind: str, name: str, overrides: Any = None, root: Optional[Path] = None,
-                  prefix: str = "", layers: Sequence[Any] = (), where: Sequence[str] = ()) -> DictConfig:
+                  prefix: str = "", layers: Sequence[Any] = (), where: Sequence[str] = (),
+                  source: str = "override") -> DictConfig:
     """The config of plugin ``name`` of ``kind`` (method | dataset | task).
 
     Schema: the registered class's ``Config``; file: ``configs/<kind>s/<name>.yaml`` when it
     exists; then ``overrides`` (from the sweep or the command line), then further ``layers``
-    described by ``where``.
+    described by ``where``. ``source`` names where ``overrides`` come from, for errors.
     """
     registry = {"method": METHODS, "dataset": DATASETS, "task": TASKS}[kind]
     try:
-        cls = registry.get(name, where=prefix or "")
+        cls = registry.get(name, where=", ".join(x for x in (source if source != "override" else "", prefix) if x))
     except RegistryError as exc:
         raise ConfigError(str(exc)) from exc
     root = Path(root) if root is not None else default_config_root()
@@ -272,7 +273,7 @@ def plugin_config(kind: str, name: str, overrides: Any = None, root: Optional[Pa
         raise ConfigError(f"{path}: '{kind}: {file_cfg[kind]}' does not match the file name '{name}'")
     base = {kind: name}
     cfg = structured(cls.Config, base, file_cfg, overrides, *layers,
-                     where=("", str(path), "override", *where), prefix=prefix)
+                     where=("", str(path), source, *where), prefix=prefix)
     return cfg
 
 
@@ -315,13 +316,14 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
 
     methods: Dict[str, DictConfig] = {}
     for name, extra in cfg.methods.items():
-        methods[name] = plugin_config("method", name, extra, root, prefix=f"methods.{name}")
+        methods[name] = plugin_config("method", name, extra, root, prefix=f"methods.{name}", source=str(path))
 
     # Datasets used: the pre-training one plus every column's.
     used = [cfg.pretrain_dataset] + [c.dataset for c in cfg.columns.values()]
     datasets: Dict[str, DictConfig] = {}
     for name in dict.fromkeys(used):
-        datasets[name] = plugin_config("dataset", name, cfg.datasets.get(name), root, prefix=f"datasets.{name}")
+        datasets[name] = plugin_config("dataset", name, cfg.datasets.get(name), root, prefix=f"datasets.{name}",
+                                       source=str(path))
     for name in cfg.datasets:
         if name not in datasets:
             raise ConfigError(f"{path}: datasets.{name} is configured but no column or pre-training uses it")
@@ -332,7 +334,8 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
             if OmegaConf.is_missing(col, key):
                 raise ConfigError(f"{path}: columns.{cid}.{key} is required")
         task_cfg = plugin_config("task", col.task, cfg.tasks.get(col.task), root, prefix=f"columns.{cid}",
-                                 layers=[col.recipe], where=[f"{path} (columns.{cid}.recipe)"])
+                                 layers=[col.recipe], where=[f"{path} (columns.{cid}.recipe)"],
+                                 source=f"{path} (tasks.{col.task})")
         ds_cls = DATASETS.get(col.dataset)
         if ds_cls.tasks and col.task not in ds_cls.tasks:
             raise ConfigError(f"{path}: columns.{cid}: dataset '{col.dataset}' has no labels for task "

@@ -1,0 +1,157 @@
+"""The ``harness`` command line: list plugins, run sweeps, print reports.
+
+    harness methods                         registered methods (built-in and plugins)
+    harness sweep CONFIG [key=value ...]    plan, run and report a sweep (--dry-run, --status)
+    harness report RUN_DIR|CONFIG           Table 1 from the results store
+
+Errors in configs, names or data paths print one line naming the file, key or value at fault
+and exit with status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from rich.console import Console
+
+from harness.config import ConfigError
+from harness.registry import RegistryError
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+USER_ERRORS = (ConfigError, RegistryError, FileNotFoundError, NotADirectoryError, ValueError)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from harness.registry import METHODS
+
+    table = Table(title="Registered methods")
+    for col in ("name", "group", "consumes", "source"):
+        table.add_column(col)
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        table.add_row(name, cls.group, ", ".join(cls.consumes) or "—", METHODS.origin(name))
+    console.print(table)
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from harness.config import load_sweep
+
+    return load_sweep(args.config, args.overrides)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from harness.report import build_table, print_report, write_report
+    from harness.store import Store
+    from harness.sweep import make_plan
+
+    sweep = _load(args)
+    if args.launcher:
+        sweep.cfg.launcher.name = args.launcher
+    plan = make_plan(sweep)
+    store = Store(sweep.run_dir)
+    if args.status:
+        from harness.status import print_status
+
+        print_status(plan, store, sweep, console)
+        return 0
+    from harness.launchers import LAUNCHERS, pending_jobs
+
+    name = sweep.cfg.launcher.name
+    if name not in LAUNCHERS:
+        raise ConfigError(f"{args.config}: launcher.name {name!r} is unknown; known: {', '.join(LAUNCHERS)}")
+    launcher = LAUNCHERS[name](getattr(sweep.cfg.launcher, name), console)
+    if args.dry_run:
+        from harness.status import print_plan
+
+        launcher.validate(plan, sweep) if hasattr(launcher, "validate") else None
+        print_plan(plan, store, sweep, console)
+        return 0
+    if hasattr(launcher, "validate"):
+        launcher.validate(plan, sweep)
+    store.root.mkdir(parents=True, exist_ok=True)
+    store.write_plan(plan.to_dict())
+    todo = pending_jobs(plan, store)
+    console.print(f"[bold]sweep[/bold] {sweep.name}: {len(plan.jobs)} jobs "
+                  f"({len(plan.pretrain)} pre-training, {len(plan.finetune)} fine-tuning), "
+                  f"{len(plan.jobs) - len(todo)} already done, results in {store.root}")
+    outcome = launcher.run(plan, store)
+    for jid, sec in outcome.seconds.items():
+        console.print(f"  {jid}: {sec:.1f} s" + (f"  [red]failed[/red]: {outcome.failed[jid]}" if jid in outcome.failed
+                                                 else ""), highlight=False)
+    console.print(f"[bold]sweep wall time[/bold] {outcome.wall:.1f} s ({len(outcome.ran)} ran, "
+                  f"{len(outcome.skipped)} reused, {len(outcome.failed)} failed)")
+    table = build_table(store.root)
+    print_report(table, console)
+    paths = write_report(table, store.root / "report")
+    console.print("report: " + ", ".join(str(p) for p in paths.values()), highlight=False)
+    return 1 if outcome.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import build_table, print_report, write_report
+
+    target = Path(args.run)
+    if target.is_file():  # a sweep config: its run directory
+        from harness.config import load_sweep
+
+        target = load_sweep(target, args.overrides).run_dir
+    if not target.is_dir():
+        raise FileNotFoundError(f"{target}: no such run directory (give runs/<sweep> or a sweep config)")
+    table = build_table(target)
+    print_report(table, console)
+    paths = write_report(table, target / "report")
+    console.print("report: " + ", ".join(str(p) for p in paths.values()), highlight=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description="Benchmark harness for self-supervised 3D pre-training")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("methods", help="list registered methods")
+    s.set_defaults(func=cmd_methods)
+
+    s = sub.add_parser("sweep", help="run a sweep (pre-training + fine-tuning) and print Table 1")
+    s.add_argument("config", help="sweep YAML, e.g. configs/sweeps/table1.yaml")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] methods.csc.steps=10")
+    s.add_argument("--launcher", choices=["local", "slurm"], help="override launcher.name")
+    s.add_argument("--dry-run", action="store_true", help="validate and print the job plan; submit nothing")
+    s.add_argument("--status", action="store_true", help="show each cell's state from the store")
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("report", help="print and write Table 1 of a run")
+    s.add_argument("run", help="runs/<sweep> directory or the sweep's YAML")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of the sweep YAML")
+    s.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        msg = str(exc).strip("'\"")
+        err_console.print(f"[bold red]error:[/bold red] {msg}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/bold red]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

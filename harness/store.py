@@ -1,0 +1,68 @@
+"""The results store: one directory per job under ``runs/<sweep>/``, one ``result.json`` each.
+
+The store is the truth: the launcher and the report trust ``result.json`` (written atomically,
+temp file + rename), not the scheduler's state. A result records the metric, seed, config hash,
+git commit, wall time, checkpoint path and the checkpoint loader's counts; a failed job records
+its error and log path. A job whose result has ``status: done`` and the same config hash is not
+run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+from harness.data.cache import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+RESULT = "result.json"
+DONE, FAILED = "done", "failed"
+
+
+@dataclass
+class Store:
+    root: Path  # runs/<sweep>
+
+    def job_dir(self, kind: str, job_id: str) -> Path:
+        return self.root / ("pretrain" if kind == "pretrain" else "cells") / job_id
+
+    def result_path(self, kind: str, job_id: str) -> Path:
+        return self.job_dir(kind, job_id) / RESULT
+
+    def read(self, kind: str, job_id: str) -> Optional[Dict[str, Any]]:
+        path = self.result_path(kind, job_id)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:  # cannot happen with atomic writes; treat as absent
+            log.warning("store.unreadable file=%s", path)
+            return None
+
+    def write(self, kind: str, job_id: str, result: Dict[str, Any]) -> Path:
+        return atomic_write_json(self.result_path(kind, job_id), result)
+
+    def is_done(self, kind: str, job_id: str, config_hash: str) -> bool:
+        r = self.read(kind, job_id)
+        return bool(r and r.get("status") == DONE and r.get("config_hash") == config_hash)
+
+    def results(self, kind: str = "finetune") -> Iterator[Dict[str, Any]]:
+        base = self.root / ("pretrain" if kind == "pretrain" else "cells")
+        if not base.is_dir():
+            return
+        for path in sorted(base.glob(f"*/{RESULT}")):
+            try:
+                yield json.loads(path.read_text())
+            except json.JSONDecodeError:
+                log.warning("store.unreadable file=%s", path)
+
+    def write_plan(self, plan: Dict[str, Any]) -> Path:
+        return atomic_write_json(self.root / "plan.json", plan)
+
+    def read_plan(self) -> Optional[Dict[str, Any]]:
+        path = self.root / "plan.json"
+        return json.loads(path.read_text()) if path.is_file() else None
