@@ -20,3 +20,16 @@ test: setup
 # Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached.
 minkowski: setup
 	scripts/build_minkowski.sh $(PY)
+
+# A local one-node SLURM cluster (Debian slurm-wlm + munge) for the SLURM tests
+# (tests/test_slurm_cluster.py) and for trying sweeps locally; needs root.
+SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+.PHONY: slurm-up slurm-down slurm-status
+slurm-up:
+	$(SUDO) scripts/slurm_local.sh up
+
+slurm-down:
+	$(SUDO) scripts/slurm_local.sh down
+
+slurm-status:
+	scripts/slurm_local.sh status
