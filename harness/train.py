@@ -34,7 +34,9 @@ from harness.data.cache import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# SIGUSR2 is what submitit asks SLURM to send before a time limit; USR1 and TERM come from
+# users (scancel --signal) and preemption.
+CHECKPOINT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 class Preempted(Exception):
