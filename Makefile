@@ -22,6 +22,10 @@ test: setup
 table1: setup
 	$(PY) -m harness sweep configs/sweeps/table1.yaml $(ARGS)
 
+# Benchmarks, each writing its figures under reports/bench/.
+bench: setup
+	$(PY) -m bench.pairs
+
 # Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached.
 minkowski: setup
 	scripts/build_minkowski.sh $(PY)
