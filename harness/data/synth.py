@@ -35,6 +35,7 @@ class Part:
     instance: int  # index into the scene's instances
     hidden: Sequence[int] = ()  # faces left out of the mesh, order -x,+x,-y,+y,-z,+z
     color: Optional[Sequence[float]] = None  # None = the instance's colour
+    yaw: float = 0.0  # the box [lo, hi] turned by yaw (radians, counter-clockwise about +z) about its centre
 
 
 @dataclass
@@ -45,6 +46,7 @@ class BoxScene:
     instances: List[Instance]
     hidden: np.ndarray  # (P, 6) bool
     colors: np.ndarray  # (P, 3) float albedo per part
+    yaw: Optional[np.ndarray] = None  # (P,) turn of each part about its centre; None = all axis-aligned
 
     @staticmethod
     def build(parts: Sequence[Part], instances: List[Instance]) -> "BoxScene":
@@ -58,7 +60,8 @@ class BoxScene:
             hidden[i, list(p.hidden)] = True
         colors = np.array([p.color if p.color is not None else instances[p.instance].color for p in parts],
                           dtype=np.float64)
-        return BoxScene(lo, hi, inst, instances, hidden, colors)
+        yaw = np.array([p.yaw for p in parts], dtype=np.float64)
+        return BoxScene(lo, hi, inst, instances, hidden, colors, yaw if np.any(yaw != 0.0) else None)
 
 
 def texture(points: np.ndarray, cell: float = 0.04, amount: float = 0.12) -> np.ndarray:
@@ -106,11 +109,17 @@ def box_mesh(scene: BoxScene, spacing: float) -> Dict[str, np.ndarray]:
             tri = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)])
             if side == 0:  # outward winding
                 tri = tri[:, ::-1]
+            normal = FACE_NORMALS[f]
+            if scene.yaw is not None and scene.yaw[p] != 0.0:
+                rot = _yaw_matrix(scene.yaw[p])
+                centre = (lo + hi) / 2.0
+                v = (v - centre) @ rot.T + centre
+                normal = rot @ normal
             verts.append(v)
             faces.append(tri + base)
             part_ids.append(np.full(len(v), p))
             face_ids.append(np.full(len(v), f))
-            normals.append(np.repeat(FACE_NORMALS[f][None], len(v), 0))
+            normals.append(np.repeat(normal[None], len(v), 0))
             base += len(v)
     verts_a = np.concatenate(verts)
     parts = np.concatenate(part_ids)
@@ -130,38 +139,87 @@ def box_mesh(scene: BoxScene, spacing: float) -> Dict[str, np.ndarray]:
 # Ray casting
 
 
+def _slab_axes(lo: np.ndarray, hi: np.ndarray, o: Sequence[np.ndarray], inv: Sequence[np.ndarray]
+               ) -> Tuple[np.ndarray, np.ndarray]:
+    """Entry distance (inf where missed or starting inside) and entry axis of rays vs one box.
+
+    ``o`` and ``inv`` are per-axis ray origins (arrays, or scalars when all rays share one origin)
+    and inverse directions. Per-axis 1-D arithmetic: the same numbers as an (R, 3) slab test,
+    several times faster (no reductions over a length-3 axis).
+    """
+    tx1 = (lo[0] - o[0]) * inv[0]
+    tx2 = (hi[0] - o[0]) * inv[0]
+    ty1 = (lo[1] - o[1]) * inv[1]
+    ty2 = (hi[1] - o[1]) * inv[1]
+    tz1 = (lo[2] - o[2]) * inv[2]
+    tz2 = (hi[2] - o[2]) * inv[2]
+    # fmin/fmax drop the NaN of 0 * inf (ray in the slab's plane)
+    xmin, ymin, zmin = np.fmin(tx1, tx2), np.fmin(ty1, ty2), np.fmin(tz1, tz2)
+    tmax = np.minimum(np.minimum(np.fmax(tx1, tx2), np.fmax(ty1, ty2)), np.fmax(tz1, tz2))
+    # entry axis = first argmax of (xmin, ymin, zmin)
+    axis = (ymin > xmin).astype(np.int64)
+    tmin = np.maximum(xmin, ymin)
+    axis[zmin > tmin] = 2
+    tmin = np.maximum(tmin, zmin)
+    hit = (tmax >= tmin) & (tmin > 1e-6)
+    return np.where(hit, tmin, np.inf), axis
+
+
 def _slab(lo: np.ndarray, hi: np.ndarray, o: np.ndarray, inv: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Entry distance (inf where missed or starting inside) and entry axis of rays vs one box."""
-    t1 = (lo - o) * inv
-    t2 = (hi - o) * inv
-    tmin_ax = np.fmin(t1, t2)  # fmin/fmax drop the NaN of 0 * inf (ray in the slab's plane)
-    tmax_ax = np.fmax(t1, t2)
-    tmin = tmin_ax.max(-1)
-    tmax = tmax_ax.min(-1)
-    hit = (tmax >= tmin) & (tmin > 1e-6)
-    return np.where(hit, tmin, np.inf), tmin_ax.argmax(-1)
+    return _slab_axes(lo, hi, (o[:, 0], o[:, 1], o[:, 2]), (inv[:, 0], inv[:, 1], inv[:, 2]))
+
+
+def _yaw_matrix(yaw: float) -> np.ndarray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def raycast(scene: BoxScene, origins: np.ndarray, dirs: np.ndarray,
             candidates: Optional[List[np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """First hit of each ray: distance t (inf if none), part index (-1), face normal (R,3).
 
+    ``origins`` is (R, 3), or (3,) when every ray starts at the same point (a camera, a lidar).
+
     ``candidates[p]``, when given, lists the only rays that can hit part p (screen-space culling);
-    rays starting inside a part (e.g. a camera inside a wall) ignore that part.
+    rays starting inside a part (e.g. a camera inside a wall) ignore that part. A part with a
+    non-zero ``yaw`` is intersected in its own frame (the rays turned by -yaw about its centre).
     """
-    R = len(origins)
+    dirs = np.asarray(dirs, dtype=np.float64)
+    origins = np.asarray(origins, dtype=np.float64)
+    R = len(dirs)
+    if origins.ndim == 1:  # one origin shared by every ray
+        shared, origins = True, np.broadcast_to(origins, (R, 3))
+    else:
+        shared = R > 0 and bool(np.all(origins == origins[0]))
     t_best = np.full(R, np.inf)
     part_best = np.full(R, -1, dtype=np.int64)
     axis_best = np.zeros(R, dtype=np.int64)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    yaw = scene.yaw if scene.yaw is not None else np.zeros(len(scene.lo))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         inv_all = 1.0 / dirs
+        inv_cols = [np.ascontiguousarray(inv_all[:, a]) for a in range(3)]
+        o_cols = [] if shared else [np.ascontiguousarray(origins[:, a]) for a in range(3)]
         for p in range(len(scene.lo)):
             idx = None if candidates is None else candidates[p]
             if idx is not None and len(idx) == 0:
                 continue
-            o = origins if idx is None else origins[idx]
-            inv = inv_all if idx is None else inv_all[idx]
-            t, ax = _slab(scene.lo[p], scene.hi[p], o, inv)
+            lo, hi = scene.lo[p], scene.hi[p]
+            if yaw[p] != 0.0:
+                centre = (lo + hi) / 2.0
+                rot = _yaw_matrix(-yaw[p])
+                o = origins if idx is None else origins[idx]
+                d = dirs if idx is None else dirs[idx]
+                o_loc = (o - centre) @ rot.T + centre
+                inv_loc = 1.0 / (d @ rot.T)
+                t, ax = _slab(lo, hi, o_loc, inv_loc)
+            else:
+                if shared:
+                    o = tuple(float(v) for v in origins[0])
+                else:
+                    o = tuple(o_cols) if idx is None else tuple(c[idx] for c in o_cols)
+                inv = tuple(inv_cols) if idx is None else tuple(c[idx] for c in inv_cols)
+                t, ax = _slab_axes(lo, hi, o, inv)
             sel = np.arange(R) if idx is None else idx
             better = t < t_best[sel]
             rows = sel[better]
@@ -170,9 +228,29 @@ def raycast(scene: BoxScene, origins: np.ndarray, dirs: np.ndarray,
             axis_best[rows] = ax[better]
     normals = np.zeros((R, 3))
     ok = part_best >= 0
-    sign = -np.sign(dirs[ok, axis_best[ok]])
-    normals[np.nonzero(ok)[0], axis_best[ok]] = sign
+    turned = ok & (yaw[np.maximum(part_best, 0)] != 0.0)
+    plain = ok & ~turned
+    rows_plain = np.nonzero(plain)[0]
+    normals[rows_plain, axis_best[plain]] = -np.sign(dirs[plain, axis_best[plain]])
+    for p in np.unique(part_best[turned]):
+        rows = np.nonzero(turned & (part_best == p))[0]
+        rot = _yaw_matrix(-yaw[p])
+        d_loc = dirs[rows] @ rot.T
+        n_loc = np.zeros((len(rows), 3))
+        n_loc[np.arange(len(rows)), axis_best[rows]] = -np.sign(d_loc[np.arange(len(rows)), axis_best[rows]])
+        normals[rows] = n_loc @ rot  # back to the world frame (rot is orthonormal)
     return t_best, part_best, normals
+
+
+def part_corners(scene: BoxScene, p: int) -> np.ndarray:
+    """The 8 world-frame corners of part p (turned by its yaw about its centre)."""
+    signs = np.array([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=np.float64)
+    lo, hi = scene.lo[p], scene.hi[p]
+    corners = lo + signs * (hi - lo)
+    if scene.yaw is not None and scene.yaw[p] != 0.0:
+        centre = (lo + hi) / 2.0
+        corners = (corners - centre) @ _yaw_matrix(scene.yaw[p]).T + centre
+    return corners
 
 
 def screen_candidates(scene: BoxScene, K: np.ndarray, pose: np.ndarray, width: int, height: int
@@ -180,9 +258,8 @@ def screen_candidates(scene: BoxScene, K: np.ndarray, pose: np.ndarray, width: i
     """Per part, the pixel indices inside its projected bounding rectangle (None = all pixels)."""
     world_to_cam = np.linalg.inv(pose)
     out: List[Optional[np.ndarray]] = []
-    signs = np.array([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=np.float64)
-    for lo, hi in zip(scene.lo, scene.hi):
-        corners = lo + signs * (hi - lo)
+    for p in range(len(scene.lo)):
+        corners = part_corners(scene, p)
         cam = corners @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
         if np.any(cam[:, 2] <= 1e-3):
             out.append(None if np.any(cam[:, 2] > 1e-3) else np.zeros(0, dtype=np.int64))
@@ -223,17 +300,32 @@ def look_at(eye: Sequence[float], target: Sequence[float], up: Sequence[float] =
     return pose
 
 
+_PIXEL_RAYS: Dict[Tuple[bytes, int, int], Tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _pixel_rays(K: np.ndarray, width: int, height: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Camera-frame unit directions per pixel and their norms before normalising (cached per camera)."""
+    key = (np.asarray(K, dtype=np.float64)[:3, :3].tobytes(), int(width), int(height))
+    hit = _PIXEL_RAYS.get(key)
+    if hit is None:
+        u, v = np.meshgrid(np.arange(width), np.arange(height))
+        x = (u.ravel() - K[0, 2]) / K[0, 0]
+        y = (v.ravel() - K[1, 2]) / K[1, 1]
+        d_cam = np.stack([x, y, np.ones_like(x)], -1)
+        norm = np.linalg.norm(d_cam, axis=1)
+        d_cam /= norm[:, None]
+        if len(_PIXEL_RAYS) > 16:
+            _PIXEL_RAYS.clear()
+        hit = _PIXEL_RAYS[key] = (d_cam, norm)
+    return hit
+
+
 def camera_rays(K: np.ndarray, pose: np.ndarray, width: int, height: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """World-frame ray origins and unit directions per pixel (row-major), and each ray's z-scale.
 
     Depth (distance along the optical axis) = t * zscale for a hit at distance t.
     """
-    u, v = np.meshgrid(np.arange(width), np.arange(height))
-    x = (u.ravel() - K[0, 2]) / K[0, 0]
-    y = (v.ravel() - K[1, 2]) / K[1, 1]
-    d_cam = np.stack([x, y, np.ones_like(x)], -1)
-    norm = np.linalg.norm(d_cam, axis=1)
-    d_cam /= norm[:, None]
+    d_cam, norm = _pixel_rays(K, width, height)
     dirs = d_cam @ pose[:3, :3].T
     origins = np.repeat(pose[None, :3, 3], len(dirs), 0)
     return origins, dirs, 1.0 / norm
@@ -242,14 +334,17 @@ def camera_rays(K: np.ndarray, pose: np.ndarray, width: int, height: int) -> Tup
 def render_rgbd(scene: BoxScene, K: np.ndarray, pose: np.ndarray, width: int, height: int,
                 max_depth: float = 10.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Depth (metres, 0 = no return), colour (uint8 HxWx3) and part index (-1) of one view."""
-    origins, dirs, zscale = camera_rays(K, pose, width, height)
-    t, part, normals = raycast(scene, origins, dirs, screen_candidates(scene, K, pose, width, height))
-    depth = np.where(np.isfinite(t), t * zscale, 0.0)
+    d_cam, norm = _pixel_rays(K, width, height)
+    dirs = d_cam @ pose[:3, :3].T
+    eye = np.asarray(pose[:3, 3], dtype=np.float64)
+    t, part, normals = raycast(scene, eye, dirs, screen_candidates(scene, K, pose, width, height))
+    finite = np.isfinite(t)
+    depth = np.where(finite, t * (1.0 / norm), 0.0)
     depth[depth > max_depth] = 0.0
-    pts = origins + dirs * np.where(np.isfinite(t), t, 0.0)[:, None]
     color = np.zeros((len(t), 3), dtype=np.uint8)
     ok = part >= 0
-    color[ok] = shade(scene.colors[part[ok]], normals[ok], pts[ok])
+    pts = eye + dirs[ok] * t[ok][:, None]
+    color[ok] = shade(scene.colors[part[ok]], normals[ok], pts)
     return depth.reshape(height, width), color.reshape(height, width, 3), part.reshape(height, width)
 
 
