@@ -134,6 +134,10 @@ class ScanNet(Dataset):
                 return np.asarray(values).reshape(4, 4)
         return np.eye(4)
 
+    def required_files(self, scene: str) -> List[Path]:
+        """Files load() cannot do without (labels and instances are optional: test scenes have none)."""
+        return [self.scene_dir(scene) / f"{scene}_vh_clean_2.ply"]
+
     def load(self, scene: str) -> Dict[str, Any]:
         d = self.scene_dir(scene)
         mesh = read_ply(d / f"{scene}_vh_clean_2.ply")

@@ -135,6 +135,53 @@ def box_mesh(scene: BoxScene, spacing: float) -> Dict[str, np.ndarray]:
     }
 
 
+def sample_surface(scene: BoxScene, density: float, rng: np.random.Generator, noise: float = 0.0
+                   ) -> Dict[str, np.ndarray]:
+    """Random points on the visible faces (Poisson count, ``density`` per square metre, uniform).
+
+    Returns points (float64), colours (uint8, the same shading as meshes and renders), part and
+    face index and normal per point; ``noise`` adds Gaussian jitter (metres) along the normal,
+    as a scanner's range noise.
+    """
+    pts, part_ids, face_ids, normals = [], [], [], []
+    for p in range(len(scene.lo)):
+        lo, hi = scene.lo[p], scene.hi[p]
+        for f in range(6):
+            if scene.hidden[p, f]:
+                continue
+            axis, side = divmod(f, 2)
+            u_ax, v_ax = [a for a in range(3) if a != axis]
+            area = (hi[u_ax] - lo[u_ax]) * (hi[v_ax] - lo[v_ax])
+            n = int(rng.poisson(area * density))
+            if n == 0:
+                continue
+            v = np.empty((n, 3))
+            v[:, axis] = hi[axis] if side else lo[axis]
+            v[:, u_ax] = rng.uniform(lo[u_ax], hi[u_ax], n)
+            v[:, v_ax] = rng.uniform(lo[v_ax], hi[v_ax], n)
+            normal = FACE_NORMALS[f]
+            if noise > 0:
+                v += rng.normal(0.0, noise, (n, 1)) * normal
+            if scene.yaw is not None and scene.yaw[p] != 0.0:
+                rot = _yaw_matrix(scene.yaw[p])
+                centre = (lo + hi) / 2.0
+                v = (v - centre) @ rot.T + centre
+                normal = rot @ normal
+            pts.append(v)
+            part_ids.append(np.full(n, p))
+            face_ids.append(np.full(n, f))
+            normals.append(np.repeat(normal[None], n, 0))
+    if not pts:
+        z = np.zeros((0, 3))
+        return {"points": z, "colors": np.zeros((0, 3), np.uint8), "part": np.zeros(0, np.int64),
+                "face": np.zeros(0, np.int64), "normals": z}
+    points = np.concatenate(pts)
+    parts = np.concatenate(part_ids)
+    normals_a = np.concatenate(normals)
+    return {"points": points, "colors": shade(scene.colors[parts], normals_a, points), "part": parts,
+            "face": np.concatenate(face_ids), "normals": normals_a}
+
+
 # ----------------------------------------------------------------------------------------------
 # Ray casting
 
@@ -358,3 +405,88 @@ def rigid(yaw: float, translation: Sequence[float]) -> np.ndarray:
 
 def transform(T: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ T[:3, :3].T + T[:3, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# Spinning lidar (sensor frame: x forward, y left, z up; rays ordered beam-major)
+
+
+def lidar_directions(elevations: np.ndarray, azimuth_steps: int) -> np.ndarray:
+    """Sensor-frame unit directions, (B * A, 3): beam b (elevation, radians), azimuth step a.
+
+    Azimuth step a points at angle 2*pi*a/A counter-clockwise from +x; ray index = b * A + a.
+    """
+    el = np.asarray(elevations, dtype=np.float64)
+    az = 2.0 * np.pi * np.arange(azimuth_steps) / azimuth_steps
+    ce, se = np.cos(el)[:, None], np.sin(el)[:, None]
+    d = np.stack([ce * np.cos(az)[None], ce * np.sin(az)[None], np.broadcast_to(se, (len(el), azimuth_steps))], -1)
+    return d.reshape(-1, 3)
+
+
+def lidar_candidates(scene: BoxScene, pose: np.ndarray, elevations: np.ndarray, azimuth_steps: int,
+                     max_range: float = np.inf) -> List[Optional[np.ndarray]]:
+    """Per part, the rays of a spinning lidar at ``pose`` that can hit it (None = all of them).
+
+    The part's azimuth interval (from its corners; the extremes of a convex footprint that does
+    not contain the sensor are at corners) and elevation interval (nearest and farthest footprint
+    distance) select beams x azimuth steps, with a one-step margin. Parts farther than
+    ``max_range`` get no ray.
+    """
+    el = np.asarray(elevations, dtype=np.float64)
+    A = int(azimuth_steps)
+    step = 2.0 * np.pi / A
+    world_to_sensor = np.linalg.inv(pose)
+    origin = pose[:3, 3]
+    margin_el = 1e-3
+    out: List[Optional[np.ndarray]] = []
+    for p in range(len(scene.lo)):
+        lo, hi = scene.lo[p], scene.hi[p]
+        # sensor position in the part's own frame: inside the footprint -> every ray
+        o_loc = origin.copy()
+        if scene.yaw is not None and scene.yaw[p] != 0.0:
+            centre = (lo + hi) / 2.0
+            o_loc = _yaw_matrix(-scene.yaw[p]) @ (origin - centre) + centre
+        near = np.clip(o_loc[:2], lo[:2], hi[:2])
+        d_min = float(np.linalg.norm(near - o_loc[:2]))
+        if d_min > max_range:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        if d_min == 0.0:
+            out.append(None)
+            continue
+        c = part_corners(scene, p) @ world_to_sensor[:3, :3].T + world_to_sensor[:3, 3]
+        d_max = float(np.linalg.norm(c[:, :2], axis=1).max())
+        zl, zh = c[:, 2].min(), c[:, 2].max()
+        e_hi = np.arctan2(zh, d_min if zh > 0 else d_max)
+        e_lo = np.arctan2(zl, d_max if zl > 0 else d_min)
+        beams = np.nonzero((el >= e_lo - margin_el) & (el <= e_hi + margin_el))[0]
+        if len(beams) == 0:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        ang = np.arctan2(c[:, 1], c[:, 0])
+        ref = np.arctan2(c[:, 1].mean(), c[:, 0].mean())
+        delta = (ang - ref + np.pi) % (2.0 * np.pi) - np.pi
+        a0 = int(np.floor((ref + delta.min()) / step)) - 1
+        a1 = int(np.ceil((ref + delta.max()) / step)) + 1
+        cols = np.arange(a0, a1 + 1) % A
+        cols = np.unique(cols) if a1 - a0 + 1 >= A else cols
+        out.append((beams[:, None] * A + cols[None, :]).ravel())
+    return out
+
+
+def lidar_scan(scene: BoxScene, pose: np.ndarray, elevations: np.ndarray, azimuth_steps: int,
+               max_range: float = 80.0, min_range: float = 1.0) -> Dict[str, np.ndarray]:
+    """Ray-cast one revolution: per returned ray the sensor-frame point, range, part and normal.
+
+    ``pose`` is sensor-to-world. Rays with no hit within ``[min_range, max_range]`` return nothing.
+    Also returns ``ray`` (the ray index, beam-major) and the world-frame ``dirs`` of those rays.
+    """
+    d_s = lidar_directions(elevations, azimuth_steps)
+    d_w = d_s @ pose[:3, :3].T
+    origin = np.asarray(pose[:3, 3], dtype=np.float64)
+    cand = lidar_candidates(scene, pose, elevations, azimuth_steps, max_range)
+    t, part, normals = raycast(scene, origin, d_w, cand)
+    ok = np.isfinite(t) & (t >= min_range) & (t <= max_range) & (part >= 0)
+    rays = np.nonzero(ok)[0]
+    return {"points": d_s[rays] * t[rays, None], "range": t[rays], "part": part[rays], "normals": normals[rays],
+            "ray": rays, "dirs": d_w[rays]}
