@@ -144,7 +144,7 @@ class ScanNet(Dataset):
         points = np.stack([mesh["x"], mesh["y"], mesh["z"]], -1).astype(np.float64)
         colors = np.stack([mesh["red"], mesh["green"], mesh["blue"]], -1).astype(np.uint8)
         align = self.axis_alignment(scene) if self.cfg.align else np.eye(4)
-        points = (points @ align[:3, :3].T + align[:3, 3]).astype(np.float32)
+        points = (np.einsum("ij,kj->ik", points, align[:3, :3]) + align[:3, 3]).astype(np.float32)
         out: Dict[str, Any] = {"scene": scene, "points": points, "colors": colors, "axis_alignment": align}
         labels_path = d / f"{scene}_vh_clean_2.labels.ply"
         if labels_path.is_file():

@@ -97,7 +97,7 @@ def backproject_upright(depth: np.ndarray, K: np.ndarray, R_tilt: np.ndarray) ->
     x = (cols + 1 - K[0, 2]) * z / K[0, 0]
     y = (rows + 1 - K[1, 2]) * z / K[1, 1]
     cam = np.stack([x, y, z], -1)
-    up = cam @ (P_UPRIGHT @ R_tilt).T
+    up = np.einsum("ij,kj->ik", cam, P_UPRIGHT @ R_tilt)  # cam @ (P R).T without BLAS threads
     return up, np.stack([rows, cols], -1)
 
 

@@ -64,6 +64,11 @@ class BoxScene:
         return BoxScene(lo, hi, inst, instances, hidden, colors, yaw if np.any(yaw != 0.0) else None)
 
 
+def rows_times(v: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """``v @ M.T`` for (N, 3) rows without BLAS (whose threads crawl on a busy machine)."""
+    return np.einsum("ij,kj->ik", v, M)
+
+
 def texture(points: np.ndarray, cell: float = 0.04, amount: float = 0.12) -> np.ndarray:
     """A deterministic 3D brightness texture in [1 - amount, 1 + amount] (hash of the cell)."""
     ijk = np.floor(points / cell).astype(np.int64)
@@ -75,7 +80,7 @@ def texture(points: np.ndarray, cell: float = 0.04, amount: float = 0.12) -> np.
 
 def shade(albedo: np.ndarray, normals: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Colour of surface points: albedo x (ambient + diffuse) x texture, as uint8."""
-    diffuse = np.abs(normals @ LIGHT)
+    diffuse = np.abs(np.einsum("ij,j->i", normals, LIGHT))
     c = albedo * (0.7 + 0.3 * diffuse)[:, None] * texture(points)[:, None]
     return np.clip(np.rint(c), 0, 255).astype(np.uint8)
 
@@ -113,7 +118,7 @@ def box_mesh(scene: BoxScene, spacing: float) -> Dict[str, np.ndarray]:
             if scene.yaw is not None and scene.yaw[p] != 0.0:
                 rot = _yaw_matrix(scene.yaw[p])
                 centre = (lo + hi) / 2.0
-                v = (v - centre) @ rot.T + centre
+                v = rows_times(v - centre, rot) + centre
                 normal = rot @ normal
             verts.append(v)
             faces.append(tri + base)
@@ -165,7 +170,7 @@ def sample_surface(scene: BoxScene, density: float, rng: np.random.Generator, no
             if scene.yaw is not None and scene.yaw[p] != 0.0:
                 rot = _yaw_matrix(scene.yaw[p])
                 centre = (lo + hi) / 2.0
-                v = (v - centre) @ rot.T + centre
+                v = rows_times(v - centre, rot) + centre
                 normal = rot @ normal
             pts.append(v)
             part_ids.append(np.full(n, p))
@@ -257,8 +262,8 @@ def raycast(scene: BoxScene, origins: np.ndarray, dirs: np.ndarray,
                 rot = _yaw_matrix(-yaw[p])
                 o = origins if idx is None else origins[idx]
                 d = dirs if idx is None else dirs[idx]
-                o_loc = (o - centre) @ rot.T + centre
-                inv_loc = 1.0 / (d @ rot.T)
+                o_loc = rows_times(o - centre, rot) + centre
+                inv_loc = 1.0 / rows_times(d, rot)
                 t, ax = _slab(lo, hi, o_loc, inv_loc)
             else:
                 if shared:
@@ -282,10 +287,10 @@ def raycast(scene: BoxScene, origins: np.ndarray, dirs: np.ndarray,
     for p in np.unique(part_best[turned]):
         rows = np.nonzero(turned & (part_best == p))[0]
         rot = _yaw_matrix(-yaw[p])
-        d_loc = dirs[rows] @ rot.T
+        d_loc = rows_times(dirs[rows], rot)
         n_loc = np.zeros((len(rows), 3))
         n_loc[np.arange(len(rows)), axis_best[rows]] = -np.sign(d_loc[np.arange(len(rows)), axis_best[rows]])
-        normals[rows] = n_loc @ rot  # back to the world frame (rot is orthonormal)
+        normals[rows] = rows_times(n_loc, rot.T)  # back to the world frame (rot is orthonormal)
     return t_best, part_best, normals
 
 
@@ -373,7 +378,7 @@ def camera_rays(K: np.ndarray, pose: np.ndarray, width: int, height: int) -> Tup
     Depth (distance along the optical axis) = t * zscale for a hit at distance t.
     """
     d_cam, norm = _pixel_rays(K, width, height)
-    dirs = d_cam @ pose[:3, :3].T
+    dirs = rows_times(d_cam, pose[:3, :3])
     origins = np.repeat(pose[None, :3, 3], len(dirs), 0)
     return origins, dirs, 1.0 / norm
 
@@ -382,7 +387,7 @@ def render_rgbd(scene: BoxScene, K: np.ndarray, pose: np.ndarray, width: int, he
                 max_depth: float = 10.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Depth (metres, 0 = no return), colour (uint8 HxWx3) and part index (-1) of one view."""
     d_cam, norm = _pixel_rays(K, width, height)
-    dirs = d_cam @ pose[:3, :3].T
+    dirs = rows_times(d_cam, pose[:3, :3])
     eye = np.asarray(pose[:3, 3], dtype=np.float64)
     t, part, normals = raycast(scene, eye, dirs, screen_candidates(scene, K, pose, width, height))
     finite = np.isfinite(t)
@@ -391,7 +396,13 @@ def render_rgbd(scene: BoxScene, K: np.ndarray, pose: np.ndarray, width: int, he
     color = np.zeros((len(t), 3), dtype=np.uint8)
     ok = part >= 0
     pts = eye + dirs[ok] * t[ok][:, None]
-    color[ok] = shade(scene.colors[part[ok]], normals[ok], pts)
+    hit_part, hit_normal = part[ok], normals[ok]
+    # put hits exactly on the face plane (as mesh vertices are), so the texture agrees with the mesh
+    axis = np.abs(hit_normal).argmax(1)
+    flat = np.ones(len(pts), bool) if scene.yaw is None else scene.yaw[hit_part] == 0.0
+    plane = np.where(hit_normal[np.arange(len(pts)), axis] > 0, scene.hi[hit_part, axis], scene.lo[hit_part, axis])
+    pts[np.nonzero(flat)[0], axis[flat]] = plane[flat]
+    color[ok] = shade(scene.colors[hit_part], hit_normal, pts)
     return depth.reshape(height, width), color.reshape(height, width, 3), part.reshape(height, width)
 
 
@@ -404,7 +415,7 @@ def rigid(yaw: float, translation: Sequence[float]) -> np.ndarray:
 
 
 def transform(T: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return points @ T[:3, :3].T + T[:3, 3]
+    return rows_times(points, T[:3, :3]) + T[:3, 3]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,7 +493,7 @@ def lidar_scan(scene: BoxScene, pose: np.ndarray, elevations: np.ndarray, azimut
     Also returns ``ray`` (the ray index, beam-major) and the world-frame ``dirs`` of those rays.
     """
     d_s = lidar_directions(elevations, azimuth_steps)
-    d_w = d_s @ pose[:3, :3].T
+    d_w = rows_times(d_s, pose[:3, :3])
     origin = np.asarray(pose[:3, 3], dtype=np.float64)
     cand = lidar_candidates(scene, pose, elevations, azimuth_steps, max_range)
     t, part, normals = raycast(scene, origin, d_w, cand)
