@@ -47,7 +47,7 @@ def test_lidar_culling_changes_nothing():
     pose = synth.rigid(0.4, [0.5, -0.3, 0.0])
     el = np.deg2rad(np.linspace(-25, 3, 16))
     scan = synth.lidar_scan(scene, pose, el, 360, max_range=80.0, min_range=1.0)
-    d_w = synth.lidar_directions(el, 360) @ pose[:3, :3].T
+    d_w = synth.rows_times(synth.lidar_directions(el, 360), pose[:3, :3])
     t, part, _ = synth.raycast(scene, pose[:3, 3], d_w)
     ok = np.isfinite(t) & (t >= 1.0) & (t <= 80.0)
     np.testing.assert_array_equal(scan["ray"], np.nonzero(ok)[0])
