@@ -120,3 +120,11 @@ def test_prepare_command_summary(tmp_path):
     assert json.loads((ds_dir / "manifest.json").read_text())["complete"] is True
     again = prepare_command("semantickitti", str(root), str(tmp_path / "cache"), console=Console(file=io.StringIO()))
     assert again["directory"] == summary["directory"]
+
+
+def test_prepare_command_exports_scannet_frames(tmp_path):
+    overrides = {"embedded": {"train_scenes": 1, "val_scenes": 1, "frames_per_scene": 2, "mesh_spacing": 0.15,
+                              "depth_size": [20, 16], "color_size": [40, 32]}}
+    summary = prepare_command("scannet", None, str(tmp_path), overrides=overrides, console=Console(file=io.StringIO()))
+    assert summary["scenes"] == {"train": 1, "val": 1}
+    assert summary["frames"] == 2  # scene0000_00's stream also holds one invalid frame, skipped

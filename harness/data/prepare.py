@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -252,11 +252,15 @@ def prepared(ds: Any, splits: Sequence[str] = SPLITS) -> PreparedDataset:
 
 def prepare_command(dataset_name_: str, root: Optional[str], cache_dir: Optional[str] = None,
                     overrides: Optional[Dict[str, Any]] = None, splits: Sequence[str] = SPLITS,
-                    force: bool = False, console: Any = None, config_root: Optional[Path] = None) -> Dict[str, Any]:
+                    force: bool = False, console: Any = None, config_root: Optional[Path] = None,
+                    frames: bool = True) -> Dict[str, Any]:
     """``harness data prepare DATASET --root PATH``: validate, convert (progress bar), summarise.
 
-    ``root`` None prepares the embedded miniature. Raises FileNotFoundError / ValueError naming
-    the first missing or corrupt file. Returns the summary (also printed on ``console``).
+    ``root`` None prepares the embedded miniature. ``overrides`` are further dataset-config
+    values (e.g. ``{"frame_skip": 25}``). For a dataset with RGB-D frames (ScanNet), ``frames``
+    also exports the frames of the train split (from the .sens) into the cache, once. Raises
+    FileNotFoundError / ValueError naming the first missing or corrupt file. Returns the summary
+    (also printed on ``console``).
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -286,17 +290,26 @@ def prepare_command(dataset_name_: str, root: Optional[str], cache_dir: Optional
             bar.update(task, completed=done, total=total, scene=scene)
 
         directory = prepare(ds, splits, progress=report, force=force)
+        n_frames = 0
+        if frames and getattr(ds, "has_frames", False) and "train" in scene_lists:
+            ftask = bar.add_task(f"exporting {dataset_name_} frames", total=len(scene_lists["train"]), scene="")
+            for k, scene in enumerate(scene_lists["train"]):
+                bar.update(ftask, completed=k, scene=scene)
+                n_frames += len(ds.frames(scene))
+            bar.update(ftask, completed=len(scene_lists["train"]), scene="")
     man = json.loads((directory / "manifest.json").read_text())
     points = sum(int(e["arrays"].get("points", ["", [0]])[1][0]) for e in man["scenes"].values())
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     summary = {"dataset": dataset_name_, "root": str(ds.root), "directory": str(directory),
                "scenes": {sp: len(man["splits"][sp]) for sp in splits}, "points": points, "bytes": size,
-               "seconds": round(time.time() - start, 1)}
+               "frames": n_frames, "seconds": round(time.time() - start, 1)}
     table = Table(title=f"prepared {dataset_name_}", show_header=False)
     for k in ("root", "directory"):
         table.add_row(k, summary[k])
     table.add_row("scenes", ", ".join(f"{sp} {n}" for sp, n in summary["scenes"].items()))
     table.add_row("points", f"{points:,}")
+    if n_frames:
+        table.add_row("frames (train)", f"{n_frames:,}")
     table.add_row("size", f"{size / 2**20:.1f} MiB")
     table.add_row("seconds", str(summary["seconds"]))
     console.print(table)

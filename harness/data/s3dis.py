@@ -156,7 +156,8 @@ class S3DIS(Dataset):
             d = self.root / f"Area_{area}"
             if not d.is_dir():
                 raise FileNotFoundError(f"S3DIS {split} split: {d} not found (train areas "
-                                        f"{list(self.cfg.train_areas)}, val area {self.cfg.val_area}, root {self.root})")
+                                        f"{list(self.cfg.train_areas)}, val area {self.cfg.val_area}, "
+                                        f"root {self.root})")
             rooms = sorted((p.name for p in d.iterdir() if (p / "Annotations").is_dir()), key=natural_key)
             if not rooms:
                 raise FileNotFoundError(f"S3DIS {split} split: no room with an Annotations/ folder in {d}")
@@ -188,7 +189,8 @@ class S3DIS(Dataset):
             sem.append(np.full(len(arr), cls, np.int64))
             inst.append(np.full(len(arr), k, np.int64))
         if not pts:
-            raise ValueError(f"S3DIS room {scene}: every annotation file in {self.root / scene / 'Annotations'} is empty")
+            raise ValueError(f"S3DIS room {scene}: every annotation file in "
+                             f"{self.root / scene / 'Annotations'} is empty")
         return {
             "scene": scene,
             "points": np.concatenate(pts).astype(np.float32),

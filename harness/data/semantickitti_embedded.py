@@ -136,12 +136,14 @@ class Street:
                     th = u(2.0, 3.2)
                     self.add("trunk", [((x - 0.15, y - 0.15, z0), (x + 0.15, y + 0.15, z0 + th))])
                     r = u(1.2, 2.2)
-                    self.add("vegetation", [((x - r, y - r, z0 + th), (x + r, y + r, z0 + th + u(1.8, 3.2)))], hidden=())
+                    top = z0 + th + u(1.8, 3.2)
+                    self.add("vegetation", [((x - r, y - r, z0 + th), (x + r, y + r, top))], hidden=())
                 elif u() < 0.6:
                     self.add("pole", [((x - 0.08, y - 0.08, z0), (x + 0.08, y + 0.08, z0 + u(5, 7)))])
                 else:
                     self.add("pole", [((x - 0.05, y - 0.05, z0), (x + 0.05, y + 0.05, z0 + 2.6))])
-                    self.add("traffic-sign", [((x - 0.3, y - 0.03, z0 + 2.0), (x + 0.3, y + 0.03, z0 + 2.6))], hidden=())
+                    self.add("traffic-sign", [((x - 0.3, y - 0.03, z0 + 2.0), (x + 0.3, y + 0.03, z0 + 2.6))],
+                             hidden=())
                 x += u(7, 14)
             # parked cars along the kerb, pedestrians and bicycles on the sidewalk
             x = x0 + u(0, 8)

@@ -79,7 +79,8 @@ def generate(root: Path, params: Dict[str, Any]) -> None:
 
 def _night_stand(rng: np.random.Generator):
     w, d, h = rng.uniform(0.4, 0.55), rng.uniform(0.35, 0.45), rng.uniform(0.45, 0.65)
-    return [((0, 0, 0), (w, d, h), None), ((w / 2 - 0.06, -0.02, h * 0.6), (w / 2 + 0.06, 0, h * 0.65), (70, 70, 70))], (w, d)
+    handle = ((w / 2 - 0.06, -0.02, h * 0.6), (w / 2 + 0.06, 0, h * 0.65), (70, 70, 70))
+    return [((0, 0, 0), (w, d, h), None), handle], (w, d)
 
 
 def _distractor(name: str, rng: np.random.Generator):
@@ -119,7 +120,7 @@ def build_scene(rng: np.random.Generator) -> Tuple[BoxScene, List[Dict[str, Any]
     footprints: List[np.ndarray] = []  # (4, 2) corners of placed objects
 
     def overlaps(poly: np.ndarray) -> bool:
-        if poly[:, 0].min() < 0.05 or poly[:, 1].min() < 0.05 or poly[:, 0].max() > W - 0.05 or poly[:, 1].max() > D - 0.05:
+        if np.any(poly.min(0) < 0.05) or poly[:, 0].max() > W - 0.05 or poly[:, 1].max() > D - 0.05:
             return True
         lo_a, hi_a = poly.min(0), poly.max(0)
         return any(np.all(lo_a < f.max(0) + 0.05) and np.all(f.min(0) - 0.05 < hi_a) for f in footprints)
