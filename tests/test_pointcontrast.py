@@ -127,3 +127,36 @@ def test_pointcontrast_lowers_its_loss_on_embedded_pairs(pair_scannet, tmp_path)
     # 128 matches: chance level is about log(128) = 4.85
     assert losses[0] == pytest.approx(math.log(128), abs=0.6)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+
+
+@pytest.mark.parametrize("name", ["pointcontrast", "csc"])
+def test_pretrain_export_and_semseg_loads_the_checkpoint(name, pair_scannet, tmp_path):
+    """End to end, tiny: the shared trainer pre-trains a few steps, the canonical export drops
+    ``final``, and the semantic-segmentation task fine-tunes from it through the one loader."""
+    import json
+
+    from harness.backbones.checkpoint import read_checkpoint
+    from harness.config import plugin_config
+
+    torch.set_num_threads(1)
+    method = METHODS.get(name)(method_config(name, steps=3, num_matches=64, batch_size=1))
+    ctx = tiny_context(tmp_path / "pre", pair_scannet, trainer={"log_every": 1, "checkpoint_every": 0})
+    path = method.pretrain(ctx)
+    state, meta = read_checkpoint(path)
+    assert meta["method"] == name and meta["voxel_size"] == 0.1
+    assert meta["input_features"] == ("ones" if name == "pointcontrast" else "rgb")
+    assert state and not any(k.startswith("final.") for k in state)
+    log = [json.loads(line) for line in (tmp_path / "pre" / "metrics-pretrain.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
+    assert ctx.extra["pretrain"]["steps"] == 3 and ctx.extra["frame_pairs"]["pairs"] > 0
+
+    task_cfg = plugin_config("task", "semseg", {"steps": 2, "batch_size": 1, "voxel_size": 0.1})
+    from harness.registry import TASKS
+
+    fctx = tiny_context(tmp_path / "fine", pair_scannet, trainer={"checkpoint_every": 0})
+    fctx.checkpoint = path
+    result = TASKS.get("semseg")(task_cfg).run(fctx)
+    assert 0.0 <= result["miou"] <= 1.0
+    load = fctx.extra["checkpoint_load"]
+    assert load["loaded"] == len(state) and load["skipped"] == 0
+    assert load["missing"] == 2  # final.kernel and final.bias: the task's own head
