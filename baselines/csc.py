@@ -50,18 +50,24 @@ def partition_bins(xyz: torch.Tensor, r1: float, r2: float) -> torch.Tensor:
 
 def partition_info_nce(fa: torch.Tensor, fb: torch.Tensor, bins: torch.Tensor, tau: float,
                        partitions: int = N_PARTITIONS) -> torch.Tensor:
-    """Per-partition InfoNCE losses (partitions,) of matched rows ``fa[i] <-> fb[i]`` of one scene."""
+    """Per-partition InfoNCE losses (partitions,) of matched rows ``fa[i] <-> fb[i]`` of one scene.
+
+    For anchor i and partition p: log(exp(l_ii) + sum over k in p of exp(l_ik)) - l_ii, with
+    l = normalised fa . fb / tau; averaged over the anchors. All partitions come from one pass
+    over the logits: the exponentials (shifted by each row's maximum) are summed per partition
+    with a scatter, instead of one masked log-sum-exp per partition.
+    """
     za = F.normalize(fa, dim=1)
     zb = F.normalize(fb, dim=1)
     logits = za @ zb.t() / tau
-    pos = logits.diagonal()
+    shift = logits.detach().max(dim=1, keepdim=True).values
+    e = torch.exp(logits - shift)
     eye = torch.eye(len(za), dtype=torch.bool, device=za.device)
-    losses = []
-    for p in range(partitions):
-        keep = (bins == p) | eye
-        lse = torch.logsumexp(logits.masked_fill(~keep, float("-inf")), dim=1)
-        losses.append((lse - pos).mean())
-    return torch.stack(losses)
+    negatives = e.masked_fill(eye | (bins < 0), 0.0)
+    sums = torch.zeros(len(za), partitions, dtype=e.dtype, device=e.device)
+    sums = sums.scatter_add(1, bins.clamp(min=0), negatives)  # (m, partitions)
+    pos = e.diagonal().unsqueeze(1)
+    return torch.log1p(sums / pos).mean(0)
 
 
 class CSCModel(PairModel):

@@ -426,23 +426,35 @@ def cache_path(cache_dir: Path, scene: str, refs: Sequence[Any], cfg: Any) -> Tu
 
 def scene_pairs(dataset: Any, scene: str, cfg: Any, cache_dir: Optional[Path], progress: bool = False) -> ScenePairs:
     """The pairs of ``scene``: from the cache when mined before with the same parameters and frames."""
-    from harness.data.cache import atomic_write_json
+    from harness.data.cache import atomic_write_json, file_lock
 
     refs = list(dataset.frames(scene))
     if cache_dir is None:
         return mine_pairs(scene, refs, cfg, progress)
     path, params = cache_path(Path(cache_dir), scene, refs, cfg)
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            if data.get("key") == params:
-                log.debug("pairs.cache_hit scene=%s file=%s", scene, path)
-                return ScenePairs.from_json(data["result"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            log.warning("pairs.cache_unreadable file=%s error=%s action=recompute", path, exc)
-    result = mine_pairs(scene, refs, cfg, progress)
-    atomic_write_json(path, {"key": params, "result": result.to_json()})
+    cached = _read_cache(path, params)
+    if cached is not None:
+        return cached
+    with file_lock(path.with_name(f".{path.name}.lock")):  # ranks or jobs starting together mine once
+        cached = _read_cache(path, params)
+        if cached is not None:
+            return cached
+        result = mine_pairs(scene, refs, cfg, progress)
+        atomic_write_json(path, {"key": params, "result": result.to_json()})
     return result
+
+
+def _read_cache(path: Path, params: Dict[str, Any]) -> Optional[ScenePairs]:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") == params:
+            log.debug("pairs.cache_hit scene=%s file=%s", params.get("scene"), path)
+            return ScenePairs.from_json(data["result"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        log.warning("pairs.cache_unreadable file=%s error=%s action=recompute", path, exc)
+    return None
 
 
 def dataset_cache_dir(dataset: Any) -> Optional[Path]:
