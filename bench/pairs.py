@@ -91,6 +91,7 @@ def run(frames: int, seed: int, repeats: int, cache: Path, out: Path) -> Dict[st
                                                                                   "frames": frames, "seed": seed},
                             lambda tmp: generate_scene(tmp, frames, seed))
     refs = scene_refs(root)
+    load = os.getloadavg()
     rows = []
     for voxel in (0.05, 0.025):
         cfg = PairsConfig(voxel_size=voxel)
@@ -125,7 +126,9 @@ def run(frames: int, seed: int, repeats: int, cache: Path, out: Path) -> Dict[st
         f"Scene: synthetic ScanNet-size room ({len(refs)} frames of 640x480 depth, ScanNet depth intrinsics, "
         f"camera loop looking across a 5-7 m room; `bench/pairs.py`, seed {seed}).",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible "
-        f"(shared with other jobs; timings are noisy), Python {platform.python_version()}.",
+        f"(shared with other jobs; timings are noisy), Python {platform.python_version()}; load average "
+        f"{load[0]:.1f} before and {os.getloadavg()[0]:.1f} after the runs (runnable processes per 2 cores: "
+        f"a wall time above the CPU time is time spent waiting for a core).",
         "Timed: `baselines.pairs.mine_pairs` = read depth PNGs + poses from disk, back-project, voxelise in world "
         "coordinates, overlap of all pairs (spatial hash, 1.5 x voxel), keep max(overlap) >= 0.3.",
         "",
