@@ -97,10 +97,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         console.print(f"[bold]SLURM[/bold]: {len(outcome.submitted)} jobs submitted, {len(outcome.attached)} followed "
                       f"from an earlier launch; records in {store.root / 'slurm' / 'jobs.json'}", highlight=False)
     if not outcome.waited:
-        console.print(f"not waiting for the jobs: follow them with [bold]harness sweep {args.config} "
-                      f"{' '.join(args.overrides)} --status[/bold]; re-run this command to collect "
-                      "the report (and resubmit what failed)", highlight=False)
-        return 0
+        stopped = getattr(launcher, "wait", False)  # asked to wait, but stopped (time limit, no squeue, Ctrl-C)
+        console.print(("stopped following the jobs (they keep running)" if stopped else "not waiting for the jobs")
+                      + f": follow them with [bold]harness sweep {args.config} {' '.join(args.overrides)} --status"
+                      "[/bold]; re-run this command to collect the report (and resubmit what failed)", highlight=False)
+        return 1 if stopped else 0
     for jid, sec in outcome.seconds.items():
         console.print(f"  {jid}: {sec:.1f} s" + (f"  [red]failed[/red]: {outcome.failed[jid]}" if jid in outcome.failed
                                                  else ""), highlight=False)

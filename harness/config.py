@@ -152,6 +152,8 @@ class SlurmLauncherConfig:
     poll_s: float = 10.0
     # Stop waiting (jobs keep running) when squeue has not answered for this long.
     unreachable_min: float = 10.0
+    # Stop waiting after this long in all (jobs keep running; --status, or re-run to collect); 0 = no limit.
+    max_wait_min: float = 0.0
     # Per-stage overrides of the resource fields above.
     pretrain: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     finetune: SlurmStageConfig = field(default_factory=SlurmStageConfig)

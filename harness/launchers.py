@@ -613,6 +613,8 @@ class SlurmLauncher:
 
         poll = float(_cfg_get(self.cfg, "poll_s") or 10.0)
         unreachable_s = float(_cfg_get(self.cfg, "unreachable_min") or 10.0) * 60
+        max_wait_s = float(_cfg_get(self.cfg, "max_wait_min") or 0.0) * 60
+        started = time.monotonic()
         grace = max(2 * poll, 10.0)  # a result written just before the job left the queue is visible by then
         records = read_records(store)
         specs = {s.id: s for s in plan.jobs if s.id in jobids}
@@ -655,6 +657,11 @@ class SlurmLauncher:
                     progress.update(overall, description=f"[bold]sweep {plan.sweep}[/bold]: {counts['queued']} queued, "
                                     f"{counts['running']} running, {len(outcome.ran) + len(outcome.skipped)} done, "
                                     f"{len(outcome.failed)} failed")
+                    if open_ids and max_wait_s and time.monotonic() - started > max_wait_s:
+                        log.warning("slurm.max_wait minutes=%.1f open=%s: stop following; the jobs keep running "
+                                    "(harness sweep ... --status)", max_wait_s / 60, ",".join(sorted(open_ids)))
+                        outcome.waited = False
+                        break
                     if open_ids:
                         time.sleep(poll)
             except KeyboardInterrupt:
