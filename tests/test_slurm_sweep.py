@@ -8,9 +8,11 @@ in this process with one torch thread (bit-identical on CPU):
   other cell finishes, `--status` and the report show it; re-launching with the fix submits
   only the failed jobs; the final table equals the local one; the fine-tuning job started
   after its pre-training job ended (recorded times, afterok in its sbatch script);
-- a fine-tuning array of two identical cells: one task gets `scancel --signal=USR1`, the other
-  `scontrol requeue`, mid-training; both resume from their checkpoints and end with the metric
-  of the uninterrupted run;
+- a fine-tuning array of three identical cells, mid-training: one task gets
+  `scancel --signal=USR1`, one `scontrol requeue`; both resume from their checkpoints and end
+  with the metric of the uninterrupted run; the third is cancelled (`scancel`): it leaves the
+  queue without a result, the launcher records it as lost, and the re-launch submits only it
+  and resumes it to the same metric;
 - bad inputs (partition, per-stage partition, resources sbatch rejects, data root, method):
   one error line, exit status 2, nothing submitted.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -151,6 +154,13 @@ def test_finetune_job_waited_for_its_pretraining(failing_then_fixed):
     assert datetime.fromisoformat(fine["started"]) > datetime.fromisoformat(pre["finished"]), (pre, fine)
 
 
+def _capture(fn, errors: list) -> None:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - reported by the test's main thread
+        errors.append(exc)
+
+
 def _wait_steps(path: Path, n: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -160,41 +170,66 @@ def _wait_steps(path: Path, n: int, timeout_s: float) -> None:
     pytest.fail(f"{path}: fewer than {n} steps after {timeout_s} s")
 
 
-def test_signalled_and_requeued_jobs_resume_to_the_same_metric(tmp_path, cache_dir, small_scannet):
-    steps = 30
+def test_signalled_requeued_and_cancelled_jobs_resume_to_the_same_metric(tmp_path, cache_dir, small_scannet):
+    steps = 24
     out, run = tmp_path / "runs", tmp_path / "runs" / "table1"
-    # Two identical cells (same recipe) in one fine-tuning array of Scratch.
-    twin = "columns.twin={dataset: scannet, task: semseg}"
-    args = ["sweep", SWEEP, *tiny(out, cache_dir, steps=steps), *slurm_args(), *FOLLOW, twin,
+    # Three identical cells (same recipe, same config hash) in one fine-tuning array of Scratch.
+    copies = ["columns.twin={dataset: scannet, task: semseg}", "columns.third={dataset: scannet, task: semseg}"]
+    args = ["sweep", SWEEP, *tiny(out, cache_dir, steps=steps), *slurm_args(), *FOLLOW, *copies,
             "trainer.checkpoint_every=10"]
-    cells = ["scratch__scannet-semseg__s0", "scratch__twin__s0"]
+    cells = ["scratch__scannet-semseg__s0", "scratch__twin__s0", "scratch__third__s0"]
+    metrics = [run / "cells" / c / "metrics-finetune.jsonl" for c in cells]
     try:
         rc, text, err = cli(*args, "--launcher", "slurm", "--no-wait")
-        assert rc == 0 and "2 jobs submitted" in text, text + err
+        assert rc == 0 and "3 jobs submitted" in text, text + err
         jobs = [records(run)[c]["job_id"] for c in cells]
         assert len({j.split("_")[0] for j in jobs}) == 1 and all("_" in j for j in jobs), jobs  # one array
-        for c in cells:
-            _wait_steps(run / "cells" / c / "metrics-finetune.jsonl", 5, timeout_s=120)
-        subprocess.run(["scancel", "--signal=USR1", jobs[0]], check=True)
-        subprocess.run(["scontrol", "requeue", jobs[1]], check=True)
-        # The uninterrupted run, here, while the requeued jobs wait to start again.
+
+        def interrupt():
+            # Two CPUs: two tasks run; the third starts when the first two are requeued.
+            _wait_steps(metrics[0], 5, timeout_s=120)
+            _wait_steps(metrics[1], 5, timeout_s=120)
+            subprocess.run(["scancel", "--signal=USR1", jobs[0]], check=True)  # submitit checkpoints + requeues
+            subprocess.run(["scontrol", "requeue", jobs[1]], check=True)  # SIGTERM; SLURM requeues
+            _wait_steps(metrics[2], 5, timeout_s=120)
+            subprocess.run(["scancel", jobs[2]], check=True)  # SIGTERM, gone: no result, no requeue
+
+        errors: list = []
+        thread = threading.Thread(target=lambda: _capture(interrupt, errors), daemon=True)
+        thread.start()
+        rc, text, err = cli(*args, "--launcher", "slurm")  # follows the three jobs while they are interrupted
+        thread.join(timeout=10)
+        assert not errors, errors
+        assert rc == 1, text + err
+        assert "0 jobs submitted, 3 followed" in text and "2 requeues survived (2 jobs), 1 jobs lost" in text, text
+        lost = result(run, "finetune", cells[2])
+        assert lost["status"] == "failed" and lost["recorded_by"] == "launcher", lost
+        assert lost["error"].startswith(f"SLURM job {jobs[2]} left the queue without writing a result"), lost
+        assert lost["log"] == records(run)[cells[2]]["log"] and Path(lost["log"]).is_file()
+        rc, status, _ = cli(*args, "--status")
+        assert "failed: SLURM job" in status and "2 done, 1 failed" in status, status
+        # Re-launch: only the lost cell goes out again, and resumes from the checkpoint it saved.
+        rc, text, err = cli(*args, "--launcher", "slurm", "--no-wait")
+        assert rc == 0 and "1 jobs submitted, 0 followed" in text, text + err
+        assert records(run)[cells[2]]["job_id"] != jobs[2]
+        # The uninterrupted run, here, while the cluster works.
         rc, text, err = cli("sweep", SWEEP, *tiny(tmp_path / "local", cache_dir, steps=steps), *local_args(),
                             "trainer.checkpoint_every=10")
         assert rc == 0, text + err
         rc, text, err = cli(*args, "--launcher", "slurm")
-        assert rc == 0, text + err
-        assert "0 jobs submitted, 2 followed" in text and "2 requeues survived (2 jobs), 0 jobs lost" in text, text
+        assert rc == 0 and "0 failed)" in text, text + err
     finally:
         _cancel(run)
     ref = result(tmp_path / "local" / "table1", "finetune", cells[0])
-    for c, signal in zip(cells, ("signal=10", "signal=15")):  # USR1, TERM
+    for c, signal in zip(cells, ("signal=10", "signal=15", "signal=15")):  # USR1, TERM, TERM
         r = result(run, "finetune", c)
-        assert r["status"] == "done" and r["slurm_restarts"] >= 1, r
+        assert r["status"] == "done", r
         assert r["value"] == ref["value"] and r["metrics"]["train_loss"] == ref["metrics"]["train_loss"], (c, r, ref)
-        log = Path(r["log"]).read_text()
+        log = Path(r["log"]).read_text() if c != cells[2] else Path(lost["log"]).read_text()
         assert f"finetune.preempted {signal}" in log, log
-        resumed = [int(m) for m in re.findall(r"ckpt.resume name=finetune step=(\d+)", log)]
-        assert resumed and 0 < resumed[0] < steps, log
+        resumed = [int(m) for m in re.findall(r"ckpt.resume name=finetune step=(\d+)", Path(r["log"]).read_text())]
+        assert resumed and 0 < resumed[0] < steps, (c, resumed)
+    assert [result(run, "finetune", c)["slurm_restarts"] for c in cells] == [1, 1, 0]
 
 
 @pytest.mark.parametrize("override, message", [
