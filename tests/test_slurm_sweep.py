@@ -241,7 +241,7 @@ def test_signalled_requeued_and_cancelled_jobs_resume_to_the_same_metric(tmp_pat
     ("datasets.scannet.root=/nonexistent/scannet", "datasets.scannet.root: data directory /nonexistent/scannet "
                                                    "does not exist"),
     ("methods.nosuchmethod={}", "Unknown method 'nosuchmethod'"),
-])
+], ids=["partition", "pretrain-partition", "gpus", "data-root", "method"])
 def test_bad_input_is_one_error_before_any_submission(tmp_path, cache_dir, plugin, override, message):
     out = tmp_path / "runs"
     rc, text, err = cli("sweep", SWEEP, *tiny(out, cache_dir), *slurm_args(), f"methods.colorization={COLORIZATION}",
