@@ -138,6 +138,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from harness.config import parse_overrides, to_plain
+    from harness.data.prepare import prepare_command
+
+    overrides = to_plain(parse_overrides(args.overrides)) if args.overrides else None
+    prepare_command(args.dataset, args.root, cache_dir=args.cache_dir, overrides=overrides, force=args.force,
+                    console=console)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Benchmark harness for self-supervised 3D pre-training")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -156,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-wait", action="store_true",
                    help="SLURM: submit and return without following the jobs (then use --status)")
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("data", help="dataset utilities")
+    data_sub = s.add_subparsers(dest="data_command", required=True)
+    d = data_sub.add_parser("prepare", help="validate a release and convert it once into the fast cache")
+    d.add_argument("dataset", help="registered dataset name: scannet, s3dis, semantickitti, sunrgbd")
+    d.add_argument("--root", help="the release in its official layout (default: the embedded miniature)")
+    d.add_argument("--cache-dir", help="where the cache goes (default: the dataset config's cache_dir)")
+    d.add_argument("--force", action="store_true", help="rebuild the cache even if it is complete")
+    d.add_argument("overrides", nargs="*", help="dataset config overrides, e.g. frame_skip=25")
+    d.set_defaults(func=cmd_data_prepare)
 
     s = sub.add_parser("report", help="print and write Table 1 of a run")
     s.add_argument("run", help="runs/<sweep> directory or the sweep's YAML")
