@@ -10,22 +10,28 @@ import torch
 from omegaconf import OmegaConf
 
 
+_MEMO: dict = {}
+
+
 @pytest.fixture(scope="session")
-def pair_scannet(cache_dir):
+def pair_scannet(tmp_path_factory):
     """One train scene (and one val scene) of the embedded ScanNet, 12 small frames on a loop:
     consecutive frames overlap by 25-60% (about 11 pairs >= 30%)."""
     from harness.data.scannet import ScanNet, ScanNetConfig
 
+    if "scannet" in _MEMO:  # one instance per session, whichever module asks first
+        return _MEMO["scannet"]
     cfg = OmegaConf.structured(ScanNetConfig)
-    cfg.cache_dir = str(cache_dir)
-    cfg.embedded.seed = 7  # its own directory: the other fixtures' scenes are not regenerated
+    cfg.cache_dir = str(tmp_path_factory.mktemp("pair-scannet-cache"))
+    cfg.embedded.seed = 7
     cfg.embedded.train_scenes = 1
     cfg.embedded.val_scenes = 1
     cfg.embedded.frames_per_scene = 12
     cfg.embedded.depth_size = [80, 60]
     cfg.embedded.color_size = [80, 60]
     cfg.embedded.mesh_spacing = 0.08
-    return ScanNet(cfg)
+    _MEMO["scannet"] = ScanNet(cfg)
+    return _MEMO["scannet"]
 
 
 def tiny_context(workdir: Path, dataset: Any, seed: int = 0, trainer: Optional[Dict[str, Any]] = None):

@@ -10,7 +10,8 @@ import torch
 
 from baselines.csc import CSC, CSCModel, partition_bins, partition_info_nce
 from harness.registry import METHODS
-from tests.multiscan_fixtures import method_config, pair_scannet, tiny_context  # noqa: F401
+
+from .multiscan_fixtures import method_config, pair_scannet, tiny_context  # noqa: F401
 
 TAU = 0.4
 
@@ -146,9 +147,8 @@ def test_colour_features_of_the_views(pair_scannet, tmp_path):
 
 
 def test_csc_lowers_its_loss_on_embedded_pairs(pair_scannet, tmp_path):
-    from tests.test_pointcontrast import _fit
+    from .test_pointcontrast import _fit
 
-    torch.set_num_threads(1)
     method = CSC(method_config("csc", num_matches=128, batch_size=1))
     losses = _fit(method, tiny_context(tmp_path, pair_scannet), 20)
     assert all(math.isfinite(v) for v in losses)

@@ -11,7 +11,8 @@ import torch
 from baselines.pointcontrast import PointContrast, point_info_nce
 from harness.data import augment as aug
 from harness.registry import METHODS
-from tests.multiscan_fixtures import method_config, pair_scannet, tiny_context  # noqa: F401
+
+from .multiscan_fixtures import method_config, pair_scannet, tiny_context  # noqa: F401
 
 TAU = 0.4
 
@@ -120,7 +121,6 @@ def _fit(method, ctx, steps: int):
 
 
 def test_pointcontrast_lowers_its_loss_on_embedded_pairs(pair_scannet, tmp_path):
-    torch.set_num_threads(1)
     method = PointContrast(method_config("pointcontrast", num_matches=128, batch_size=1))
     losses = _fit(method, tiny_context(tmp_path, pair_scannet), 20)
     assert all(math.isfinite(v) for v in losses)
@@ -138,7 +138,6 @@ def test_pretrain_export_and_semseg_loads_the_checkpoint(name, pair_scannet, tmp
     from harness.backbones.checkpoint import read_checkpoint
     from harness.config import plugin_config
 
-    torch.set_num_threads(1)
     method = METHODS.get(name)(method_config(name, steps=3, num_matches=64, batch_size=1))
     ctx = tiny_context(tmp_path / "pre", pair_scannet, trainer={"log_every": 1, "checkpoint_every": 0})
     path = method.pretrain(ctx)
