@@ -15,15 +15,17 @@ SWEEP = REPO / "configs" / "sweeps" / "table1.yaml"
 EXAMPLE = REPO / "examples" / "colorization_plugin"
 PARTITION = os.environ.get("HARNESS_SLURM_PARTITION", "debug")
 
-# A few seconds per job on one CPU: the small embedded ScanNet (3 train / 1 val scenes, the
-# `small_scannet` fixture's sizes), one training scene cropped to 3000 points, a narrow backbone.
+# A few seconds per job on one CPU: the small embedded ScanNet of the `small_scannet` fixture
+# (same sizes and cache, so it is generated once), one training scene cropped to 3000 points,
+# a narrow backbone.
 COLORIZATION = "{steps: 8, batch_size: 1, max_points: 3000, max_scenes: 1, voxel_size: 0.05}"
 
 
 def tiny(out: Path, cache: Path, steps: int = 6) -> List[str]:
+    from .data_helpers import SMALL_SCANNET
+
     return [f"output_dir={out}", f"datasets.scannet.cache_dir={cache}",
-            "datasets.scannet.embedded.train_scenes=3", "datasets.scannet.embedded.val_scenes=1",
-            "datasets.scannet.embedded.frames_per_scene=4",
+            *(f"datasets.scannet.{k}={str(v).replace(' ', '')}" for k, v in SMALL_SCANNET.items()),
             f"tasks.semseg.steps={steps}", "tasks.semseg.batch_size=1", "tasks.semseg.voxel_size=0.05",
             "tasks.semseg.augment.max_points=3000", "tasks.semseg.max_train_scenes=1", "tasks.semseg.max_eval_scenes=1",
             "backbone.planes=[8,8,16,16,16,16,8,8]", "trainer.log_every=1"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .data_helpers import (  # noqa: F401 (fixtures are found by name)
+    cache_dir,
     sample,
     small_kitti,
     small_s3dis,

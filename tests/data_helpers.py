@@ -71,11 +71,20 @@ def small_kitti(tmp_path_factory):
         **{"embedded.train_scans": 3, "embedded.val_scans": 2, "embedded.beams": 16, "embedded.azimuth_steps": 256})))
 
 
+# The small embedded ScanNet of the tests (the tiny end-to-end sweeps use it too, same cache).
+SMALL_SCANNET = {"embedded.train_scenes": 2, "embedded.val_scenes": 1, "embedded.frames_per_scene": 4,
+                 "embedded.mesh_spacing": 0.1, "embedded.depth_size": [40, 30], "embedded.color_size": [80, 60]}
+
+
 @pytest.fixture(scope="session")
 def small_scannet(tmp_path_factory):
     from harness.data.scannet import ScanNet, ScanNetConfig
 
     return _once("scannet", lambda: ScanNet(config(
-        ScanNetConfig, cache_dir=str(tmp_path_factory.mktemp("scannet-cache")),
-        **{"embedded.train_scenes": 2, "embedded.val_scenes": 1, "embedded.frames_per_scene": 4,
-           "embedded.mesh_spacing": 0.1, "embedded.depth_size": [40, 30], "embedded.color_size": [80, 60]})))
+        ScanNetConfig, cache_dir=str(tmp_path_factory.mktemp("scannet-cache")), **SMALL_SCANNET)))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(small_scannet):
+    """The cache directory holding the small embedded ScanNet."""
+    return Path(small_scannet.cfg.cache_dir)
