@@ -6,7 +6,8 @@ frames ScanNet marks with invalid poses are usable), frames at least ``frame_str
 indices apart (every 10th frame in the published extraction).
 Each scan gives two independently augmented views: random cuboid crop, random cuboid drop,
 random resampling to one of ``resample_sizes`` points, x/y flips, a rotation about a random
-axis, a random scale, colour jitter; then 5 cm voxels with RGB/255 - 0.5 features.
+axis, a random scale, colour jitter; then 5 cm voxels with RGB/255 - 0.5 features, shifted by a
+random integer voxel offset (so the two views meet the stride-2 grids at different parities).
 
 Model (MoCo style): the query encoder is the backbone (Res16UNet34C in the published recipe),
 global max-pooled per scan, then a 2-layer MLP to a 128-d L2-normalised vector. The key encoder
@@ -34,7 +35,6 @@ and ``out_channels`` only sizes that unused layer.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -86,6 +86,7 @@ class DepthContrastConfig(PretrainConfig):
     rotate_max: float = math.pi
     scale_min: float = 0.8
     scale_max: float = 1.2
+    coord_shift: int = 100
     color_jitter: float = 0.1
     color_noise: float = 5.0
     mlp_hidden: int = 256
@@ -178,7 +179,10 @@ def make_view(rng: np.random.Generator, points: np.ndarray, colors: np.ndarray, 
     jitter = aug.AugmentConfig(color_jitter=cfg.color_jitter, color_noise=cfg.color_noise)
     col = aug.jitter_colors(rng, col, jitter)
     vox = voxelize(pts, cfg.voxel_size, rng=rng)
-    coords = (vox.coords - vox.coords.min(0)).astype(np.int32)
+    coords = vox.coords - vox.coords.min(0)
+    if cfg.coord_shift > 0:  # a random voxel offset: the stride-2 grid's parity differs between views
+        coords = coords + rng.integers(0, cfg.coord_shift, 3)
+    coords = coords.astype(np.int32)
     return coords, aug.input_features(cfg.input_features, col[vox.index])
 
 
@@ -205,6 +209,9 @@ def collate_views(views: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Tuple[torch
 @torch.no_grad()
 def momentum_update_(key: Sequence[torch.Tensor], query: Sequence[torch.Tensor], m: float) -> None:
     """``k <- m k + (1 - m) q`` for each pair of tensors, in place."""
+    key, query = list(key), list(query)
+    if len(key) != len(query):
+        raise ValueError(f"momentum_update_: {len(key)} key tensors but {len(query)} query tensors")
     for k, q in zip(key, query):
         k.mul_(m).add_(q.detach(), alpha=1.0 - m)
 
@@ -221,6 +228,13 @@ def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None
     idx = (start + torch.arange(n, device=queue.device)) % size
     queue.index_copy_(0, idx, keys.to(queue.dtype))
     ptr.fill_((start + n) % size)
+
+
+@torch.no_grad()
+def enqueue_from_all_ranks_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
+    """Enqueue the keys of every rank, in rank order (each rank then holds the same queue);
+    with one process, just ``keys``."""
+    enqueue_(queue, ptr, dist.gather_with_grad(keys.detach()))
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
@@ -250,8 +264,10 @@ class ProjectionHead(nn.Module):
 class DepthContrastModel(nn.Module):
     """Query encoder (``backbone`` + ``head``), momentum key encoder, queue; ``forward`` -> loss."""
 
-    def __init__(self, backbone: nn.Module, hidden: int, dim: int, queue_size: int, momentum: float,
-                 temperature: float):
+    def __init__(self, backbone: nn.Module, key_backbone: nn.Module, hidden: int, dim: int, queue_size: int,
+                 momentum: float, temperature: float):
+        """``key_backbone``: a second backbone of the same architecture (built by the caller, as
+        MinkowskiEngine layers do not survive ``copy.deepcopy``); it starts as a copy of ``backbone``."""
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"depthcontrast: momentum must be in [0, 1], got {momentum}")
@@ -262,8 +278,10 @@ class DepthContrastModel(nn.Module):
         self.backbone = backbone
         self.backbone.final.requires_grad_(False)  # pooled features are taken before final
         self.head = ProjectionHead(int(backbone.planes[7]), hidden, dim)
-        self.key_backbone = copy.deepcopy(self.backbone)
-        self.key_head = copy.deepcopy(self.head)
+        self.key_backbone = key_backbone
+        self.key_backbone.load_state_dict(self.backbone.state_dict())
+        self.key_head = ProjectionHead(int(backbone.planes[7]), hidden, dim)
+        self.key_head.load_state_dict(self.head.state_dict())
         for p in list(self.key_backbone.parameters()) + list(self.key_head.parameters()):
             p.requires_grad_(False)
         self.momentum, self.temperature = float(momentum), float(temperature)
@@ -294,8 +312,7 @@ class DepthContrastModel(nn.Module):
         # A copy: the queue is updated in place below, and backward still needs these negatives.
         loss, logits = info_nce(q, k, self.queue.clone(), self.temperature)
         if self.training:
-            with torch.no_grad():
-                enqueue_(self.queue, self.queue_ptr, dist.gather_with_grad(k))
+            enqueue_from_all_ranks_(self.queue, self.queue_ptr, k)
         with torch.no_grad():
             l = logits.detach() * self.temperature
             stats = {"pos": l[:, 0].mean(), "neg": l[:, 1:].mean(),
@@ -378,7 +395,8 @@ class DepthContrast(TrainedMethod):
         if bad:
             raise ValueError(f"depthcontrast.rotate_axes={cfg.rotate_axes!r}: only x, y, z are axes")
         backbone = ctx.build_backbone(in_channels=3, out_channels=cfg.out_channels, bn_momentum=cfg.bn_momentum)
-        return DepthContrastModel(backbone, cfg.mlp_hidden, cfg.embedding_dim, cfg.queue_size, cfg.momentum,
+        key_backbone = ctx.build_backbone(in_channels=3, out_channels=cfg.out_channels, bn_momentum=cfg.bn_momentum)
+        return DepthContrastModel(backbone, key_backbone, cfg.mlp_hidden, cfg.embedding_dim, cfg.queue_size, cfg.momentum,
                                   cfg.temperature)
 
     def total_steps(self, ctx: Any) -> int:
