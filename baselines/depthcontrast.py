@@ -31,6 +31,12 @@ into the MLP; an extra 1x1 layer to ``out_channels`` before a max-pool would onl
 bottleneck the MLP does not need, and it is dropped at export anyway. ``backbone.final`` is
 therefore frozen (no gradient, so data-parallel training sees no unused trainable parameter)
 and ``out_channels`` only sizes that unused layer.
+
+Short runs (the embedded CPU sweep, a few dozen steps): with m = 0.999 the key encoder stays at
+its initialisation for the whole run and the loss does not move; m = 0.99 lets it follow. Keep
+``queue_size + batch_size`` below the number of scans, or the queue holds older keys of the
+batch's own scans as negatives (a warning says so). Multi-GPU: keys of all ranks are gathered
+into the queue; there is no shuffle-BN (the published code skips it for voxel inputs too).
 """
 
 from __future__ import annotations
