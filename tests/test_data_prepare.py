@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from data_helpers import config, small_s3dis, small_scannet  # noqa: F401 (fixtures)
+from .data_helpers import config, small_s3dis, small_scannet  # noqa: F401
 from harness.data.prepare import cache_key, prepare, prepare_command, prepared, prepared_dir
 from harness.data.s3dis import S3DIS, S3DISConfig
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_helpers import config, small_s3dis  # noqa: F401 (fixture)
+from .data_helpers import config, small_s3dis  # noqa: F401
 from harness.data.s3dis import IGNORE, RELEASE_DIR, S3DIS, S3DISConfig, read_points_txt
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_helpers import config, sample, small_scannet  # noqa: F401 (fixture)
+from .data_helpers import config, sample, small_scannet  # noqa: F401
 from harness.data.scannet import IGNORE, ScanNet, ScanNetConfig
 
 

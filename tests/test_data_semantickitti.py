@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_helpers import config, sample, small_kitti  # noqa: F401 (fixture)
+from .data_helpers import config, sample, small_kitti  # noqa: F401
 from harness.data.semantickitti import (IGNORE, SemanticKITTI, SemanticKITTIConfig, learning_map, read_calib,
                                         read_poses, read_scan)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import small_scannet  # noqa: F401 (fixture)
+from .data_helpers import small_scannet  # noqa: F401
 from harness.data.sens import SensFile, SensHeader, encode_color, export_sens, read_sens, write_sens
 
 

@@ -11,7 +11,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from data_helpers import config, sample, small_sunrgbd  # noqa: F401 (fixture)
+from .data_helpers import config, sample, small_sunrgbd  # noqa: F401
 from harness.data.sunrgbd import (SPLIT_FILE, SUNRGBD, SUNRGBDConfig, class_name, decode_depth, encode_depth,
                                   polygon_box, read_depth)
 
