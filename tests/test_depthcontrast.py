@@ -153,8 +153,26 @@ BACKENDS = ["torch", pytest.param("minkowski", marks=pytest.mark.skipif(
     reason="MinkowskiEngine does not import here"))]
 
 
+def _in_forked_process(fn, *args) -> int:
+    """Exit code of ``fn(*args)`` run in a forked child (0 = it returned). MinkowskiEngine's
+    OpenMP threads, once started, keep spinning and slow every later torch test of the process."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=fn, args=args)
+    proc.start()
+    proc.join()
+    return proc.exitcode
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_updates_key_encoder_then_enqueues_and_keeps_keys_gradient_free(backend):
+    if backend == "minkowski":
+        assert _in_forked_process(_check_training_forward, backend) == 0, "see the child's traceback above"
+    else:
+        _check_training_forward(backend)
+
+
+def _check_training_forward(backend: str) -> None:
     model = tiny_model(queue_size=4, momentum=0.9, backend=backend).train()
     batch = synthetic_batch(0)
     # the key encoder starts as an exact copy
@@ -266,8 +284,8 @@ def test_scans_and_steps_from_epochs(small_scannet, tmp_path):
     ctx = tiny_ctx(tmp_path, small_scannet)
     scans = m.scans(ctx)
     assert [(r.scene, r.index) for r in scans] == [(s, i) for s in ids for i in ids[s]]
-    assert len(scans) == 12  # 3 train scenes x 4 valid frames
-    assert m.total_steps(ctx) == math.ceil(3 * 12 / 4)
+    assert len(scans) == 8  # 2 train scenes x 4 valid frames
+    assert m.total_steps(ctx) == math.ceil(3 * 8 / 4)
     batch = m.batch_stream(ctx).next()
     assert batch["batch_size"] == 4 and set(batch["coords"][:, 0].tolist()) == {0, 1, 2, 3}
     assert set(batch["key_coords"][:, 0].tolist()) == {0, 1, 2, 3}
@@ -309,20 +327,20 @@ def test_resume_equals_uninterrupted_run(small_scannet, tmp_path):
 def test_loss_falls_on_embedded_scans(small_scannet, tmp_path):
     import json
 
-    torch.set_num_threads(1)
     # A short run needs a key encoder that keeps up (m = 0.9) and a step size for a batch of 4
-    # (the published lr 0.12 is for 1024 scans a step): lr 0.01, constant.
-    m = method(steps=24, momentum=0.9, optimizer={"lr": 0.01}, schedule={"name": "constant"})
+    # (the published lr 0.12 is for 1024 scans a step); queue + batch = the 8 scans, so no scan
+    # meets an older key of itself as a negative within an epoch.
+    m = method(steps=24, momentum=0.9, queue_size=4, optimizer={"lr": 0.03}, schedule={"name": "constant"})
     ctx = tiny_ctx(tmp_path, small_scannet)
     Trainer(m.build_model(ctx), m.batch_stream(ctx), m.cfg.steps, m.cfg.optimizer, m.cfg.schedule, tmp_path,
             ctx.device, ctx.trainer, name="pretrain", progress=False).fit()
     log = [json.loads(line) for line in (tmp_path / "metrics-pretrain.jsonl").read_text().splitlines()]
     losses, accs = [r["loss"] for r in log], [r["acc"] for r in log]
     assert len(losses) == 24
-    # the first two steps compare against the random initial queue (8 = 2 batches of keys)
+    # chance is log(1 + 4) = 1.61; the first step compares against the random initial queue
     early, late = np.mean(losses[2:10]), np.mean(losses[-8:])
-    assert early - late > 0.25, (early, late, losses)
-    assert np.mean(accs[-8:]) > np.mean(accs[2:10]) + 0.25, accs
+    assert early - late > 0.2, (early, late, losses)
+    assert np.mean(accs[-8:]) > np.mean(accs[2:10]) + 0.3, accs
 
 
 def test_pretrain_export_and_semseg_loads_it(small_scannet, tmp_path):
