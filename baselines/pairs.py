@@ -37,11 +37,13 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from harness.config import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -379,17 +381,6 @@ class _Progress:
 # Cache
 
 
-def _plain(cfg: Any) -> Dict[str, Any]:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:
-        pass
-    return asdict(cfg) if is_dataclass(cfg) else dict(cfg)
-
-
 def _file_id(path: Any) -> List[Any]:
     p = Path(path)
     try:
@@ -412,7 +403,7 @@ def frames_fingerprint(refs: Sequence[Any]) -> str:
 
 
 def _mining_params(cfg: Any) -> Dict[str, Any]:
-    p = _plain(cfg)
+    p = dict(to_plain(cfg))
     p.pop("workers", None)  # does not change the result
     return p
 

@@ -251,8 +251,13 @@ def parse_overrides(items: Iterable[str]) -> DictConfig:
 
 
 def to_plain(cfg: Any) -> Any:
+    """Plain Python data (dicts, lists, scalars) of an omegaconf config or a dataclass instance."""
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        from dataclasses import asdict
+
+        return asdict(cfg)
     return cfg
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from harness.config import to_plain
 from harness.data.cache import atomic_write_json, file_lock
 
 log = logging.getLogger(__name__)
@@ -42,19 +43,6 @@ SPLITS = ("train", "val")
 CLASS_ATTRS = ("class_names", "num_classes", "ignore_index", "instance_classes", "tasks", "has_frames", "voxel_size")
 
 
-def _plain_cfg(cfg: Any) -> Dict[str, Any]:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:
-        pass
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(cfg) if is_dataclass(cfg) else dict(cfg)
-
-
 def dataset_name(ds: Any) -> str:
     name = getattr(ds.cfg, "dataset", None)
     return str(name) if name and name != "???" else type(ds).__name__.lower()
@@ -62,7 +50,7 @@ def dataset_name(ds: Any) -> str:
 
 def cache_key(ds: Any) -> str:
     """Identity of a conversion: resolved root, reader class and version, the reader's config."""
-    cfg = {k: v for k, v in _plain_cfg(ds.cfg).items() if k not in ("cache_dir", "root")}
+    cfg = {k: v for k, v in dict(to_plain(ds.cfg)).items() if k not in ("cache_dir", "root")}
     root = Path(ds.root).resolve()
     markers = [p / ".complete" for p in (root, root.parent)]
     generated = next((m.read_text() for m in markers if m.is_file()), None)  # embedded: its generator params

@@ -20,7 +20,7 @@ from harness.data import synth
 from harness.data.cache import ensure_generated
 from harness.data.rooms import make_room
 from harness.data.s3dis import RELEASE_DIR
-from harness.data.scannet_embedded import _plain
+from harness.config import to_plain
 
 log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
@@ -34,7 +34,7 @@ ROOM_NAME = {"office": "office", "living": "lounge", "kitchen": "pantry"}
 
 
 def ensure_embedded_s3dis(cache_dir: Path, cfg: Any) -> Path:
-    params = {"generator": "s3dis", "version": GENERATOR_VERSION, **_plain(cfg)}
+    params = {"generator": "s3dis", "version": GENERATOR_VERSION, **to_plain(cfg)}
     target = Path(cache_dir) / f"embedded-s3dis-s{params['seed']}"
     return ensure_generated(target, params, lambda tmp: generate(tmp, params)) / RELEASE_DIR
 

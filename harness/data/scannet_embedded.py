@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from harness.config import to_plain
 from harness.data import synth
 from harness.data.cache import ensure_generated
 from harness.data.ply import write_ply
@@ -52,20 +52,9 @@ NYU40_PALETTE = np.array([
 
 
 def ensure_embedded_scannet(cache_dir: Path, cfg: Any) -> Path:
-    params = {"generator": "scannet", "version": GENERATOR_VERSION, **_plain(cfg)}
+    params = {"generator": "scannet", "version": GENERATOR_VERSION, **to_plain(cfg)}
     target = Path(cache_dir) / f"embedded-scannet-s{params['seed']}"
     return ensure_generated(target, params, lambda tmp: generate(tmp, params))
-
-
-def _plain(cfg: Any) -> Dict[str, Any]:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:
-        pass
-    return dict(asdict(cfg)) if hasattr(cfg, "__dataclass_fields__") else dict(cfg)
 
 
 def scene_names(params: Dict[str, Any]) -> Tuple[List[str], List[str]]:

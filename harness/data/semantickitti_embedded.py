@@ -22,7 +22,7 @@ import numpy as np
 
 from harness.data import synth
 from harness.data.cache import ensure_generated
-from harness.data.scannet_embedded import _plain
+from harness.config import to_plain
 from harness.data.synth import BoxScene, Instance, Part
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ SEQUENCES = {"train": "00", "val": "08"}
 
 
 def ensure_embedded_kitti(cache_dir: Path, cfg: Any) -> Path:
-    params = {"generator": "semantickitti", "version": GENERATOR_VERSION, **_plain(cfg)}
+    params = {"generator": "semantickitti", "version": GENERATOR_VERSION, **to_plain(cfg)}
     target = Path(cache_dir) / f"embedded-semantickitti-s{params['seed']}"
     return ensure_generated(target, params, lambda tmp: generate(tmp, params))
 

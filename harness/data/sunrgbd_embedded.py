@@ -24,7 +24,7 @@ from PIL import Image
 from harness.data import synth
 from harness.data.cache import ensure_generated
 from harness.data.rooms import PALETTE, _jitter, shape_of
-from harness.data.scannet_embedded import _plain
+from harness.config import to_plain
 from harness.data.sunrgbd import P_UPRIGHT, SPLIT_FILE, encode_depth
 from harness.data.synth import BoxScene, Instance, Part
 
@@ -46,7 +46,7 @@ DISTRACTORS = ["box", "lamp", "pillow", "garbage_bin"]
 
 
 def ensure_embedded_sunrgbd(cache_dir: Path, cfg: Any) -> Path:
-    params = {"generator": "sunrgbd", "version": GENERATOR_VERSION, **_plain(cfg)}
+    params = {"generator": "sunrgbd", "version": GENERATOR_VERSION, **to_plain(cfg)}
     target = Path(cache_dir) / f"embedded-sunrgbd-s{params['seed']}"
     return ensure_generated(target, params, lambda tmp: generate(tmp, params))
 
