@@ -52,7 +52,7 @@ class Stage1Config:
     match_radius: float = 1.5
     tau: float = 0.4
     # InfoNCE rows computed at a time (with recomputation in backward); 0 = all at once
-    loss_chunk: int = 8192
+    loss_chunk: int = 2048
     view: ViewAugmentConfig = field(default_factory=ViewAugmentConfig)
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
         name="sgd", lr=0.01, momentum=0.9, dampening=0.1, weight_decay=1e-4))

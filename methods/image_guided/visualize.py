@@ -209,7 +209,9 @@ def visualize_features(weights_dir: Path, scene: str, out_png: Optional[Path] = 
     lo, hi = np.percentile(proj, 1, axis=0), np.percentile(proj, 99, axis=0)
     rgb2d = to_rgb(f2d, mean, comps, lo, hi).reshape(h, w, 3)
     rgb3d = to_rgb(f3d, mean, comps, lo, hi)
-    proj_img = splat(d["uv"][vis], d["z"][vis], rgb3d[vis], w, h, radius=1)
+    # squares about as wide as the points' spacing in the image (the scene's points are sparser than pixels)
+    radius = max(1, int(round(0.5 * np.sqrt(h * w / max(1, int(vis.sum()))))))
+    proj_img = splat(d["uv"][vis], d["z"][vis], rgb3d[vis], w, h, radius=radius)
 
     fig = plt.figure(figsize=(13, 10))
     ax = fig.add_subplot(2, 2, 1)
@@ -227,9 +229,9 @@ def visualize_features(weights_dir: Path, scene: str, out_png: Optional[Path] = 
     p = pts[pick]
     ax.scatter(p[:, 0], p[:, 1], p[:, 2], c=rgb3d[pick], s=1.5, linewidths=0, depthshade=False)
     ax.view_init(elev=40, azim=-60)
-    span = (p.max(0) - p.min(0)).max() / 2
-    c = (p.max(0) + p.min(0)) / 2
-    ax.set_xlim(c[0] - span, c[0] + span), ax.set_ylim(c[1] - span, c[1] + span), ax.set_zlim(c[2] - span, c[2] + span)
+    lo3, hi3 = p.min(0), p.max(0)
+    ax.set_xlim(lo3[0], hi3[0]), ax.set_ylim(lo3[1], hi3[1]), ax.set_zlim(lo3[2], hi3[2])
+    ax.set_box_aspect(tuple(np.maximum(hi3 - lo3, 1e-3)), zoom=1.3)  # metric proportions
     ax.set_title("3D features of the scene (oblique view)"), ax.set_axis_off()
     fig.suptitle("Image-guided pre-training: features reduced to RGB by one shared PCA basis")
     fig.tight_layout()
