@@ -116,3 +116,20 @@ def test_colour_jitter_keeps_range_and_geometry(seed):
     view, coords = augment_view(np.random.default_rng(seed), img, cfg)
     assert view.shape == (3, 32, 32) and float(view.min()) >= 0 and float(view.max()) <= 1
     assert coords.shape == (32, 32, 2)
+
+
+def test_frame_stride_counts_recording_frames():
+    from types import SimpleNamespace
+
+    from methods.image_guided.frames import every_nth
+
+    def refs(indices):
+        return [SimpleNamespace(index=i) for i in indices]
+
+    # exported every 25th frame: a stride of 50 keeps every other export
+    assert [r.index for r in every_nth(refs(range(0, 300, 25)), 50)] == [0, 50, 100, 150, 200, 250]
+    # exported every 30th: the first frames at least 50 apart
+    assert [r.index for r in every_nth(refs(range(0, 300, 30)), 50)] == [0, 60, 120, 180, 240]
+    # all frames exported, out of order on disk: every 50th
+    assert [r.index for r in every_nth(refs(reversed(range(0, 160))), 50)] == [0, 50, 100, 150]
+    assert [r.index for r in every_nth(refs(range(16)), 1)] == list(range(16))

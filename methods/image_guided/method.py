@@ -54,15 +54,19 @@ class ImageGuidedConfig(MethodConfig):
 
 
 def _curve(path: Path) -> Dict[str, Any]:
-    """First and last logged loss of a Trainer's metrics log."""
+    """First and last logged loss of a Trainer's metrics log, and the means of its first and last
+    quarters (single logged values are noisy: each batch has other crops and pair counts)."""
     if not path.is_file():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r]
     if not rows:
         return {}
+    q = max(1, len(rows) // 4)
     return {"loss_first": rows[0]["loss"], "loss_first_step": rows[0]["step"], "loss_last": rows[-1]["loss"],
-            "loss_last_step": rows[-1]["step"]}
+            "loss_last_step": rows[-1]["step"],
+            "loss_first_quarter_mean": sum(r["loss"] for r in rows[:q]) / q,
+            "loss_last_quarter_mean": sum(r["loss"] for r in rows[-q:]) / q}
 
 
 @METHODS.register("image_guided")

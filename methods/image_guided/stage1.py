@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class Stage1Config:
     steps: int = 40000
     batch_size: int = 64
-    # use every n-th exported frame of each scene
+    # every n-th frame of each recording (FrameRef.index gaps, not exported files; see frames.py)
     frame_stride: int = 50
     # ResNet encoder of the ResUNet: resnet18 | resnet34
     encoder: str = "resnet18"

@@ -52,7 +52,7 @@ class Stage2Config:
     steps: int = 40000
     # frames per step (global, over all ranks)
     batch_size: int = 8
-    # use every n-th exported frame of each scene (as stage 1)
+    # every n-th frame of each recording (as stage 1)
     frame_stride: int = 50
     points_per_frame: int = 2000
     tau: float = 0.4
