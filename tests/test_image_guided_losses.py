@@ -107,3 +107,40 @@ def test_resunet_gives_unit_features_per_pixel_and_round_trips(tmp_path):
     assert meta["encoder"] == "resnet18" and meta["feature_dim"] == 16
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), y)
+
+
+def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as tdist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+        local = z[2 * rank:2 * rank + 2].clone().requires_grad_()
+        loss = pixel_info_nce(local, local, 0.5)
+        loss.backward()
+        torch.save({"loss": loss.item(), "grad": local.grad}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_negatives_come_from_every_rank(tmp_path):
+    # four unit vectors at 0, 90, 180, 270 degrees, two per rank, each its own positive, tau = 0.5:
+    # against the global batch every row has logits 2 (itself), 0, 0 (orthogonal), -2 (opposite):
+    #   loss = -log(e^2 / (e^2 + 2 + e^-2)) = log(1 + 2 e^-2 + e^-4)
+    # (a rank-local loss would see only 2 candidates: log(1 + e^-2) on both ranks)
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    expect = math.log(1 + 2 * math.exp(-2) + math.exp(-4))
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert math.isclose(out["loss"], expect, rel_tol=1e-6)
+        assert out["grad"] is not None and torch.isfinite(out["grad"]).all()
