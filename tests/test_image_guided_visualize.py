@@ -55,3 +55,18 @@ def test_cli_hook_parses_visualize_features():
     assert args.command == "visualize" and args.what == "features"
     assert args.weights == "runs/t/pretrain/image_guided__s0" and args.scene == "scene0012_00" and args.frame == 80
     assert args.dataset == ["root=/data/scannet"] and callable(args.func)
+
+
+def test_splat_with_a_radius_per_point():
+    # a near point drawn 3x3 at (1, 1) over a far one 1x1 at (2, 2): the near one covers (2, 2) too
+    img = splat(np.array([[1.0, 1.0], [2.0, 2.0]]), np.array([1.0, 3.0]), np.array([[1.0, 0, 0], [0, 1.0, 0]]),
+                width=4, height=4, radius=np.array([1, 0]))
+    np.testing.assert_allclose(img[2, 2, :3], [1, 0, 0])
+    assert img[..., 3].sum() == 9
+
+
+def test_point_spacing_of_a_grid():
+    from methods.image_guided.visualize import point_spacing
+
+    g = np.stack(np.meshgrid(np.arange(10), np.arange(10), [0.0]), -1).reshape(-1, 3) * 0.04
+    assert abs(point_spacing(g) - 0.04) < 1e-9

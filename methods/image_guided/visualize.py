@@ -57,26 +57,43 @@ def to_rgb(features: np.ndarray, mean: np.ndarray, comps: np.ndarray, lo: np.nda
 
 
 def splat(pixels: np.ndarray, depth: np.ndarray, colors: np.ndarray, width: int, height: int,
-          radius: int = 1) -> np.ndarray:
-    """An RGBA image of points drawn at ``pixels`` (u, v) as (2 radius + 1)^2 squares; at every
-    pixel the nearest point (smallest ``depth``) wins; alpha 0 where no point falls."""
+          radius: "int | np.ndarray" = 1) -> np.ndarray:
+    """An RGBA image of points drawn at ``pixels`` (u, v) as (2 r + 1)^2 squares (``radius``: one for
+    all points or one per point); at every pixel the nearest point (smallest ``depth``) wins; alpha 0
+    where no point falls."""
     img = np.zeros((height, width, 4), dtype=np.float64)
+    n = len(depth)
+    radii = np.broadcast_to(np.asarray(radius, dtype=np.int64), (n,))
     u0 = np.rint(pixels[:, 0]).astype(np.int64)
     v0 = np.rint(pixels[:, 1]).astype(np.int64)
-    offs = [(du, dv) for dv in range(-radius, radius + 1) for du in range(-radius, radius + 1)]
-    u = np.concatenate([u0 + du for du, _ in offs])
-    v = np.concatenate([v0 + dv for _, dv in offs])
-    z = np.tile(depth, len(offs))
-    src = np.tile(np.arange(len(depth)), len(offs))
+    us, vs, srcs = [], [], []
+    for r in np.unique(radii):
+        idx = np.nonzero(radii == r)[0]
+        for dv in range(-r, r + 1):
+            for du in range(-r, r + 1):
+                us.append(u0[idx] + du), vs.append(v0[idx] + dv), srcs.append(idx)
+    if not srcs:
+        return img
+    u, v, src = np.concatenate(us), np.concatenate(vs), np.concatenate(srcs)
     ok = (u >= 0) & (u < width) & (v >= 0) & (v < height)
-    lin, z, src = v[ok] * width + u[ok], z[ok], src[ok]
-    order = np.lexsort((z, lin))  # by pixel, then nearest first
+    lin, src = v[ok] * width + u[ok], src[ok]
+    order = np.lexsort((depth[src], lin))  # by pixel, then nearest first
     lin, src = lin[order], src[order]
     first = np.unique(lin, return_index=True)[1]
     flat = img.reshape(-1, 4)
     flat[lin[first], :3] = colors[src[first]]
     flat[lin[first], 3] = 1.0
     return img
+
+
+def point_spacing(points: np.ndarray, sample: int = 2000, seed: int = 0) -> float:
+    """Median distance from a point to its nearest neighbour (on a sample of the points)."""
+    from scipy.spatial import cKDTree
+
+    pts = np.asarray(points, dtype=np.float64)
+    pick = np.random.default_rng(seed).choice(len(pts), min(sample, len(pts)), replace=False)
+    d, _ = cKDTree(pts).query(pts[pick], k=2)
+    return float(np.median(d[:, 1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +201,7 @@ def compute_features(weights_dir: Path, scene: str, frame: Optional[int] = None,
     pose = np.asarray(fr.pose, dtype=np.float64)
     ok, uv = point_pixels(pts_scan, fr.k_color, w, h, np.linalg.inv(pose), fr.depth, fr.k_depth, tolerance=0.05)
     cam = transform_points(np.linalg.inv(pose), pts_scan)
-    return {"scene": scene, "frame": ref.index, "color": fr.color, "f2d": f2d, "f3d": f3d,
+    return {"scene": scene, "frame": ref.index, "color": fr.color, "k_color": fr.k_color, "f2d": f2d, "f3d": f3d,
             "points": np.asarray(s["points"]), "visible": ok, "uv": uv, "z": cam[:, 2],
             "semantic": s.get("semantic"), "meta": meta}
 
@@ -209,9 +226,10 @@ def visualize_features(weights_dir: Path, scene: str, out_png: Optional[Path] = 
     lo, hi = np.percentile(proj, 1, axis=0), np.percentile(proj, 99, axis=0)
     rgb2d = to_rgb(f2d, mean, comps, lo, hi).reshape(h, w, 3)
     rgb3d = to_rgb(f3d, mean, comps, lo, hi)
-    # squares about as wide as the points' spacing in the image (the scene's points are sparser than pixels)
-    radius = max(1, int(round(0.5 * np.sqrt(h * w / max(1, int(vis.sum()))))))
-    proj_img = splat(d["uv"][vis], d["z"][vis], rgb3d[vis], w, h, radius=radius)
+    # each point as a square about as wide as the gap to its neighbours at its depth (f * spacing / z)
+    focal = float(d["k_color"][0, 0])
+    radius = np.clip(np.ceil(0.5 * focal * point_spacing(d["points"]) / np.maximum(d["z"][vis], 1e-3)), 0, 8)
+    proj_img = splat(d["uv"][vis], d["z"][vis], rgb3d[vis], w, h, radius=radius.astype(np.int64))
 
     fig = plt.figure(figsize=(13, 10))
     ax = fig.add_subplot(2, 2, 1)
