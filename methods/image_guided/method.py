@@ -105,7 +105,8 @@ class ImageGuided(Method):
             "backbone": ctx.backbone.name, "layers": list(b.layers), "planes": list(b.planes),
             "in_channels": int(b.in_channels), "out_channels": int(cfg.out_channels),
             "mlp_hidden": int(cfg.stage2.mlp_hidden), "feature_dim": int(net2d.feature_dim),
-            "voxel_size": float(cfg.voxel_size), "input_features": cfg.input_features, "seed": ctx.seed})
+            "voxel_size": float(cfg.voxel_size), "input_features": cfg.input_features, "seed": ctx.seed,
+            "image_size": list(cfg.stage2.image_size) if cfg.stage2.image_size else None})
         ctx.extra["pretrain"] = summary
         return self.export(ctx.workdir / EXPORT_NAME, ctx)
 

@@ -171,7 +171,9 @@ def compute_features(weights_dir: Path, scene: str, frame: Optional[int] = None,
     backbone, head, meta = load_stage2(weights_dir / STAGE2_NAME, backend=backend)
     net2d.eval(), backbone.eval(), head.eval()
 
-    # 2D features of the frame at its colour resolution
+    # 2D features of the frame at its colour resolution (the 2D net sees it at stage 2's image size)
+    if image_size is None and meta.get("image_size"):
+        image_size = meta["image_size"]
     h, w = fr.color.shape[:2]
     image, (sx, sy) = prepare_image(fr.color, list(image_size) if image_size else None)
     with torch.no_grad():
@@ -215,7 +217,10 @@ def visualize_features(weights_dir: Path, scene: str, out_png: Optional[Path] = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    d = compute_features(Path(weights_dir), scene, frame, dataset_cfg, image_size)
+    weights_dir = Path(weights_dir)
+    if weights_dir.is_file():  # the exported backbone file: its directory
+        weights_dir = weights_dir.parent
+    d = compute_features(weights_dir, scene, frame, dataset_cfg, image_size)
     h, w = d["color"].shape[:2]
     f2d = d["f2d"].reshape(-1, d["f2d"].shape[-1])
     f3d = d["f3d"]
@@ -253,7 +258,7 @@ def visualize_features(weights_dir: Path, scene: str, out_png: Optional[Path] = 
     ax.set_title("3D features of the scene (oblique view)"), ax.set_axis_off()
     fig.suptitle("Image-guided pre-training: features reduced to RGB by one shared PCA basis")
     fig.tight_layout()
-    out = Path(out_png) if out_png else default_output(Path(weights_dir), scene, d["frame"])
+    out = Path(out_png) if out_png else default_output(weights_dir, scene, d["frame"])
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)
@@ -288,7 +293,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--frame", type=int, default=None, help="frame index (default: the scene's middle frame)")
     s.add_argument("--out", default=None, help="PNG path (default: the run's report directory)")
     s.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("W", "H"),
-                   help="size the colour image is resized to for the 2D net (default: as stored)")
+                   help="size the colour image is resized to for the 2D net (default: stage 2's)")
     s.add_argument("--dataset", nargs="*", default=None, metavar="KEY=VALUE",
                    help="ScanNet dataset config overrides, e.g. root=/data/scannet (default: the run's, else embedded)")
     s.set_defaults(func=_cmd_features)
