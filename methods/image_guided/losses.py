@@ -1,0 +1,73 @@
+"""InfoNCE losses of both stages (paper eq. 1).
+
+For anchors z_i and candidates k_j (all L2-normalised), with k_i the positive of z_i:
+
+    L = mean_i  -log( exp(z_i . k_i / tau) / sum_j exp(z_i . k_j / tau) )
+
+i.e. cross-entropy over the logits z_i . k_j / tau with the matched index as the target; every
+other candidate is a negative. The paper writes a sum over anchors; the mean only rescales it
+(and keeps the learning rate independent of how many pairs a batch has).
+
+Across processes the candidates are the *global* batch: ``harness.distributed.gather_with_grad``
+concatenates every rank's candidates (a no-op with one process) and the targets are offset by
+``rank_offset``. Large batches (stage 1 at the published size has 64 x 4092 anchors) are
+computed in row chunks whose logits are recomputed in the backward pass, so memory stays
+O(chunk x N) instead of O(N^2).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from harness import distributed as dist
+
+
+def _chunk_loss(q: torch.Tensor, k: torch.Tensor, target: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    logits = (q @ k.t()) * inv_tau
+    return F.cross_entropy(logits.float(), target, reduction="sum")
+
+
+def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, tau: float, target: Optional[torch.Tensor] = None,
+             chunk: int = 0) -> torch.Tensor:
+    """Mean InfoNCE of ``anchors`` (M, D) against ``candidates`` (N, D); the positive of anchor i is
+    ``candidates[target[i]]`` (default: ``candidates[i]``). Inputs are used as given (normalise
+    them first). ``chunk`` > 0 computes the logits ``chunk`` rows at a time with recomputation."""
+    if anchors.shape[0] == 0:
+        return anchors.sum() * 0.0 + candidates.sum() * 0.0
+    if target is None:
+        target = torch.arange(anchors.shape[0], device=anchors.device)
+    inv_tau = 1.0 / float(tau)
+    m = anchors.shape[0]
+    if chunk <= 0 or m <= chunk:
+        return _chunk_loss(anchors, candidates, target, inv_tau) / m
+    total = anchors.new_zeros((), dtype=torch.float32)
+    for s in range(0, m, chunk):
+        part = checkpoint(_chunk_loss, anchors[s:s + chunk], candidates, target[s:s + chunk], inv_tau,
+                          use_reentrant=False)
+        total = total + part
+    return total / m
+
+
+def global_info_nce(anchors: torch.Tensor, positives: torch.Tensor, tau: float, chunk: int = 0) -> torch.Tensor:
+    """InfoNCE of local anchors against the positives of *all* ranks (row i of ``positives`` is
+    anchor i's positive; the other rows of the gathered batch are its negatives)."""
+    candidates = dist.gather_with_grad(positives)
+    offset = dist.rank_offset(positives.shape[0], positives.device)
+    target = torch.arange(anchors.shape[0], device=anchors.device) + offset
+    return info_nce(anchors, candidates, tau, target, chunk)
+
+
+def pixel_info_nce(feat_a: torch.Tensor, feat_b: torch.Tensor, tau: float, chunk: int = 0) -> torch.Tensor:
+    """Stage 1: matched pixel features of view A (anchors) and view B (positives), (M, D) each."""
+    return global_info_nce(feat_a, feat_b, tau, chunk)
+
+
+def point_pixel_info_nce(point_feat: torch.Tensor, pixel_feat: torch.Tensor, tau: float,
+                         chunk: int = 0) -> torch.Tensor:
+    """Stage 2: each point's 16-d feature (anchor) against the frozen 2D feature of its own pixel
+    (positive) and of the other sampled points' pixels (negatives)."""
+    return global_info_nce(point_feat, pixel_feat.detach(), tau, chunk)

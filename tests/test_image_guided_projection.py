@@ -1,0 +1,122 @@
+"""Stage-2 geometry: hand-placed points projected to hand-computed pixels (occlusion, out of view,
+extrinsics, separate depth intrinsics), bilinear feature lookup, and the point-pixel link surviving
+the 3D augmentations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from harness.data.frames import Frame
+from methods.image_guided.stage2 import (Stage2Config, frame_sample, point_pixels, prepare_image,
+                                         sample_pixel_features)
+
+# colour camera: 100 x 80 pixels, f = 100, principal point (50, 40)
+K = np.array([[100.0, 0, 50], [0, 100, 40], [0, 0, 1]])
+# depth camera: half the resolution (50 x 40), f = 50, principal point (24.75, 19.75)
+KD = np.array([[50.0, 0, 24.75], [0, 50, 19.75], [0, 0, 1]])
+
+# camera-frame points and their pixels by hand: u = 100 x / z + 50, v = 100 y / z + 40
+P_FRONT = (0.2, -0.1, 2.0)   # u = 60, v = 35
+P_CENTRE = (0.0, 0.0, 1.0)   # u = 50, v = 40
+P_RIGHT = (1.5, 0.0, 1.0)    # u = 200: right of the image
+P_BEHIND = (0.0, 0.0, -1.0)  # behind the camera
+P_EDGE = (0.494, 0.0, 1.0)   # u = 99.4: inside (the last column spans up to 99.5)
+
+
+def test_pixels_without_depth_test():
+    pts = np.array([P_FRONT, P_CENTRE, P_RIGHT, P_BEHIND, P_EDGE])
+    ok, uv = point_pixels(pts, K, 100, 80)
+    assert ok.tolist() == [True, True, False, False, True]
+    np.testing.assert_allclose(uv[[0, 1, 4]], [[60, 35], [50, 40], [99.4, 40]], atol=1e-9)
+
+
+def test_depth_test_uses_the_depth_intrinsics_and_finds_occlusion():
+    depth = np.full((40, 50), 3.0)
+    # P_FRONT in the depth image: u = 50 * 0.1 + 24.75 = 29.75 -> column 30, v = 50 * -0.05 + 19.75 = 17.25 -> row 17
+    depth[17, 30] = 1.5  # a surface at 1.5 m in front of it: occluded (2.0 > 1.5 + 0.05)
+    # P_CENTRE: u = 24.75 -> 25, v = 19.75 -> 20; unmeasured there: no target
+    depth[20, 25] = 0.0
+    pts = np.array([P_FRONT, P_CENTRE, (0.2, -0.1, 1.52)])  # the third lies on the surface (within 5 cm)
+    ok, uv = point_pixels(pts, K, 100, 80, depth=depth, k_depth=KD, tolerance=0.05)
+    assert ok.tolist() == [False, False, True]
+    np.testing.assert_allclose(uv[2], [100 * 0.2 / 1.52 + 50, 100 * -0.1 / 1.52 + 40])
+    depth[17, 30] = 2.03  # measured surface 3 cm in front: within tolerance, visible
+    ok, _ = point_pixels(pts[:1], K, 100, 80, depth=depth, k_depth=KD, tolerance=0.05)
+    assert ok.tolist() == [True]
+
+
+def test_world_frame_points_go_through_the_extrinsics():
+    # camera-to-world pose: camera at (1, 2, 0.5), turned 90 degrees about the world z axis
+    pose = np.eye(4)
+    pose[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]
+    pose[:3, 3] = [1, 2, 0.5]
+    cam = np.array([P_FRONT, P_CENTRE, P_RIGHT])
+    # world = R @ cam + t by hand: (x, y, z) -> (-y + 1, x + 2, z + 0.5)
+    world = np.array([[1.1, 2.2, 2.5], [1.0, 2.0, 1.5], [1.0, 3.5, 1.5]])
+    np.testing.assert_allclose(world, cam @ pose[:3, :3].T + pose[:3, 3])
+    ok, uv = point_pixels(world, K, 100, 80, world_to_camera=np.linalg.inv(pose))
+    assert ok.tolist() == [True, True, False]
+    np.testing.assert_allclose(uv[:2], [[60, 35], [50, 40]], atol=1e-9)
+
+
+def test_prepare_image_pads_to_a_multiple_of_32_and_reports_the_scale():
+    color = np.zeros((240, 320, 3), np.uint8)
+    img, (sx, sy) = prepare_image(color, None)
+    assert tuple(img.shape) == (3, 256, 320) and (sx, sy) == (1.0, 1.0)
+    img, (sx, sy) = prepare_image(color, [160, 120])
+    assert tuple(img.shape) == (3, 128, 160) and (sx, sy) == (0.5, 0.5)
+
+
+def test_bilinear_feature_lookup_by_hand():
+    # 2 channels on a 2 x 4 map: channel 0 = column index, channel 1 = 1
+    fmap = torch.zeros(2, 2, 4)
+    fmap[0] = torch.arange(4.0)
+    fmap[1] = 1.0
+    uv = torch.tensor([[1.5, 0.0], [3.0, 1.0], [0.25, 0.5]])
+    out = sample_pixel_features(fmap, uv, (2, 4))
+    # (1.5, 1) / |(1.5, 1)|, (3, 1) / |(3, 1)|, (0.25, 1) / |(0.25, 1)|
+    expect = np.array([[1.5, 1.0], [3.0, 1.0], [0.25, 1.0]])
+    expect /= np.linalg.norm(expect, axis=1, keepdims=True)
+    np.testing.assert_allclose(out.numpy(), expect, atol=1e-6)
+
+
+def _coded_frame() -> Frame:
+    """A frame looking at a wall at 2 m: 40 x 32 depth, 80 x 64 colour whose pixel (u, v) has colour
+    (red, green) = (2u + 20, 2v + 40): a colour names the pixel it came from."""
+    hd, wd, hc, wc = 32, 40, 64, 80
+    k_depth = np.array([[40.0, 0, 19.5], [0, 40, 15.5], [0, 0, 1]])
+    k_color = np.array([[80.0, 0, 39.5], [0, 80, 31.5], [0, 0, 1]])
+    depth = np.full((hd, wd), 2.0, np.float32)
+    depth[:, :5] = 0.0  # an unmeasured strip
+    vv, uu = np.meshgrid(np.arange(hc), np.arange(wc), indexing="ij")
+    color = np.stack([2 * uu + 20, 2 * vv + 40, np.full_like(uu, 7)], -1).astype(np.uint8)
+    pose = np.eye(4)
+    pose[:3, :3] = [[1, 0, 0], [0, 0, 1], [0, -1, 0]]  # camera looking along world +y, z up
+    pose[:3, 3] = [0.3, -1.0, 1.2]
+    return Frame(color, depth, pose, k_color, k_depth, "coded")
+
+
+@pytest.mark.parametrize("world", [True, False])
+def test_point_pixel_link_survives_dropout_rotation_scaling_and_voxelisation(world):
+    cfg = OmegaConf.structured(Stage2Config)
+    cfg.world_frame = world
+    cfg.image_size = None  # pixels in the stored colour image's coordinates
+    cfg.points_per_frame = 50
+    cfg.augment.color_jitter = 0.0
+    cfg.augment.color_noise = 0.0  # colours unchanged: a voxel's input colour names its point's pixel
+    cfg.augment.point_dropout = 0.3
+    frame = _coded_frame()
+    s = frame_sample(frame, np.random.default_rng(5), cfg, voxel_size=0.05, input_features="rgb")
+    assert len(s["rows"]) == 50 and len(np.unique(s["rows"])) == 50
+    rgb = np.rint((s["feats"][s["rows"]] + 0.5) * 255).astype(int)
+    u_from_colour = (rgb[:, 0] - 20) / 2
+    v_from_colour = (rgb[:, 1] - 40) / 2
+    # the target pixel is where the voxel's own point projects: the colour it was given came from the
+    # nearest colour pixel of that projection
+    np.testing.assert_allclose(u_from_colour, np.rint(s["uv"][:, 0]), atol=0)
+    np.testing.assert_allclose(v_from_colour, np.rint(s["uv"][:, 1]), atol=0)
+    # the unmeasured strip (depth columns 0..4, colour columns < ~10) has no points at all
+    assert s["uv"][:, 0].min() >= 9
