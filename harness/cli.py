@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="dataset config overrides, e.g. frame_skip=25")
     d.set_defaults(func=cmd_data_prepare)
 
+    from methods.image_guided.visualize import register_cli
+
+    register_cli(sub)  # harness visualize features (the paper's Figure 2)
+
     s = sub.add_parser("report", help="print and write Table 1 of a run")
     s.add_argument("run", help="runs/<sweep> directory or the sweep's YAML")
     s.add_argument("overrides", nargs="*", help="key=value overrides of the sweep YAML")

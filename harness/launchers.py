@@ -54,20 +54,23 @@ def pending_jobs(plan: Plan, store: Store) -> List[JobSpec]:
 
 
 def _progress_of(spec: JobSpec) -> Optional[tuple]:
-    """(step, total) from a running job's metric log, when it has one."""
-    name = "pretrain" if spec.kind == PRETRAIN else "finetune"
-    path = spec.workdir / f"metrics-{name}.jsonl"
-    total = (spec.task_cfg or spec.method_cfg or {}).get("steps") if spec.kind == FINETUNE else spec.method_cfg.get("steps")
-    if not path.is_file() or not total:
+    """(name, step, total) from a running job's newest metric log (every training loop writes
+    ``metrics-<name>.jsonl`` lines with ``step`` and ``total``)."""
+    logs = sorted(spec.workdir.glob("metrics-*.jsonl"), key=lambda p: p.stat().st_mtime) \
+        if spec.workdir.is_dir() else []
+    if not logs:
         return None
+    path = logs[-1]
     try:
         with open(path, "rb") as fh:
             fh.seek(max(0, path.stat().st_size - 4096))
             lines = fh.read().decode(errors="ignore").strip().splitlines()
-        step = json.loads(lines[-1]).get("step", 0) if lines else 0
+        record = json.loads(lines[-1]) if lines else {}
     except (OSError, json.JSONDecodeError, IndexError):
         return None
-    return int(step), int(total)
+    if "total" not in record:
+        return None
+    return path.stem[len("metrics-"):], int(record.get("step", 0)), int(record["total"])
 
 
 def validate_inputs(plan: Plan, sweep: Any) -> None:
@@ -156,7 +159,8 @@ class LocalLauncher:
                 for jid, (job, spec, t0, task) in list(running.items()):
                     prog = _progress_of(spec)
                     if prog:
-                        progress.update(task, completed=prog[0], total=prog[1])
+                        progress.update(task, description=f"  {spec.id} [{prog[0]}]", completed=prog[1],
+                                        total=prog[2])
                     if not job.done():
                         continue
                     del running[jid]
@@ -653,7 +657,7 @@ class SlurmLauncher:
                             if sid not in bars:
                                 bars[sid] = progress.add_task(f"  {spec.kind} {sid} [{jid}]", total=None)
                             if prog:
-                                progress.update(bars[sid], completed=prog[0], total=prog[1])
+                                progress.update(bars[sid], completed=prog[1], total=prog[2])
                     progress.update(overall, description=f"[bold]sweep {plan.sweep}[/bold]: {counts['queued']} queued, "
                                     f"{counts['running']} running, {len(outcome.ran) + len(outcome.skipped)} done, "
                                     f"{len(outcome.failed)} failed")
@@ -747,7 +751,7 @@ def slurm_queue_states(plan: Plan, store: Store) -> Dict[str, str]:
         if entry is not None and entry["reason"] != "DependencyNeverSatisfied":
             if entry["state"] == "RUNNING":
                 prog = _progress_of(spec)
-                states[spec.id] = f"running (job {jid} on {entry['node']}" + (f", step {prog[0]}/{prog[1]})" if prog else ")")
+                states[spec.id] = f"running (job {jid} on {entry['node']}" + (f", {prog[0]} step {prog[1]}/{prog[2]})" if prog else ")")
             elif entry["state"] == "PENDING":
                 states[spec.id] = f"queued (job {jid}, {entry['reason']})"
             else:

@@ -352,8 +352,8 @@ class Trainer:
                     last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()
                             if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))}
                     if self.step % self.cfg.log_every == 0 or self.step == self.steps:
-                        record = {"step": self.step, **dist.mean_scalars(last), "lr": self.optimizer.param_groups[0]["lr"],
-                                  "time": round(time.time() - start, 3)}
+                        record = {"step": self.step, "total": self.steps, **dist.mean_scalars(last),
+                                  "lr": self.optimizer.param_groups[0]["lr"], "time": round(time.time() - start, 3)}
                         self._log(record)
                         log.info("%s.step %s", self.name, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                                    for k, v in record.items()))
