@@ -49,6 +49,9 @@ class ImageGuidedConfig(MethodConfig):
     bn_momentum: float = 0.05
     # training scenes used by both stages (0 = the whole train split)
     max_scenes: int = 0
+    # after pre-training, write the paper's Figure 2 for the first validation scene into the
+    # run's report directory (harness visualize features makes it for any scene)
+    picture: bool = True
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
@@ -108,7 +111,27 @@ class ImageGuided(Method):
             "voxel_size": float(cfg.voxel_size), "input_features": cfg.input_features, "seed": ctx.seed,
             "image_size": list(cfg.stage2.image_size) if cfg.stage2.image_size else None})
         ctx.extra["pretrain"] = summary
-        return self.export(ctx.workdir / EXPORT_NAME, ctx)
+        path = self.export(ctx.workdir / EXPORT_NAME, ctx)
+        if cfg.picture:
+            self._picture(ctx)
+        return path
+
+    def _picture(self, ctx: Any) -> None:
+        """The feature picture is a side product: a failure to draw it is logged, not fatal."""
+        from harness import distributed as dist
+        from harness.config import to_plain
+
+        from .visualize import visualize_features
+
+        if not dist.is_main():
+            return
+        try:
+            scene = ctx.dataset.scenes("val")[0]
+            png = visualize_features(ctx.workdir, scene, dataset_cfg=to_plain(ctx.dataset.cfg))
+            ctx.extra["feature_picture"] = str(png)
+            log.info("image_guided.picture file=%s", png)
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            log.warning("image_guided.picture failed=%s: %s", type(exc).__name__, exc)
 
     def export(self, path: Path, ctx: Any) -> Path:
         return export_backbone(path, self.model.backbone, ctx, "image_guided", self.cfg)
