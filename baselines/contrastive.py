@@ -27,6 +27,7 @@ from torch import nn
 
 from baselines.pairs import (PairsConfig, correspondences, dataset_cache_dir, scene_pairs, transform_points,
                             world_points)
+from harness import distributed as dist
 from harness.config import OptimizerConfig, ScheduleConfig
 from harness.data import augment as aug
 from harness.pretrain import PretrainConfig, TrainedMethod
@@ -194,6 +195,9 @@ def sample_rows(n: int, k: int, device: torch.device) -> torch.Tensor:
 class PairModel(nn.Module):
     """The backbone over both views; ``loss(out, batch)`` is the method's."""
 
+    # A loss with collectives (a gather, a global mean) runs on every rank, matches or not.
+    collective_loss = False
+
     def __init__(self, backbone: nn.Module, cfg: Any):
         super().__init__()
         self.backbone = backbone
@@ -202,7 +206,7 @@ class PairModel(nn.Module):
 
     def forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         out = self.backbone(batch["coords"], batch["feats"])
-        if batch["match_a"].numel() == 0:
+        if batch["match_a"].numel() == 0 and not (self.collective_loss and dist.world_size() > 1):
             # no positives in this batch: a zero loss that keeps the graph (no update)
             return {"loss": out.sum() * 0.0, "matches": torch.zeros(())}
         return self.loss(out.float(), batch)

@@ -17,7 +17,8 @@ dy * dz <= 0. The InfoNCE of a partition only uses the negatives inside that par
 positive is always kept; a row without negatives there contributes 0); each partition's loss is
 the mean over the scene's anchors, the partition losses are summed (``partition_reduction:
 mean`` divides by 8 instead, the scaling of CSC's public trainer) and scenes are averaged.
-Negatives never cross scenes, so no gather across processes is needed.
+Negatives never cross scenes, so no gather across processes is needed; with several processes
+the scene losses are averaged over the scenes of every rank (``global_mean``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines.contrastive import FramePairConfig, FramePairMethod, PairModel, sample_rows
+from harness import distributed as dist
 from harness.config import ScheduleConfig
 from harness.registry import METHODS
 
@@ -71,6 +73,8 @@ def partition_info_nce(fa: torch.Tensor, fb: torch.Tensor, bins: torch.Tensor, t
 
 
 class CSCModel(PairModel):
+    collective_loss = True
+
     def __init__(self, backbone: torch.nn.Module, cfg: Any):
         super().__init__(backbone, cfg)
         self.r1, self.r2 = float(cfg.r1), float(cfg.r2)
@@ -91,8 +95,12 @@ class CSCModel(PairModel):
             matches += rows.numel()
             with torch.no_grad():
                 pos.append((F.normalize(fa, dim=1) * F.normalize(fb, dim=1)).sum(1).mean())
-        return {"loss": torch.stack(scene_losses).mean(), "pos_sim": torch.stack(pos).mean(),
-                "matches": torch.tensor(float(matches))}
+        if not scene_losses:  # only with several processes (one process returns before the loss)
+            zero = out.sum() * 0.0
+            return {"loss": dist.global_mean(zero, 0), "pos_sim": zero.detach(), "matches": torch.tensor(0.0)}
+        # the mean over the scenes of every rank (a scene without matches has no loss)
+        return {"loss": dist.global_mean(torch.stack(scene_losses).mean(), len(scene_losses)),
+                "pos_sim": torch.stack(pos).mean(), "matches": torch.tensor(float(matches))}
 
 
 @dataclass

@@ -76,6 +76,12 @@ class TrainerConfig:
     amp: bool = False
     # Stop with an error after this many non-finite losses in a row.
     max_bad_steps: int = 5
+    # Several processes per job: seconds a collective operation (gradient all-reduce, barrier) waits
+    # for the other ranks before the job fails (a dead or stuck rank must not hang the job).
+    collective_timeout_s: float = 600.0
+    # Several processes: DDP looks for parameters without a gradient after each forward (robust for
+    # models that leave some unused; false is a little faster when every parameter gets a gradient).
+    find_unused_parameters: bool = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +106,11 @@ class LocalLauncherConfig:
     # "local" runs each job in a subprocess (submitit LocalExecutor); "debug" in this process.
     executor: str = "local"
     timeout_min: int = 600
+    # Processes per job (DistributedDataParallel, gloo on CPU / NCCL on GPUs; needs executor: local);
+    # each gets cpus // (parallel x tasks_per_node) threads and, with GPUs, one GPU.
+    tasks_per_node: int = 1
+    # GPUs per job handed to its processes (0 = none; set to tasks_per_node for one GPU per process).
+    gpus_per_node: int = 0
 
 
 @dataclass

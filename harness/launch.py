@@ -57,13 +57,15 @@ def _set_threads(n: int) -> None:
 
 
 def job_threads(spec: JobSpec) -> int:
-    """Torch threads: the spec's, else the job's CPU allocation (SLURM), else all CPUs."""
+    """Torch threads of this process: the spec's (the local launcher sets threads per process),
+    else its CPU allocation (SLURM's CPUs per task), else this machine's CPUs shared by the job's
+    processes on this node."""
     if spec.threads:
         return spec.threads
     for var in ("SLURM_CPUS_PER_TASK", "SUBMITIT_CPUS"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
-    return os.cpu_count() or 1
+    return max(1, (os.cpu_count() or 1) // max(1, int(spec.tasks_per_node or 1)))
 
 
 def now_iso() -> str:
@@ -149,7 +151,8 @@ def run_finetune(spec: JobSpec) -> Dict[str, Any]:
         from harness import distributed as dist
 
         if dist.is_main():
-            _ensure_inline_pretrain(spec, store)
+            with dist.solo():  # the others wait at the barrier below
+                _ensure_inline_pretrain(spec, store)
         dist.barrier()
     pre = store.read(PRETRAIN, spec.pretrain_id)
     if not pre or pre.get("status") != DONE or pre.get("config_hash") != spec.pretrain_hash:
@@ -269,9 +272,14 @@ class Job(submitit.helpers.Checkpointable):
         from harness import distributed as dist
         from harness.train import Preempted
 
-        dist.init_from_env()
-        log.info("job.start id=%s kind=%s %s", spec.id, spec.kind,
-                 " ".join(f"{k}={v}" for k, v in _slurm_info().items()))
+        dist.init_from_env(timeout_s=float((spec.trainer or {}).get("collective_timeout_s", 600.0)))
+        errors = rank_errors_dir(spec)
+        if dist.world_size() > 1:
+            import shutil
+
+            dist.main_writes(lambda: shutil.rmtree(errors, ignore_errors=True))  # an earlier attempt's
+        log.info("job.start id=%s kind=%s rank=%d world=%d threads=%d %s", spec.id, spec.kind, dist.rank(),
+                 dist.world_size(), job_threads(spec), " ".join(f"{k}={v}" for k, v in _slurm_info().items()))
         try:
             return RUNNERS[spec.kind](spec)
         except (Preempted, SystemExit):
@@ -279,8 +287,10 @@ class Job(submitit.helpers.Checkpointable):
             # SLURM itself requeues/cancels it (TERM). Not a failure of the job.
             raise
         except BaseException as exc:
+            if dist.world_size() > 1:
+                write_rank_error(errors, exc)
             if dist.is_main():
-                record_failure(spec, exc)
+                record_failure(spec, exc, rank_errors=collect_rank_errors(errors, exc) if dist.world_size() > 1 else None)
             raise
 
     def checkpoint(self, spec: JobSpec) -> submitit.helpers.DelayedSubmission:
@@ -307,12 +317,76 @@ def _checkpoint_on_usr1() -> None:
         signal.signal(signal.SIGUSR1, handler)
 
 
-def record_failure(spec: JobSpec, exc: BaseException) -> None:
+def record_failure(spec: JobSpec, exc: BaseException, rank_errors: Optional[List[Dict[str, Any]]] = None) -> None:
+    """The job's failure in its result file. Several processes: the error is the first rank's
+    to fail (``rank_errors`` in order of time), not rank 0's report that a peer went away."""
     store = Store(Path(spec.run_dir))
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    store.write(spec.kind, spec.id, {
+    record = {
         "status": FAILED, "kind": spec.kind, "id": spec.id, "method": spec.method, "column": spec.column,
         "dataset": spec.dataset, "task": spec.task, "seed": spec.seed, "config_hash": spec.config_hash,
         "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(tb[-8:]), "log": _log_path(),
         "host": socket.gethostname(), "started": _STARTED.get("at"), "finished": now_iso(), **_slurm_info(),
-    })
+    }
+    if rank_errors:
+        first = rank_errors[0]
+        record.update(error=first["error"], traceback=first["traceback"], failed_rank=first["rank"],
+                      rank_errors=[{k: e[k] for k in ("rank", "error", "time", "host")} for e in rank_errors])
+        if first.get("log"):
+            record["log"] = first["log"]
+    store.write(spec.kind, spec.id, record)
+
+
+RANK_ERRORS = "rank-errors"
+
+
+def rank_errors_dir(spec: JobSpec) -> Path:
+    """Where each failing process of a multi-process job leaves its error (rank<k>.json)."""
+    return Store(Path(spec.run_dir)).job_dir(spec.kind, spec.id) / RANK_ERRORS
+
+
+def _is_collective_error(exc: BaseException) -> bool:
+    """A failure reported by the communication backend: a peer died, closed or timed out."""
+    import torch.distributed as tdist
+
+    if isinstance(exc, getattr(tdist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection closed",
+                                                                     "Connection reset", "Timed out"))
+
+
+def write_rank_error(folder: Path, exc: BaseException) -> None:
+    """This process's error, for rank 0 to record (a peer's error is the cause of its own)."""
+    from harness import distributed as dist
+    from harness.data.cache import atomic_write_json
+
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    try:
+        atomic_write_json(folder / f"rank{dist.rank()}.json", {
+            "rank": dist.rank(), "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(tb[-8:]),
+            "collective": _is_collective_error(exc), "time": time.time(), "host": socket.gethostname(),
+            "log": _log_path()})
+    except OSError as err:  # the failure itself must still propagate
+        log.warning("job.rank_error_not_written folder=%s error=%s", folder, err)
+
+
+def collect_rank_errors(folder: Path, exc: BaseException, wait_s: float = 10.0) -> List[Dict[str, Any]]:
+    """Every rank's error in order of time, errors of the code before those of the backend.
+
+    When rank 0 only saw a peer go away (a collective error), it waits up to ``wait_s`` for the
+    rank that failed first to leave its error."""
+    import json
+
+    deadline = time.time() + (wait_s if _is_collective_error(exc) else 0.0)
+    while True:
+        errors = []
+        for path in sorted(folder.glob("rank*.json")):
+            try:
+                errors.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        if any(not e.get("collective") for e in errors) or time.time() >= deadline:
+            break
+        time.sleep(0.2)
+    return sorted(errors, key=lambda e: (bool(e.get("collective")), float(e.get("time", 0.0))))

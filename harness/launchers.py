@@ -109,7 +109,16 @@ class LocalLauncher:
         self.console = console
 
     def validate(self, plan: Plan, sweep: Any) -> None:
+        from harness.config import ConfigError
+
         validate_inputs(plan, sweep)
+        where = getattr(sweep, "path", "sweep")
+        tasks = int(_cfg_get(self.cfg, "tasks_per_node") or 1)
+        if tasks < 1:
+            raise ConfigError(f"{where}: launcher.local.tasks_per_node must be >= 1, got {tasks}")
+        if tasks > 1 and _cfg_get(self.cfg, "executor") == "debug":
+            raise ConfigError(f"{where}: launcher.local.tasks_per_node={tasks} needs launcher.local.executor: local "
+                              "(the debug executor runs each job in this one process)")
 
     def run(self, plan: Plan, store: Store) -> SweepOutcome:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -117,18 +126,22 @@ class LocalLauncher:
         cfg = self.cfg
         cpus = cfg.cpus or os.cpu_count() or 1
         parallel = max(1, min(cfg.parallel, cpus))
-        threads = max(1, cpus // parallel)
+        tasks = max(1, int(_cfg_get(cfg, "tasks_per_node") or 1))
+        threads = max(1, cpus // (parallel * tasks))  # torch threads of each process of a job
         outcome = SweepOutcome()
         todo = pending_jobs(plan, store)
         outcome.skipped = [j.id for j in plan.jobs if j not in todo]
         for j in todo:
-            j.threads = threads
+            j.threads, j.tasks_per_node, j.nodes = threads, tasks, 1
         folder = store.root / "logs"
         if cfg.executor == "debug":
             executor: Any = _InProcessExecutor()
         else:
             executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cfg.executor)
-            executor.update_parameters(timeout_min=cfg.timeout_min)
+            params: Dict[str, Any] = {"timeout_min": cfg.timeout_min, "tasks_per_node": tasks}
+            if int(_cfg_get(cfg, "gpus_per_node") or 0):
+                params["gpus_per_node"] = int(_cfg_get(cfg, "gpus_per_node"))
+            executor.update_parameters(**params)
         running: Dict[str, tuple] = {}  # id -> (job, spec, start, task)
         waiting = list(todo)
         start = time.time()

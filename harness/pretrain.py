@@ -42,11 +42,14 @@ class PretrainConfig(MethodConfig):
 
 
 def export_backbone(path: Path, backbone: nn.Module, ctx: Any, method: str, cfg: Any) -> Path:
-    """Write ``backbone`` (without ``final``) and its meta in the canonical format."""
+    """Write ``backbone`` (without ``final``) and its meta in the canonical format; with several
+    processes rank 0 writes and the others wait for the file (every rank calls this)."""
+    from harness import distributed as dist
     from harness.backbones.checkpoint import save_backbone
 
     meta = ctx.checkpoint_meta(method, cfg, cfg.input_features, cfg.voxel_size, backbone)
-    return save_backbone(path, backbone, meta)
+    dist.main_writes(lambda: save_backbone(path, backbone, meta))
+    return Path(path)
 
 
 class TrainedMethod(Method):

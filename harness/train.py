@@ -11,6 +11,13 @@ same result as an uninterrupted run (bit-identical on CPU).
 Data order is deterministic: ``EpochSampler`` draws global batches from a permutation seeded by
 (seed, epoch), and every item's augmentations come from an RNG seeded by (seed, epoch, index),
 so a resumed run (or another number of ranks) sees the same samples.
+
+Several processes (``harness.distributed``): the model's BatchNorms become synchronised ones,
+DistributedDataParallel averages the gradients, each rank takes its contiguous share of every
+global batch (the global batch size must divide by the number of processes), rank 0 alone writes
+checkpoints and metric logs (with every rank's RNG state, so all ranks resume from the same
+checkpoint where they stopped), and once per step the ranks agree on a non-finite loss and on a
+preemption signal, so that no rank waits alone in a collective.
 """
 
 from __future__ import annotations
@@ -240,8 +247,17 @@ class Trainer:
         if steps <= 0:
             raise ValueError(f"{name}: steps must be positive, got {steps}")
         self.name = name
+        self.world = dist.world_size()
+        if self.world > 1:
+            global_batch = getattr(getattr(batches, "sampler", None), "batch_size", None)
+            if global_batch is not None and global_batch % self.world:
+                raise ValueError(f"{name}: batch_size {global_batch} (the global batch) does not divide evenly over "
+                                 f"the job's {self.world} processes (tasks_per_node x nodes); use a multiple of "
+                                 f"{self.world}")
+            # BatchNorm statistics of the global batch, as one device holding all of it would compute
+            model = dist.convert_sync_batchnorm(model)
         self.model = model.to(device)
-        self.module = dist.wrap(self.model, device)
+        self.module = dist.wrap(self.model, device, bool(getattr(trainer_cfg, "find_unused_parameters", True)))
         self.batches = batches
         self.steps = steps
         self.device = device
@@ -268,8 +284,14 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint (with every rank's RNG state: the ranks draw different
+        samples in their losses); the others wait until it is on disk."""
+        rng_ranks = dist.gather_objects(_rng_state()) if self.world > 1 else None
         if dist.is_main():
-            save_state(self.ckpt_path, self.state_dict())
+            state = self.state_dict()
+            if rng_ranks is not None:
+                state["rng_ranks"] = rng_ranks
+            save_state(self.ckpt_path, state)
             log.info("ckpt.save name=%s step=%d file=%s", self.name, self.step, self.ckpt_path)
         dist.barrier()
 
@@ -281,7 +303,15 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if self.world > 1 and ranks is not None and len(ranks) == self.world:
+            _set_rng_state(ranks[dist.rank()])
+        else:
+            if self.world > 1 or ranks is not None:
+                log.warning("ckpt.rng_layout name=%s saved_ranks=%s world=%d: every rank resumes with rank 0's RNG "
+                            "state (random draws in losses differ from an uninterrupted run)", self.name,
+                            len(ranks) if ranks is not None else 1, self.world)
+            _set_rng_state(state["rng"])
         self.step = int(state["step"])
         self._truncate_log(self.step)
         log.info("ckpt.resume name=%s step=%d file=%s", self.name, self.step, self.ckpt_path)
@@ -336,10 +366,19 @@ class Trainer:
                     with autocast():
                         out = self.module(batch)
                     loss = out["loss"]
-                    if not torch.isfinite(loss):
+                    finite = bool(torch.isfinite(loss))
+                    signum = self._signal
+                    if self.world > 1:
+                        # One agreement per step: every rank skips a step that is non-finite on any
+                        # rank (DDP needs all or none in backward) and stops on a signal any rank got.
+                        any_bad, any_signal = dist.any_rank([int(not finite), int(self._signal or 0)])
+                        finite, signum = not any_bad, (any_signal or None)
+                    if not finite:
                         bad += 1
                         if bad >= self.cfg.max_bad_steps:
-                            raise FloatingPointError(f"{self.name}: loss is {loss.item()} for {bad} steps in a row "
+                            where = "" if not torch.isfinite(loss) or self.world == 1 else " on another rank"
+                            value = loss.item() if not torch.isfinite(loss) else "non-finite"
+                            raise FloatingPointError(f"{self.name}: loss is {value}{where} for {bad} steps in a row "
                                                      f"at step {self.step}; lower the learning rate")
                         self.optimizer.zero_grad(set_to_none=True)
                     else:
@@ -352,7 +391,9 @@ class Trainer:
                     last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()
                             if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))}
                     if self.step % self.cfg.log_every == 0 or self.step == self.steps:
-                        record = {"step": self.step, "total": self.steps, **dist.mean_scalars(last),
+                        if self.world > 1:
+                            last = dist.mean_scalars(last)  # the global batch's values (every rank)
+                        record = {"step": self.step, "total": self.steps, **last,
                                   "lr": self.optimizer.param_groups[0]["lr"], "time": round(time.time() - start, 3)}
                         self._log(record)
                         log.info("%s.step %s", self.name, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -364,8 +405,10 @@ class Trainer:
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
                             and self.step < self.steps:
                         self.save_checkpoint()
-                    if self._signal is not None:
-                        self._preempt(previous)
+                    if self.world == 1:
+                        signum = self._signal  # one process: whatever arrived during this step
+                    if signum is not None:
+                        self._preempt(previous, signum)
         finally:
             self._restore_signals(previous)
         self.save_checkpoint()
@@ -380,14 +423,21 @@ class Trainer:
         self._log(record)
         return record
 
-    def _preempt(self, previous: Dict[int, Any]) -> None:
-        signum = self._signal
+    def _preempt(self, previous: Dict[int, Any], signum: int) -> None:
         self.save_checkpoint()
         log.warning("%s.preempted signal=%s step=%d checkpoint=%s", self.name, signum, self.step, self.ckpt_path)
         self._restore_signals(previous)
         handler = previous.get(signum)
-        if callable(handler):  # e.g. submitit's: it requeues the job and exits
+        if callable(handler):  # e.g. submitit's: on rank 0 it requeues the job and exits
             handler(signum, None)
+        if self.world > 1:
+            # The other ranks leave after rank 0 has requeued the job: this barrier ends when rank 0
+            # exits (a connection error) or, when its handler returned, when every rank is here.
+            try:
+                dist.barrier()
+            except RuntimeError as exc:
+                log.info("%s.preempted rank=%d: rank 0 has left (%s)", self.name, dist.rank(),
+                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise Preempted(f"{self.name}: stopped by signal {signum} at step {self.step}; checkpoint saved")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness import distributed as dist
 from harness.api import Task
 from harness.config import OptimizerConfig
 from harness.metrics import confusion_matrix, iou_from_confusion
@@ -43,7 +44,13 @@ class SegModel(nn.Module):
 
     def forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         logits = self.backbone(batch["coords"], batch["feats"])
-        loss = nn.functional.cross_entropy(logits.float(), batch["semantic"], ignore_index=self.ignore_index)
+        target = batch["semantic"]
+        if dist.world_size() > 1:
+            # the mean over the labelled points of every rank (ranks hold different numbers)
+            labelled = int((target != self.ignore_index).sum())
+            per = nn.functional.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
+            return {"loss": dist.global_mean(per / max(labelled, 1), labelled)}
+        loss = nn.functional.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
         return {"loss": loss}
 
 
@@ -83,12 +90,15 @@ class SemanticSegmentation(Task):
         }
 
     def evaluate(self, model: SegModel, data: SceneData, device: torch.device) -> Dict[str, Any]:
+        """mIoU of ``model`` on ``data``. Several processes: each rank evaluates every world-th
+        scene and the confusion matrices (integer counts) are summed, so the value is exactly
+        that of one process; every rank must call this."""
         num_classes, ignore = data.dataset.num_classes, data.dataset.ignore_index
-        cm = None
+        cm = np.zeros((num_classes, num_classes + 1), dtype=np.int64)  # see confusion_matrix
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for i in range(len(data)):
+            for i in dist.shard(len(data)):
                 sample = data.sample(i)
                 batch = collate([sample])
                 logits = model.backbone(batch["coords"].to(device), batch["feats"].to(device))
@@ -98,8 +108,7 @@ class SemanticSegmentation(Task):
                     gt = np.asarray(data.scene(i)["semantic"])[sample["crop"]]
                 else:
                     pred, gt = voxel_pred, sample["semantic"]
-                part = confusion_matrix(pred, gt, num_classes, ignore)
-                cm = part if cm is None else cm + part
+                cm = cm + confusion_matrix(pred, gt, num_classes, ignore)
         model.train(was_training)
-        out = iou_from_confusion(cm)
+        out = iou_from_confusion(dist.sum_array(cm))
         return {"miou": float(out["miou"]), "per_class": [float(v) for v in out["per_class"]]}

@@ -9,10 +9,10 @@ other candidate is a negative. The paper writes a sum over anchors; the mean onl
 (and keeps the learning rate independent of how many pairs a batch has).
 
 Across processes the candidates are the *global* batch: ``harness.distributed.gather_with_grad``
-concatenates every rank's candidates (a no-op with one process) and the targets are offset by
-``rank_offset``. Large batches (stage 1 at the published size has 64 x 4092 anchors) are
-computed in row chunks whose logits are recomputed in the backward pass, so memory stays
-O(chunk x N) instead of O(N^2).
+concatenates every rank's candidates (a no-op with one process), the targets are offset by
+``rank_offset`` and the mean is over the anchors of all ranks (``global_mean``). Large batches
+(stage 1 at the published size has 64 x 4092 anchors) are computed in row chunks whose logits
+are recomputed in the backward pass, so memory stays O(chunk x N) instead of O(N^2).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def global_info_nce(anchors: torch.Tensor, positives: torch.Tensor, tau: float, 
     candidates = dist.gather_with_grad(positives)
     offset = dist.rank_offset(positives.shape[0], positives.device)
     target = torch.arange(anchors.shape[0], device=anchors.device) + offset
-    return info_nce(anchors, candidates, tau, target, chunk)
+    # the mean over the anchors of all ranks (ranks hold different numbers of matched pixels)
+    return dist.global_mean(info_nce(anchors, candidates, tau, target, chunk), anchors.shape[0])
 
 
 def pixel_info_nce(feat_a: torch.Tensor, feat_b: torch.Tensor, tau: float, chunk: int = 0) -> torch.Tensor:

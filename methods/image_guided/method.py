@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
 
+from harness import distributed as dist
 from harness.api import Method, MethodConfig
 from harness.pretrain import EXPORT_NAME, export_backbone
 from harness.registry import METHODS
@@ -90,7 +91,8 @@ class ImageGuided(Method):
 
         frames1 = list_frames(ctx.dataset, cfg.max_scenes, cfg.stage1.frame_stride)
         net2d, r1 = run_stage1(ctx, cfg.stage1, frames1)
-        path2d = save_resunet(ctx.workdir / NET2D_NAME, net2d, {"steps": r1.steps, "frames": len(frames1)})
+        path2d = ctx.workdir / NET2D_NAME  # rank 0 writes it, every rank reads it back
+        dist.main_writes(lambda: save_resunet(path2d, net2d, {"steps": r1.steps, "frames": len(frames1)}))
         summary["stage1"] = {"steps": r1.steps, "seconds": round(r1.seconds, 2), "resumed_from": r1.resumed_from,
                              "frames": len(frames1), **_curve(ctx.workdir / "metrics-stage1.jsonl")}
         log.info("image_guided.stage1 done steps=%d seconds=%.1f net=%s", r1.steps, r1.seconds, path2d)
@@ -104,12 +106,12 @@ class ImageGuided(Method):
         log.info("image_guided.stage2 done steps=%d seconds=%.1f", r2.steps, r2.seconds)
 
         b = model.backbone
-        save_stage2(ctx.workdir / STAGE2_NAME, model, {
+        dist.main_writes(lambda: save_stage2(ctx.workdir / STAGE2_NAME, model, {
             "backbone": ctx.backbone.name, "layers": list(b.layers), "planes": list(b.planes),
             "in_channels": int(b.in_channels), "out_channels": int(cfg.out_channels),
             "mlp_hidden": int(cfg.stage2.mlp_hidden), "feature_dim": int(net2d.feature_dim),
             "voxel_size": float(cfg.voxel_size), "input_features": cfg.input_features, "seed": ctx.seed,
-            "image_size": list(cfg.stage2.image_size) if cfg.stage2.image_size else None})
+            "image_size": list(cfg.stage2.image_size) if cfg.stage2.image_size else None}))
         ctx.extra["pretrain"] = summary
         path = self.export(ctx.workdir / EXPORT_NAME, ctx)
         if cfg.picture:
@@ -118,7 +120,6 @@ class ImageGuided(Method):
 
     def _picture(self, ctx: Any) -> None:
         """The feature picture is a side product: a failure to draw it is logged, not fatal."""
-        from harness import distributed as dist
         from harness.config import to_plain
 
         from .visualize import visualize_features
