@@ -377,6 +377,9 @@ def check_report_config(report: Any, source: str) -> None:
     if bad:
         raise ConfigError(f"{source}: report.formats: unknown format(s) {', '.join(map(repr, bad))}; "
                           f"known: {', '.join(REPORT_FORMATS)}")
+    if report.compare not in (None, "published") and not Path(report.compare).is_file():
+        raise ConfigError(f"{source}: report.compare must be null, 'published' or an existing CSV file, "
+                          f"got {report.compare!r}")
     if not 0 <= int(report.digits) <= 4:
         raise ConfigError(f"{source}: report.digits must be between 0 and 4, got {report.digits}")
 

@@ -201,6 +201,7 @@ def build_table(run_dir: Path, plan: Optional[Dict[str, Any]] = None, settings: 
 
     rows = []
     missing: List[Tuple[str, str, str]] = []
+    absent: Dict[Tuple[str, str, str], List[int]] = {}  # (method, column, reason) -> seeds
     metrics: Dict[str, str] = {}
     planned = 0
     for j in jobs.values():
@@ -214,9 +215,11 @@ def build_table(run_dir: Path, plan: Optional[Dict[str, Any]] = None, settings: 
             rows.append({"method": j["method"], "column": j["column"], "seed": j["seed"], "metric": r["metric"],
                          "value": 100.0 * float(r["value"]), "wall_seconds": r.get("wall_seconds")})
         else:
-            why = _why_missing(store, j, r, jobs)
-            seed = f" (seed {j['seed']})" if len(plan.get("seeds") or []) > 1 else ""
-            missing.append((j["method"], j["column"], why + seed))
+            absent.setdefault((j["method"], j["column"], _why_missing(store, j, r, jobs)), []).append(j["seed"])
+    several = len(plan.get("seeds") or []) > 1
+    for (m, c, why), seeds in absent.items():
+        label = f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(str(s) for s in sorted(seeds))})" if several else ""
+        missing.append((m, c, why + label))
     results = pd.DataFrame(rows, columns=["method", "column", "seed", "metric", "value", "wall_seconds"])
 
     mean, std = _frame(methods, col_ids), _frame(methods, col_ids)
@@ -481,8 +484,8 @@ def _md_cell(table: Table, m: str, c: str) -> str:
 
 def render_markdown(table: Table, plots: Sequence[str] = ()) -> str:
     out = [f"# Table 1 — {table.sweep}", "", *_md_rows(table, lambda m, c: _md_cell(table, m, c)), ""]
-    out += [_md_escape(note) for note in legend(table)]
-    out.append("")
+    for note in legend(table):
+        out += [_md_escape(note), ""]
     if table.missing:
         out.append("Missing cells:")
         out += [f"- {m} / {c}: {why}" for m, c, why in table.missing]
@@ -505,7 +508,8 @@ def to_csv_frame(table: Table) -> pd.DataFrame:
             row[f"{c.id}_delta"] = table.delta.loc[m, c.id]
             row[f"{c.id}_n"] = int(table.n.loc[m, c.id])
             row[f"{c.id}_std"] = table.std.loc[m, c.id]
-            row[f"{c.id}_p"] = table.p.loc[m, c.id]
+            pv = table.p.loc[m, c.id]
+            row[f"{c.id}_p"] = "" if math.isnan(pv) else f"{pv:.4g}"
             row[f"{c.id}_significant"] = bool(table.significant.loc[m, c.id])
             row[f"{c.id}_bold"] = bool(table.best.loc[m, c.id])
             if table.published is not None:
@@ -589,11 +593,11 @@ def write_report(table: Table, out_dir: Path, formats: Optional[Sequence[str]] =
 def print_report(table: Table, console: Any) -> None:
     console.print(render_rich(table))
     for note in legend(table):
-        console.print(f"  {note}", highlight=False, style="dim")
+        console.print(f"  {note}", highlight=False, style="dim", soft_wrap=True)
     if table.missing:
         console.print("[bold]Missing cells[/bold]")
         for m, c, why in table.missing:
-            console.print(f"  [dim]—[/dim] {m} / {c}: {why}", highlight=False)
+            console.print(f"  [dim]—[/dim] {m} / {c}: {why}", highlight=False, soft_wrap=True)
     if table.published is not None:
         console.print(render_rich_comparison(table))
-        console.print(f"  {comparison_legend(table)}", highlight=False, style="dim")
+        console.print(f"  {comparison_legend(table)}", highlight=False, style="dim", soft_wrap=True)

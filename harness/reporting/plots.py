@@ -125,7 +125,8 @@ def plot_deltas(table: "Table") -> Optional[bytes]:
     ax.set_title(f"Table 1 — {table.sweep}: delta against Scratch ({bars}; * p < {table.settings.alpha:g})",
                  fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(4, len(methods)), loc="best")
+    ax.legend(fontsize=8, ncol=min(5, len(methods)), loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              frameon=False)
     return _png(fig)
 
 
