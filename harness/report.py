@@ -364,6 +364,8 @@ def legend(table: Table) -> List[str]:
     notes: List[str] = []
     metrics = sorted({METRIC_NAMES.get(v, v) for v in table.metrics.values()})
     nmax = table.n_max
+    if nmax == 0:
+        return [f"No results yet: 0 of {table.cells_planned} fine-tuning runs have a result; see the list below."]
     seeds = f"mean ± std over {nmax} seeds" if nmax > 1 else "one seed per cell"
     head = f"Values in percent ({', '.join(metrics)}), {seeds}" if metrics else f"Values in percent, {seeds}"
     notes.append(head + "; (+x) delta against Scratch.")

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from harness.report import build_table, render_markdown, write_report
 from harness.reporting.latex import render_latex
 from harness.reporting.plots import read_metrics_log
 from harness.reporting.published import load_published
-from harness.store import Store
 from tests.test_report import METHODS, make_store
 
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
@@ -265,7 +263,10 @@ def test_empty_sweep_writes_every_format(tmp_path):
     store = make_store(tmp_path, {})
     paths = write_report(build_table(store.root), tmp_path / "rep")
     assert {"md", "csv", "tex", "html"} <= set(paths) and not any(k.endswith(".png") for k in paths)
-    assert "No Scratch results" in paths["md"].read_text()
+    assert "No results yet: 0 of 15 fine-tuning runs have a result" in paths["md"].read_text()
+    # results without Scratch: no deltas, no tests, said so
+    store2 = make_store(tmp_path / "b", {("csc", "s3dis-semseg"): [0.6]})
+    assert "No Scratch results: no deltas and no tests." in render_markdown(build_table(store2.root))
 
 
 def test_cli_compare_and_format(tmp_path, capsys):

@@ -11,7 +11,7 @@ The legend (the same notes as every other format) becomes the caption.
 from __future__ import annotations
 
 from itertools import groupby
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, Callable, List
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.report import Table
@@ -64,7 +64,7 @@ def _compare_cell(table: "Table", method: str, column: str) -> str:
     return s + (r"\,{\scriptsize (" + diff.replace("-", "$-$") + ")}" if diff else "")
 
 
-def _tabular(table: "Table", cell: "callable") -> List[str]:
+def _tabular(table: "Table", cell: Callable[["Table", str, str], str]) -> List[str]:
     from harness.report import method_title
 
     cols = table.columns

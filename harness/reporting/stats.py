@@ -12,6 +12,8 @@ The choice, documented once:
   ``p < alpha`` (``report.alpha``, 0.05 by default); equivalently the ``1 - alpha`` t confidence
   interval of ``mean(d)`` excludes 0, and that interval is what the error bars of the delta plot
   show. With fewer than 2 paired seeds there is no test ("n=1: no test"), never a made-up one.
+  The delta printed is the difference of the two cell means; with the same seeds on both sides it
+  equals ``mean(d)``; in a partial sweep the test uses only the seeds both have (``n_pairs``).
   A bootstrap interval is not used: with the 2-5 seeds a sweep affords, resampling 3 values gives
   intervals that are too narrow.
 - **Many cells, many tests.** A table of 4 methods x 7 columns makes 28 tests; at alpha = 0.05 about
