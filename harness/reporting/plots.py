@@ -88,7 +88,8 @@ def plot_deltas(table: "Table") -> Optional[bytes]:
         return None
     cols = table.columns
     colours = _colours(table.methods)
-    width = 0.8 / len(methods)
+    width = min(0.8 / len(methods), 0.25)
+    left = -width * len(methods) / 2.0
     fig = Figure(figsize=(max(6.0, 1.3 * len(cols) + 2.5), 4.0))
     ax = fig.add_subplot(1, 1, 1)
     level = 100 * (1 - table.settings.alpha)
@@ -99,7 +100,7 @@ def plot_deltas(table: "Table") -> Optional[bytes]:
             d = table.delta.loc[m, c.id]
             if math.isnan(d):
                 continue
-            xs.append(j - 0.4 + width * (i + 0.5))
+            xs.append(j + left + width * (i + 0.5))
             ys.append(d)
             a, b = table.ci_low.loc[m, c.id], table.ci_high.loc[m, c.id]
             lo.append(0.0 if math.isnan(a) else d - a)
@@ -117,6 +118,7 @@ def plot_deltas(table: "Table") -> Optional[bytes]:
     if not any_bars:
         return None
     ax.axhline(0.0, color="0.2", linewidth=0.8)
+    ax.set_xlim(-0.6, len(cols) - 0.4)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels([f"{c.group}\n{c.label}" for c in cols])
     ax.set_ylabel("Δ against Scratch (points)")
