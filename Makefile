@@ -27,6 +27,10 @@ table1: setup
 report: setup
 	$(PY) -m harness report runs/table1 $(ARGS)
 
+# Benchmarks, each writing its figures under reports/bench/.
+bench: setup
+	$(PY) -m bench.pairs
+
 # Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached.
 minkowski: setup
 	scripts/build_minkowski.sh $(PY)

@@ -21,13 +21,14 @@ def installed_example(tmp_path, monkeypatch):
     dist = tmp_path / "harness_colorization-0.1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: harness-colorization\nVersion: 0.1.0\n")
-    entry = (EXAMPLE / "pyproject.toml").read_text().split('[project.entry-points."harness.methods"]')[1]
-    (dist / "entry_points.txt").write_text("[harness.methods]\n" + entry.strip().splitlines()[0] + "\n")
+    import tomllib
+
+    eps = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]["entry-points"]["harness.methods"]
+    (dist / "entry_points.txt").write_text("[harness.methods]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()))
     monkeypatch.syspath_prepend(str(EXAMPLE))
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = Registry("method", base_cls="harness.api:Method", entry_point_group="harness.methods")
-    for name in METHODS.names():
-        registry.register(name, METHODS._entries[name].target)
+    registry.register("scratch", METHODS.get("scratch"))
     return registry
 
 
