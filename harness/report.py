@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -496,7 +497,7 @@ def render_markdown(table: Table, plots: Sequence[str] = ()) -> str:
         out += ["## Reproduced vs published", "",
                 *_md_rows(table, lambda m, c: compare_text(table, m, c)), "", comparison_legend(table), ""]
     if plots:
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(out)
 
 
@@ -548,6 +549,17 @@ def parse_formats(spec: Any) -> List[str]:
     return items
 
 
+def feature_pictures(table: Table, out_dir: Path) -> List[Path]:
+    """``features*.png`` that a method wrote (the image-guided method's feature picture) under the
+    run's ``report/`` directory or ``out_dir``, one per file name."""
+    found: Dict[str, Path] = {}
+    dirs = [Path(out_dir)] + ([Path(table.run_dir) / "report"] if table.run_dir is not None else [])
+    for d in dirs:
+        for p in sorted(d.glob("features*.png")):
+            found.setdefault(p.name, p)
+    return [found[k] for k in sorted(found)]
+
+
 def write_report(table: Table, out_dir: Path, formats: Optional[Sequence[str]] = None) -> Dict[str, Path]:
     """Write the requested formats (default all) to ``out_dir``; returns {name: path}."""
     formats = parse_formats(formats)
@@ -563,11 +575,11 @@ def write_report(table: Table, out_dir: Path, formats: Optional[Sequence[str]] =
         for name, data in images.items():
             paths[name] = out_dir / name
             paths[name].write_bytes(data)
-    pictures = sorted(out_dir.glob("features*.png"))  # written by the image-guided method
+    pictures = feature_pictures(table, out_dir)
     if "md" in formats:
         shown = ([paths[k] for k in images] if "png" in formats else []) + pictures
         paths["md"] = out_dir / "table1.md"
-        paths["md"].write_text(render_markdown(table, plots=[str(p) for p in shown]))
+        paths["md"].write_text(render_markdown(table, plots=[os.path.relpath(p, out_dir) for p in shown]))
     if "csv" in formats:
         paths["csv"] = out_dir / "table1.csv"
         to_csv_frame(table).to_csv(paths["csv"], index=False, float_format="%.2f")

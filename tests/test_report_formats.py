@@ -3,6 +3,7 @@ HTML in headless chromium (when installed), plots, partial and failed sweeps, th
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -153,6 +154,11 @@ def test_plots_from_logs(tmp_path):
         assert len(np.unique(np.asarray(img.convert("L")))) > 10  # something is drawn
     md = paths["md"].read_text()
     assert "![deltas](deltas.png)" in md and "![features-scene0](features-scene0.png)" in md
+    # written elsewhere (--out): the picture in the run's report/ is still linked, relative to the output
+    other = write_report(build_table(store.root), tmp_path / "elsewhere", ["md"])["md"].read_text()
+    assert "![features-scene0](../runs/t/report/features-scene0.png)" in other
+    page = write_report(build_table(store.root), tmp_path / "elsewhere", ["html"])["html"].read_text()
+    assert "data:image/png;base64," + base64.b64encode(_tiny_png()).decode() in page
 
 
 def _tiny_png() -> bytes:
