@@ -161,8 +161,11 @@ def _why_missing(store: Store, job: Dict[str, Any], result: Optional[Dict[str, A
         if pre is not None and pre.get("config_hash") == jobs[pre_id]["config_hash"] and pre.get("status") == FAILED:
             log_path = f" (log: {pre['log']})" if pre.get("log") else ""
             return f"pre-training {pre_id} failed: {pre.get('error')}{log_path}"
-        if pre is None or pre.get("status") != DONE:
-            return f"not run yet (waits for pre-training {pre_id})"
+        if pre is None or pre.get("status") != DONE or pre.get("config_hash") != jobs[pre_id]["config_hash"]:
+            logs = sorted(store.job_dir("pretrain", pre_id).glob("metrics-*.jsonl"), key=lambda q: q.stat().st_mtime)
+            step = _last_step(logs[-1]) if logs else None
+            state = f", running or interrupted at step {step}" if step is not None else ""
+            return f"not run yet (waits for pre-training {pre_id}{state})"
     metrics_log = store.job_dir("finetune", job["id"]) / "metrics-finetune.jsonl"
     if metrics_log.is_file():
         step = _last_step(metrics_log)

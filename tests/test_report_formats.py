@@ -254,6 +254,12 @@ def test_partial_and_failed_sweep(tmp_path, capsys):
     assert why[("depthcontrast", "s3dis-semseg")] == \
         "pre-training depthcontrast__s0 failed: ValueError: no frames (log: /logs/7.err)"
     assert why[("image_guided", "s3dis-semseg")] == "not run yet (waits for pre-training image_guided__s0)"
+    pre_log = store.job_dir("pretrain", "image_guided__s0") / "metrics-stage2.jsonl"
+    pre_log.parent.mkdir(parents=True)
+    pre_log.write_text('{"step": 40, "loss": 2.0}\n{"step": 50, "loss": 1.9}\n')
+    why = {(m, c): r for m, c, r in build_table(store.root).missing}
+    assert why[("image_guided", "s3dis-semseg")] == \
+        "not run yet (waits for pre-training image_guided__s0, running or interrupted at step 50)"
     assert why[("csc", "scannet-detection")] == "running or interrupted at step 120/300 (no result yet)"
     assert why[("pointcontrast", "scannet-semseg")] == "failed: RuntimeError: boom (log: /logs/1.err)"
     assert why[("scratch", "scannet-semseg")] == "not run yet"
