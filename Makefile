@@ -3,7 +3,7 @@
 PY ?= .venv/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test table1 bench minkowski
+.PHONY: setup test table1 report bench minkowski
 
 # A virtual environment with the CPU build of torch pinned (a looser pin pulls a CUDA build).
 setup: .venv/.setup-done
@@ -19,8 +19,13 @@ test: setup
 
 # Table 1 on the embedded miniature datasets (generated on first use); a second run reuses the
 # stored results. Extra arguments: make table1 ARGS="seeds=[0,1]"
+# Writes runs/table1/report/: table1.md/.csv/.tex/.html and the plots (deltas, training curves).
 table1: setup
 	$(PY) -m harness sweep configs/sweeps/table1.yaml $(ARGS)
+
+# The report of the embedded run again (partial runs too), e.g. make report ARGS="--compare published"
+report: setup
+	$(PY) -m harness report runs/table1 $(ARGS)
 
 # Benchmarks, each writing its figures under reports/bench/.
 bench: setup
