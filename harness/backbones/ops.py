@@ -16,24 +16,29 @@ from .kernel_map import Plan
 __all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "sparse_conv", "global_pool"]
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor, r0: int, r1: int, k: int, missing) -> torch.Tensor:
-    g = x.index_select(0, idx[r0 * k:r1 * k])
-    if missing is not None:
-        g.index_fill_(0, missing, 0)
-    return g.view(r1 - r0, k * x.shape[1])
+def _padded(plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a zero row appended when the plan reads absent entries (one copy per call,
+    instead of zeroing entries chunk by chunk)."""
+    if not plan.padded:
+        return x
+    return torch.cat([x, x.new_zeros((1, x.shape[1]))], dim=0)
+
+
+def _chunks(b):
+    for r0 in range(0, b.n, b.step):
+        yield r0, min(b.n, r0 + b.step)
 
 
 def plan_matmul(plan: Plan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``out[r] = sum_i x[table[r, i]] @ weight[i]`` for a (K, C, C_out) weight."""
     c_in, c_out = weight.shape[1], weight.shape[2]
-    if plan.covers_all:
-        out = x.new_empty((plan.n_out, c_out))
-    else:
-        out = x.new_zeros((plan.n_out, c_out))
+    out = x.new_empty((plan.n_out, c_out)) if plan.covers_all else x.new_zeros((plan.n_out, c_out))
+    xp = _padded(plan, x)
     for b in plan.buckets:
-        wb = weight.index_select(0, b.cols).reshape(b.k * c_in, c_out)
-        for r0, r1, missing in b.chunks:
-            g = _gather(x, b.idx, r0, r1, b.k, missing)
+        k = b.k
+        wb = weight.index_select(0, b.cols).view(k * c_in, c_out)
+        for r0, r1 in _chunks(b):
+            g = xp.index_select(0, b.idx[r0 * k:r1 * k]).view(r1 - r0, k * c_in)
             if b.rows is None:
                 torch.mm(g, wb, out=out[b.start + r0:b.start + r1])
             else:
@@ -41,39 +46,69 @@ def plan_matmul(plan: Plan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return out
 
 
+class _WeightGrad:
+    """Accumulates per-bucket weight gradients and adds them into ``dw`` a batch at a time
+    (one index_add per ~16 MB of bucket gradients instead of one per bucket)."""
+
+    LIMIT = 4 * 1024 * 1024  # elements
+
+    def __init__(self, dw: torch.Tensor):
+        self.dw, self.parts, self.cols, self.size = dw, [], [], 0
+
+    def add(self, cols: torch.Tensor, part: torch.Tensor) -> None:
+        self.parts.append(part)
+        self.cols.append(cols)
+        self.size += part.numel()
+        if self.size >= self.LIMIT:
+            self.flush()
+
+    def flush(self) -> torch.Tensor:
+        if self.parts:
+            if len(self.parts) == 1:
+                self.dw.index_add_(0, self.cols[0], self.parts[0])
+            else:
+                self.dw.index_add_(0, torch.cat(self.cols), torch.cat(self.parts))
+            self.parts, self.cols, self.size = [], [], 0
+        return self.dw
+
+
 def plan_wgrad_out(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Weight gradient from the output side: ``dW[i] = sum_r x[table[r, i]]^T grad[r]``."""
     c_in, c_out = x.shape[1], grad.shape[1]
-    dw = grad.new_zeros((plan.K, c_in, c_out))
+    acc_all = _WeightGrad(grad.new_zeros((plan.K, c_in, c_out)))
+    xp = _padded(plan, x)
     for b in plan.buckets:
-        acc = grad.new_zeros((b.k * c_in, c_out))
-        for r0, r1, missing in b.chunks:
-            g = _gather(x, b.idx, r0, r1, b.k, missing)
+        k = b.k
+        acc = None
+        for r0, r1 in _chunks(b):
+            g = xp.index_select(0, b.idx[r0 * k:r1 * k]).view(r1 - r0, k * c_in)
             if b.rows is None:
                 go = grad[b.start + r0:b.start + r1]
             else:
                 go = grad.index_select(0, b.rows[r0:r1])
-            acc.addmm_(g.t(), go)
-        dw.index_add_(0, b.cols, acc.view(b.k, c_in, c_out))
-    return dw
+            acc = torch.mm(g.t(), go) if acc is None else acc.addmm_(g.t(), go)
+        acc_all.add(b.cols, acc.view(k, c_in, c_out))
+    return acc_all.flush()
 
 
 def plan_wgrad_in(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Weight gradient from the input side, ``plan`` being over the rows of ``x``:
     ``dW[i] = sum_r x[r]^T grad[table[r, i]]``."""
     c_in, c_out = x.shape[1], grad.shape[1]
-    dw = grad.new_zeros((plan.K, c_in, c_out))
+    acc_all = _WeightGrad(grad.new_zeros((plan.K, c_in, c_out)))
+    gp = _padded(plan, grad)
     for b in plan.buckets:
-        acc = grad.new_zeros((c_in, b.k * c_out))
-        for r0, r1, missing in b.chunks:
-            g = _gather(grad, b.idx, r0, r1, b.k, missing)
+        k = b.k
+        acc = None
+        for r0, r1 in _chunks(b):
+            g = gp.index_select(0, b.idx[r0 * k:r1 * k]).view(r1 - r0, k * c_out)
             if b.rows is None:
                 xi = x[b.start + r0:b.start + r1]
             else:
                 xi = x.index_select(0, b.rows[r0:r1])
-            acc.addmm_(xi.t(), g)
-        dw.index_add_(0, b.cols, acc.view(c_in, b.k, c_out).transpose(0, 1))
-    return dw
+            acc = torch.mm(xi.t(), g) if acc is None else acc.addmm_(xi.t(), g)
+        acc_all.add(b.cols, acc.view(c_in, k, c_out).transpose(0, 1))
+    return acc_all.flush()
 
 
 class _SparseConvFunction(torch.autograd.Function):
