@@ -46,6 +46,9 @@ KERNEL2 = torch.tensor([[i % 2, (i // 2) % 2, i // 4] for i in range(8)], dtype=
 # than the same GEMM on 100k rows here, whose operands do not stay in cache).
 CHUNK_ENTRIES = 16384
 
+# Rows of multiplications that one bucket's share of weight handling costs (see choose_buckets).
+WEIGHT_ROWS = 32.0
+
 # Default per-bucket overhead of the cost model, in row-offsets (one row through one offset),
 # for layers 64 channels wide; see overhead_for_width.
 BUCKET_OVERHEAD = 350.0
@@ -90,6 +93,20 @@ class Plan:
     buckets: List[Bucket]
     covers_all: bool  # every output row is in some bucket (else the rest are zero)
     padded: bool
+    chunks: List[Tuple[int, int, int]] = field(default_factory=list)  # (bucket, r0, r1): one GEMM each
+    pieces: List[Tuple[int, int, int]] = field(default_factory=list)  # (bucket, r0, r1): weight-gradient tasks
+
+    def __post_init__(self) -> None:
+        if not self.chunks:
+            self.chunks = [(i, r0, min(b.n, r0 + b.step)) for i, b in enumerate(self.buckets)
+                           for r0 in range(0, b.n, b.step)]
+        if not self.pieces:
+            # Weight-gradient tasks accumulate several chunks of one bucket; about 16 per plan,
+            # so that workers balance, each a whole number of chunks.
+            target = max(CHUNK_ENTRIES, self.n_entries // 16)
+            for i, b in enumerate(self.buckets):
+                rows = -(-max(target // max(b.k, 1), 1) // b.step) * b.step
+                self.pieces += [(i, r0, min(b.n, r0 + rows)) for r0 in range(0, b.n, rows)]
 
     @property
     def n_entries(self) -> int:
@@ -102,11 +119,13 @@ class Plan:
 
 
 def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEAD,
-                   max_buckets: int = MAX_BUCKETS) -> Tuple[np.ndarray, np.ndarray]:
+                   max_buckets: int = MAX_BUCKETS, weight_rows: float = WEIGHT_ROWS) -> Tuple[np.ndarray, np.ndarray]:
     """Group rows by offset mask; returns ``(bucket_of_row (n,), bucket_masks (B,))`` (numpy).
 
-    A bucket's mask is the union of its rows' masks and it costs rows x popcount(mask) +
-    ``overhead`` row-offsets. Surfaces give thousands of distinct 27-bit masks with a long
+    A bucket's mask is the union of its rows' masks and it costs (rows + ``weight_rows``) x
+    popcount(mask) + ``overhead`` row-offsets: each bucket also slices, packs and (backward)
+    accumulates its own (k, C, C_out) block of the weight, which costs about as much as
+    ``weight_rows`` rows of multiplications and dominates at the coarse levels. Surfaces give thousands of distinct 27-bit masks with a long
     tail (on room scans the most frequent mask covers about a third of the sites, the top 50
     about 60%), so exact-mask buckets are too many and a catch-all bucket wastes a third of
     its multiplications. Instead the rows are split greedily like a decision tree: a bucket is
@@ -121,6 +140,9 @@ def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEA
     inv = inv.reshape(-1)
     bits = ((uniq[:, None] >> np.arange(K)) & 1).astype(np.float64)  # (U, K)
     w = cnt.astype(np.float64)
+
+    def width_of(idx: np.ndarray) -> int:
+        return int((bits[idx].max(axis=0) > 0).sum())
 
     def best_cut(idx: np.ndarray) -> Tuple[float, int]:
         b = bits[idx]
@@ -137,23 +159,46 @@ def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEA
         j = int(np.argmin(cost))
         return cost0 - float(cost[j]), j
 
-    heap: List[Tuple[float, int, np.ndarray, int]] = []
-    done: List[np.ndarray] = []
-    root = np.arange(len(uniq))
-    gain, j = best_cut(root) if len(root) > 1 else (0.0, 0)
-    heap.append((-gain, 0, root, j))
-    serial = 1
-    while heap and len(heap) + len(done) < max_buckets:
-        neg_gain, _, idx, j = heapq.heappop(heap)
-        if -neg_gain <= overhead:
-            done.append(idx)
-            continue
+    # Grow: best-first cuts on padding saved alone (a single cut often saves little while
+    # the cuts below it save a lot, so the per-bucket costs are left to the pruning).
+    nodes: List[dict] = [{"idx": np.arange(len(uniq)), "kids": None}]
+    heap: List[Tuple[float, int, int]] = []
+    if len(uniq) > 1:
+        gain, j = best_cut(nodes[0]["idx"])
+        heap.append((-gain, 0, j))
+    n_leaves = 1
+    while heap and n_leaves < max_buckets:
+        neg_gain, node, j = heapq.heappop(heap)
+        if -neg_gain <= 0:
+            break
+        idx = nodes[node]["idx"]
         on = bits[idx, j] > 0
+        kids = []
         for part in (idx[~on], idx[on]):
-            gain, jj = best_cut(part) if len(part) > 1 else (0.0, 0)
-            heapq.heappush(heap, (-gain, serial, part, jj))
-            serial += 1
-    leaves = done + [h[2] for h in heap]
+            nodes.append({"idx": part, "kids": None})
+            kids.append(len(nodes) - 1)
+            if len(part) > 1:
+                gain, jj = best_cut(part)
+                heapq.heappush(heap, (-gain, len(nodes) - 1, jj))
+        nodes[node]["kids"] = kids
+        n_leaves += 1
+
+    # Prune bottom-up: keep a subtree only where its leaves cost less than the node as one
+    # bucket, counting (rows + weight_rows) x width + overhead per bucket.
+    def prune(node: int) -> Tuple[float, List[np.ndarray]]:
+        nd = nodes[node]
+        idx = nd["idx"]
+        here = (float(w[idx].sum()) + weight_rows) * width_of(idx) + overhead
+        if nd["kids"] is None:
+            return here, [idx]
+        total, leaves_ = 0.0, []
+        for kid in nd["kids"]:
+            c, lv = prune(kid)
+            total += c
+            leaves_ += lv
+        return (total, leaves_) if total < here else (here, [idx])
+
+    leaves = prune(0)[1]
     leaves.sort(key=lambda idx: -float(w[idx].sum()))
     bucket_of_uniq = np.empty(len(uniq), dtype=np.int64)
     bucket_masks = np.empty(len(leaves), dtype=np.int64)

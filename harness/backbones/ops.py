@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 
 from .kernel_map import Plan
+from .workers import run_tasks
 
-__all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "sparse_conv", "global_pool"]
+__all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "symmetric_backward", "sparse_conv", "global_pool"]
 
 
 def _padded(plan: Plan, x: torch.Tensor) -> torch.Tensor:
@@ -24,31 +25,36 @@ def _padded(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((1, x.shape[1]))], dim=0)
 
 
-def _chunks(b):
-    for r0 in range(0, b.n, b.step):
-        yield r0, min(b.n, r0 + b.step)
-
-
 def plan_matmul(plan: Plan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``out[r] = sum_i x[table[r, i]] @ weight[i]`` for a (K, C, C_out) weight."""
+    """``out[r] = sum_i x[table[r, i]] @ weight[i]`` for a (K, C, C_out) weight.
+
+    One task per chunk (gather -> GEMM -> write of disjoint output rows); tasks run on the
+    worker threads (see :mod:`.workers`)."""
     c_in, c_out = weight.shape[1], weight.shape[2]
     out = x.new_empty((plan.n_out, c_out)) if plan.covers_all else x.new_zeros((plan.n_out, c_out))
     xp = _padded(plan, x)
-    for b in plan.buckets:
+    wcache = {}
+
+    def task(t: int) -> None:
+        bi, r0, r1 = plan.chunks[t]
+        b = plan.buckets[bi]
         k = b.k
-        wb = weight.index_select(0, b.cols).view(k * c_in, c_out)
-        for r0, r1 in _chunks(b):
-            g = xp.index_select(0, b.idx[r0 * k:r1 * k]).view(r1 - r0, k * c_in)
-            if b.rows is None:
-                torch.mm(g, wb, out=out[b.start + r0:b.start + r1])
-            else:
-                out.index_copy_(0, b.rows[r0:r1], torch.mm(g, wb))
+        wb = wcache.get(bi)
+        if wb is None:
+            wb = wcache[bi] = weight.index_select(0, b.cols).view(k * c_in, c_out)
+        g = xp.index_select(0, b.idx[r0 * k:r1 * k]).view(r1 - r0, k * c_in)
+        if b.rows is None:
+            torch.mm(g, wb, out=out[b.start + r0:b.start + r1])
+        else:
+            out.index_copy_(0, b.rows[r0:r1], torch.mm(g, wb))
+
+    run_tasks(task, len(plan.chunks), x.device)
     return out
 
 
 class _WeightGrad:
-    """Accumulates per-bucket weight gradients and adds them into ``dw`` a batch at a time
-    (one index_add per ~16 MB of bucket gradients instead of one per bucket)."""
+    """Adds per-bucket weight gradients into ``dw`` a batch at a time (one index_add per
+    ~16 MB of bucket gradients instead of one per bucket), in task order (deterministic)."""
 
     LIMIT = 4 * 1024 * 1024  # elements
 
@@ -72,22 +78,31 @@ class _WeightGrad:
         return self.dw
 
 
+def _piece_chunks(b, r0: int, r1: int):
+    for c0 in range(r0, r1, b.step):
+        yield c0, min(r1, c0 + b.step)
+
+
 def plan_wgrad_out(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Weight gradient from the output side: ``dW[i] = sum_r x[table[r, i]]^T grad[r]``."""
     c_in, c_out = x.shape[1], grad.shape[1]
-    acc_all = _WeightGrad(grad.new_zeros((plan.K, c_in, c_out)))
     xp = _padded(plan, x)
-    for b in plan.buckets:
+
+    def task(t: int) -> torch.Tensor:
+        bi, p0, p1 = plan.pieces[t]
+        b = plan.buckets[bi]
         k = b.k
         acc = None
-        for r0, r1 in _chunks(b):
+        for r0, r1 in _piece_chunks(b, p0, p1):
             g = xp.index_select(0, b.idx[r0 * k:r1 * k]).view(r1 - r0, k * c_in)
-            if b.rows is None:
-                go = grad[b.start + r0:b.start + r1]
-            else:
-                go = grad.index_select(0, b.rows[r0:r1])
+            go = grad[b.start + r0:b.start + r1] if b.rows is None else grad.index_select(0, b.rows[r0:r1])
             acc = torch.mm(g.t(), go) if acc is None else acc.addmm_(g.t(), go)
-        acc_all.add(b.cols, acc.view(k, c_in, c_out))
+        return acc.view(k, c_in, c_out)
+
+    parts = run_tasks(task, len(plan.pieces), x.device)
+    acc_all = _WeightGrad(grad.new_zeros((plan.K, c_in, c_out)))
+    for (bi, _, _), part in zip(plan.pieces, parts):
+        acc_all.add(plan.buckets[bi].cols, part)
     return acc_all.flush()
 
 
@@ -95,20 +110,71 @@ def plan_wgrad_in(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Tens
     """Weight gradient from the input side, ``plan`` being over the rows of ``x``:
     ``dW[i] = sum_r x[r]^T grad[table[r, i]]``."""
     c_in, c_out = x.shape[1], grad.shape[1]
-    acc_all = _WeightGrad(grad.new_zeros((plan.K, c_in, c_out)))
     gp = _padded(plan, grad)
-    for b in plan.buckets:
+
+    def task(t: int) -> torch.Tensor:
+        bi, p0, p1 = plan.pieces[t]
+        b = plan.buckets[bi]
         k = b.k
         acc = None
-        for r0, r1 in _chunks(b):
+        for r0, r1 in _piece_chunks(b, p0, p1):
             g = gp.index_select(0, b.idx[r0 * k:r1 * k]).view(r1 - r0, k * c_out)
-            if b.rows is None:
-                xi = x[b.start + r0:b.start + r1]
-            else:
-                xi = x.index_select(0, b.rows[r0:r1])
+            xi = x[b.start + r0:b.start + r1] if b.rows is None else x.index_select(0, b.rows[r0:r1])
             acc = torch.mm(xi.t(), g) if acc is None else acc.addmm_(xi.t(), g)
-        acc_all.add(b.cols, acc.view(c_in, k, c_out).transpose(0, 1))
+        return acc.view(c_in, k, c_out).transpose(0, 1)
+
+    parts = run_tasks(task, len(plan.pieces), x.device)
+    acc_all = _WeightGrad(grad.new_zeros((plan.K, c_in, c_out)))
+    for (bi, _, _), part in zip(plan.pieces, parts):
+        acc_all.add(plan.buckets[bi].cols, part)
     return acc_all.flush()
+
+
+def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_x: bool,
+                       need_w: bool):
+    """Both gradients of a stride-1 conv with a symmetric (odd) kernel from one gather.
+
+    The transposed map of offset i is offset K-1-i of the same table, so per chunk the
+    gathered output gradient ``G[q] = [grad[table[q, j]]]_j`` serves the input gradient
+    (``G @ W[K-1-j]^T``) and the weight gradient (``x[q]^T G`` is ``dW[K-1-j]``); x is never
+    gathered again. Tasks are the plan's pieces (whole chunks of one bucket).
+    """
+    K, c_in, c_out = weight.shape
+    gp = _padded(plan, grad)
+    gx = grad.new_empty((plan.n_out, c_in)) if need_x else None
+    wt = weight.flip(0).transpose(1, 2).contiguous() if need_x else None  # wt[j] = W[K-1-j]^T
+    wcache = {}
+
+    def task(t: int):
+        bi, p0, p1 = plan.pieces[t]
+        b = plan.buckets[bi]
+        k = b.k
+        wb = None
+        if need_x:
+            wb = wcache.get(bi)
+            if wb is None:
+                wb = wcache[bi] = wt.index_select(0, b.cols).view(k * c_out, c_in)
+        acc = None
+        for r0, r1 in _piece_chunks(b, p0, p1):
+            g = gp.index_select(0, b.idx[r0 * k:r1 * k]).view(r1 - r0, k * c_out)
+            if need_x:
+                if b.rows is None:
+                    torch.mm(g, wb, out=gx[b.start + r0:b.start + r1])
+                else:
+                    gx.index_copy_(0, b.rows[r0:r1], torch.mm(g, wb))
+            if need_w:
+                xi = x[b.start + r0:b.start + r1] if b.rows is None else x.index_select(0, b.rows[r0:r1])
+                acc = torch.mm(xi.t(), g) if acc is None else acc.addmm_(xi.t(), g)
+        return None if acc is None else acc.view(c_in, k, c_out).transpose(0, 1)
+
+    parts = run_tasks(task, len(plan.pieces), grad.device)
+    gw = None
+    if need_w:
+        acc_all = _WeightGrad(grad.new_zeros((K, c_in, c_out)))
+        for (bi, _, _), part in zip(plan.pieces, parts):
+            acc_all.add(K - 1 - plan.buckets[bi].cols, part)
+        gw = acc_all.flush()
+    return gx, gw
 
 
 class _SparseConvFunction(torch.autograd.Function):
@@ -124,13 +190,11 @@ class _SparseConvFunction(torch.autograd.Function):
         fwd, bwd, wgrad_side = ctx.plans
         grad = grad.to(weight.dtype).contiguous()
         gx = gw = None
+        if bwd is None:
+            return symmetric_backward(fwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
+                None, None, None)
         if ctx.needs_input_grad[0]:
-            if bwd is None:
-                # Symmetric (stride-1, odd) kernel: the transposed map is the same table with
-                # offset i read as offset K-1-i.
-                gx = plan_matmul(fwd, grad, weight.flip(0).transpose(1, 2).contiguous())
-            else:
-                gx = plan_matmul(bwd, grad, weight.transpose(1, 2).contiguous())
+            gx = plan_matmul(bwd, grad, weight.transpose(1, 2).contiguous())
         if ctx.needs_input_grad[1]:
             gw = plan_wgrad_out(fwd, x, grad) if wgrad_side == "out" else plan_wgrad_in(bwd, x, grad)
         return gx, gw, None, None, None
