@@ -17,6 +17,14 @@ setup: .venv/.setup-done
 test: setup
 	$(PY) -m pytest tests
 
-# Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached.
+# Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached
+# (~/.cache/harness/wheels; ME_WHEEL_CACHE overrides). A second run installs the cached wheel
+# in seconds, and does nothing when ME already imports.
 minkowski: setup
 	scripts/build_minkowski.sh $(PY)
+
+# Backbone benchmark (not a test): Res16UNet34C fwd+bwd, torch backend vs MinkowskiEngine when
+# installed, 2 threads; writes reports/bench/backbone.md (and .json). BENCH_ARGS adds options,
+# e.g. BENCH_ARGS="--sizes 20000 --repeats 2".
+bench: setup
+	$(PY) bench/backbone.py --threads 2 --out reports/bench/backbone.md $(BENCH_ARGS)

@@ -139,3 +139,12 @@ def test_minkowski_backend_without_me_says_how_to_install(monkeypatch):
     assert available_backends() == ["torch"]
     with pytest.raises(ValueError, match="make minkowski"):
         resolve_backend("minkowski")
+
+
+def test_deepcopy_for_momentum_encoders(scene):
+    import copy
+
+    coords, feats = scene
+    m = build_backbone("Res16UNet14A", out_channels=4, backend="torch", **SMALL).eval()
+    m2 = copy.deepcopy(m)
+    assert torch.equal(m(coords, feats), m2(coords, feats))
