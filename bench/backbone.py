@@ -116,7 +116,7 @@ def count_flops(coords, feats) -> Dict[str, float]:
             pairs, executed = dm.up.n_entries, dm.down.n_entries
         elif mod.kernel_size == 3:
             lv = mgr.level(x.stride)
-            pairs, executed = int((lv.table >= 0).sum()), lv.plan.n_entries
+            pairs, executed = lv.n_pairs, lv.plan.n_entries
         else:
             dm = mgr.down_map(x.stride)
             pairs, executed = dm.up.n_entries, dm.down.n_entries
@@ -211,25 +211,35 @@ def memory_child(backend: str, n_voxels: int, device: str, threads: int) -> Dict
     import gc
 
     gc.collect()
-    rss0 = _rss_mb()
+    _reset_peak_rss()  # the scene generator's own peak must not count
+    rss0 = _status_mb("VmRSS")
     for _ in range(2):
         model.zero_grad(set_to_none=True)
         _step(model, coords, feats, device if backend == "torch" else "cpu")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = _status_mb("VmHWM")
     res = {"rss_before_mb": rss0, "peak_rss_mb": peak, "step_mb": peak - rss0}
     if device.startswith("cuda") and backend == "torch":
         res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return res
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """VmRSS / VmHWM (peak RSS) of this process in MB (Linux), else ru_maxrss."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return float(line.split()[1]) / 1024.0
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
 
 
 def measure_memory(backend: str, n: int, device: str, threads: int) -> Optional[Dict[str, float]]:
@@ -336,7 +346,7 @@ def main(argv=None) -> int:
         from harness.backbones.kernel_map import CoordinateManager
 
         cm = CoordinateManager(coords)
-        neigh = float((cm.level(1).table >= 0).sum()) / len(coords)
+        neigh = cm.level(1).n_pairs / len(coords)
         flops = count_flops(coords, feats)
         print(f"bench n={len(coords)} neighbours={neigh:.1f} step_gflop={flops['step_gflop']:.0f}", flush=True)
         times = time_backends(backends, coords, feats, device, args.repeats, args.warmup, bf16=bf16)

@@ -179,7 +179,7 @@ def test_bucketing_covers_each_row_with_a_superset_mask():
 
 def test_kernel_map_neighbours_match_brute_force():
     coords = random_sites(7, extent=4)
-    cm = CoordinateManager(coords, reorder=True)
+    cm = CoordinateManager(coords, reorder=True, keep_tables=True)
     lv = cm.level(1)
     c = lv.coords
     lookup = {tuple(r): i for i, r in enumerate(c.tolist())}

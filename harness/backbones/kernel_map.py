@@ -72,8 +72,11 @@ class Bucket:
     start: int  # when rows is None, the rows are start .. start + n
     n: int
     rows: Optional[torch.Tensor]  # (n,) int64 output rows, or None when contiguous
-    idx: torch.Tensor  # (n * k,) int64 input rows, row-major; absent entries read row n_in (zeros)
+    idx: torch.Tensor  # (n * k,) int64 input rows, row-major; absent entries point at row 0
     step: int  # rows per chunk
+    # per chunk (rows c*step ..): positions of absent entries within the chunk's gathered
+    # (rows * k) entries, to be zeroed after the gather; None when the chunk has none
+    missing: List[Optional[torch.Tensor]] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -82,21 +85,19 @@ class Bucket:
 
 @dataclass
 class Plan:
-    """A table over ``n_out`` output rows reading ``n_in`` input rows, cut into buckets.
-
-    When ``padded`` some entries read row ``n_in``, which the caller appends as zeros.
-    """
+    """A table over ``n_out`` output rows reading ``n_in`` input rows, cut into buckets."""
 
     n_out: int
     n_in: int
     K: int
     buckets: List[Bucket]
     covers_all: bool  # every output row is in some bucket (else the rest are zero)
-    padded: bool
     chunks: List[Tuple[int, int, int]] = field(default_factory=list)  # (bucket, r0, r1): one GEMM each
     pieces: List[Tuple[int, int, int]] = field(default_factory=list)  # (bucket, r0, r1): weight-gradient tasks
 
     def __post_init__(self) -> None:
+        self.max_rows = max((b.step if b.n > b.step else b.n for b in self.buckets), default=0)
+        self.max_entries = max(((b.step if b.n > b.step else b.n) * b.k for b in self.buckets), default=0)
         if not self.chunks:
             self.chunks = [(i, r0, min(b.n, r0 + b.step)) for i, b in enumerate(self.buckets)
                            for r0 in range(0, b.n, b.step)]
@@ -231,7 +232,6 @@ def build_plan(table: torch.Tensor, n_in: int, bucket_of_row: np.ndarray, bucket
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
     buckets: List[Bucket] = []
-    padded = False
     for b, m in enumerate(bucket_masks.tolist()):
         n, start = int(counts[b]), int(starts[b])
         if n == 0:
@@ -245,12 +245,16 @@ def build_plan(table: torch.Tensor, n_in: int, bucket_of_row: np.ndarray, bucket
             rows = order[start:start + n]
             sub = tab[rows][:, cols]
         absent = sub < 0
-        padded = padded or bool(absent.any())
-        idx = np.where(absent, n_in, sub).reshape(-1)
+        idx = np.where(absent, 0, sub).reshape(-1)
         step = max(64, CHUNK_ENTRIES // max(k, 1))
+        flat_missing = np.flatnonzero(absent)
+        missing: List[Optional[torch.Tensor]] = []
+        for r0 in range(0, n, step):
+            lo, hi = np.searchsorted(flat_missing, [r0 * k, min(n, r0 + step) * k])
+            missing.append(to_dev(flat_missing[lo:hi] - r0 * k) if hi > lo else None)
         buckets.append(Bucket(to_dev(cols), start if contiguous else 0, n,
-                              None if rows is None else to_dev(rows), to_dev(idx), step))
-    return Plan(n_out, n_in, K, buckets, covers_all=int(counts.sum()) == n_out, padded=padded)
+                              None if rows is None else to_dev(rows), to_dev(idx), step, missing))
+    return Plan(n_out, n_in, K, buckets, covers_all=int(counts.sum()) == n_out)
 
 
 class _Packer:
@@ -287,7 +291,7 @@ class Level:
     """
 
     def __init__(self, coords: np.ndarray, stride: int, order_fixed: bool, device: torch.device,
-                 overhead: float = BUCKET_OVERHEAD):
+                 overhead: float = BUCKET_OVERHEAD, keep_table: bool = False):
         # coords (N, 4) int64 numpy; spatial coordinates are multiples of stride.
         self.stride = stride
         self.device = device
@@ -328,7 +332,8 @@ class Level:
             self.perm = perm
         self.coords = coords
         self.n = n
-        self.table = table
+        self.n_pairs = int((table >= 0).sum())  # (site, neighbour) pairs, the centre included
+        self.table: Optional[np.ndarray] = table if keep_table else None  # (n, 27) neighbour rows, -1 absent
         self.plan = build_plan(torch.from_numpy(table), n, bucket_of_row, bucket_masks,
                                contiguous=not order_fixed, device=device)
 
@@ -336,7 +341,7 @@ class Level:
         return torch.from_numpy(self.coords.astype(np.int32)).to(self.device)
 
     def stats(self) -> Dict[str, float]:
-        active = int((self.table >= 0).sum())
+        active = self.n_pairs
         return {"sites": self.n, "neighbours": active / max(self.n, 1), "buckets": len(self.plan.buckets),
                 "padding": self.plan.n_entries / max(active, 1) - 1.0}
 
@@ -377,8 +382,9 @@ class CoordinateManager:
     """
 
     def __init__(self, coords: torch.Tensor, reorder: bool = True, widths: Optional[Dict[int, int]] = None,
-                 stride: int = 1):
+                 stride: int = 1, keep_tables: bool = False):
         self.widths = dict(widths or {})
+        self.keep_tables = keep_tables
         self.device = coords.device
         self.base_stride = int(stride)
         c = coords.detach().to("cpu", torch.int64).numpy()
@@ -387,7 +393,7 @@ class CoordinateManager:
         if self.base_stride > 1 and np.any(c[:, 1:] % self.base_stride):
             raise ValueError(f"coordinates at tensor stride {stride} must be multiples of {stride}")
         base = Level(c, self.base_stride, order_fixed=not reorder, device=self.device,
-                     overhead=self.overhead(self.base_stride))
+                     overhead=self.overhead(self.base_stride), keep_table=keep_tables)
         self.perm = self.inv_perm = None
         if base.perm is not None:
             inv = np.empty_like(base.perm)
@@ -428,7 +434,8 @@ class CoordinateManager:
         parent = parent.reshape(-1)
         pc = lat[rep]
         pc[:, 1:] *= t2
-        coarse = Level(pc, t2, order_fixed=False, device=self.device, overhead=self.overhead(t2))
+        coarse = Level(pc, t2, order_fixed=False, device=self.device, overhead=self.overhead(t2),
+                       keep_table=self.keep_tables)
         if coarse.perm is not None:
             inv = np.empty_like(coarse.perm)
             inv[coarse.perm] = np.arange(len(inv))

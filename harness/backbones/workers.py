@@ -52,7 +52,7 @@ class _Pool:
             job = self.jobs.get()
             job()
 
-    def run(self, fn: Callable[[int], Any], n_tasks: int) -> List[Any]:
+    def run(self, fn: Callable[[int, int], Any], n_tasks: int) -> List[Any]:
         results: List[Any] = [None] * n_tasks
         counter = itertools.count()
         errors: List[BaseException] = []
@@ -60,14 +60,14 @@ class _Pool:
         lock = threading.Lock()
         done = threading.Event()
 
-        def work() -> None:
+        def work(wid: int) -> None:
             try:
                 with torch.no_grad():  # grad mode is per thread; tasks never record a graph
                     while not errors:
                         i = next(counter)
                         if i >= n_tasks:
                             break
-                        results[i] = fn(i)
+                        results[i] = fn(i, wid)
             except BaseException as exc:  # re-raised in the caller
                 errors.append(exc)
             finally:
@@ -76,8 +76,8 @@ class _Pool:
                     if left[0] == 0:
                         done.set()
 
-        for _ in range(self.n):
-            self.jobs.put(work)
+        for wid in range(self.n):
+            self.jobs.put(lambda wid=wid: work(wid))
         done.wait()
         if errors:
             raise errors[0]
@@ -85,20 +85,21 @@ class _Pool:
 
 
 def worker_count(device: torch.device) -> int:
-    """Workers for ops on ``device``: the caller's torch thread count on the CPU, else 0."""
-    if device.type != "cpu":
-        return 0
-    n = torch.get_num_threads()
-    return n if n > 1 else 0
+    """Threads that run tasks for ops on ``device``: the caller's torch thread count on the
+    CPU (1 = the caller itself), 1 elsewhere."""
+    if device.type != "cpu" or getattr(_LOCAL, "worker", False):
+        return 1
+    return max(1, torch.get_num_threads())
 
 
-def run_tasks(fn: Callable[[int], Any], n_tasks: int, device: torch.device) -> List[Any]:
-    """``[fn(i) for i in range(n_tasks)]``, on the worker pool when it helps. Tasks must write
-    disjoint memory; results come back in task order."""
+def run_tasks(fn: Callable[[int, int], Any], n_tasks: int, device: torch.device) -> List[Any]:
+    """``[fn(i, worker) for i in range(n_tasks)]``, on the worker pool when it helps, with
+    ``worker`` in ``range(worker_count(device))`` naming the thread (for its scratch buffers).
+    Tasks must write disjoint memory; results come back in task order."""
     global _POOL
     n = worker_count(device)
-    if n <= 1 or n_tasks <= 1 or getattr(_LOCAL, "worker", False):
-        return [fn(i) for i in range(n_tasks)]
+    if n <= 1 or n_tasks <= 1:
+        return [fn(i, 0) for i in range(n_tasks)]
     with _LOCK:
         if _POOL is None or _POOL.n != n or _POOL.pid != os.getpid():
             _POOL = _Pool(n)  # (re)created after a fork or a change of torch.set_num_threads
