@@ -1,4 +1,4 @@
-"""Kernel maps of the torch backend, built with torch ops only.
+"""Kernel maps of the torch backend: pure numpy/torch, no compiled extension.
 
 Vocabulary
 ----------
@@ -12,13 +12,16 @@ table       ``(n_rows, K)`` int64: ``table[r, i]`` is the input row read through
             table.
 plan        a table cut into buckets of rows that share a set of active offsets (their *mask*).
             A bucket of n rows and k offsets runs as one GEMM ``(n, k*C) @ (k*C, C_out)`` on a
-            gathered matrix, in chunks of rows small enough to stay in cache; an offset that is
-            in the bucket's mask but absent for a row reads zeros. Merging rare masks into
+            gathered matrix, in chunks of rows (bounded scratch memory, and tasks for the
+            worker threads); an offset that is in the bucket's mask but absent for a row reads
+            zeros. Merging rare masks into
             supersets trades a few multiplications by zero for fewer, fatter GEMMs (the cost
             model is in :func:`choose_buckets`).
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
+Maps are built on the CPU in numpy (packed int64 keys, one sort, 13 binary searches for the 26
+neighbours, the other 13 by symmetry); plans are moved to the features' device.
 When the manager creates a coarser set it is free to choose the row order, and it orders rows
 by bucket of that level's 3x3x3 plan (then by coordinates), so the stride-1 convolutions write
 their output as contiguous slices.
@@ -42,8 +45,7 @@ KERNEL3 = torch.tensor([[i % 3 - 1, (i // 3) % 3 - 1, i // 9 - 1] for i in range
 KERNEL2 = torch.tensor([[i % 2, (i // 2) % 2, i // 4] for i in range(8)], dtype=torch.int64)
 
 # Rows of a chunk times offsets of its bucket: the gathered chunk has CHUNK_ENTRIES * C floats,
-# 2 MiB at 32 channels and 8 MiB at 128 (measured: GEMMs of 2-5k rows run 1.2-2.5x faster
-# than the same GEMM on 100k rows here, whose operands do not stay in cache).
+# 2 MiB at 32 channels and 8 MiB at 128, per worker (at 100k voxels, 2k to 64k ran alike).
 CHUNK_ENTRIES = 16384
 
 # Rows of multiplications that one bucket's share of weight handling costs (see choose_buckets).
@@ -53,15 +55,6 @@ WEIGHT_ROWS = 32.0
 # for layers 64 channels wide; see overhead_for_width.
 BUCKET_OVERHEAD = 350.0
 MAX_BUCKETS = 256
-
-
-def _popcount(x: torch.Tensor) -> torch.Tensor:
-    x = x.clone()
-    c = torch.zeros_like(x)
-    while bool((x != 0).any()):
-        c += x & 1
-        x >>= 1
-    return c
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """Sparse operations of the torch backend, and helpers shared by every backend.
 
-Convolutions run as gather -> GEMM -> write per bucket of a :class:`~.kernel_map.Plan`; the
-autograd function keeps only its input, its weight and the (shared) plans, never a gathered
-matrix, and re-gathers in backward.
+Convolutions run as gather -> GEMM -> write per chunk of a bucket of a
+:class:`~.kernel_map.Plan`; the autograd function keeps only its input, its weight and the
+(shared) plans, never a gathered matrix. Backward gathers again: the output gradient, once for
+both gradients of a stride-1 convolution (:func:`symmetric_backward`). Chunks and pieces are
+tasks for the worker threads of :mod:`.workers`; everything large they write into is
+allocated here, by the calling thread.
 """
 
 from __future__ import annotations

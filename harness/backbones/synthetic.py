@@ -2,9 +2,10 @@
 
 A scene is a floor, up to four walls (one left open, as in a partial scan), box furniture
 (cabinets, beds, sofas), tables and chairs with legs and a little clutter, each piece turned
-by its own yaw and the whole room by another, sampled on its surfaces with a few millimetres of
-noise. Voxelised at 2 cm such surfaces have about 8-9 occupied neighbours per site, like
-ScanNet scans; uniform noise would have about one.
+by its own yaw and the whole room by another and shifted off the voxel grid, sampled on its
+surfaces (12k points/m^2) with 2 mm of noise. Voxelised at 2 cm, a site has about 12 occupied
+sites in its 3x3x3 neighbourhood (centre included): surfaces not aligned with the grid cover
+more than 9 voxels of a 3x3x3 block. Uniform noise would have about one.
 """
 
 from __future__ import annotations
