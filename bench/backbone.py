@@ -223,6 +223,35 @@ def memory_child(backend: str, n_voxels: int, device: str, threads: int) -> Dict
     return res
 
 
+def cpu_child(backend: str, n_voxels: int, steps: int) -> Dict[str, float]:
+    """Runs in a fresh process with every thread pool at 1: CPU seconds per step (process
+    time, all threads). Unlike wall time this hardly depends on what other jobs run."""
+    import torch
+
+    torch.set_num_threads(1)
+    coords, feats = make_input(n_voxels)
+    model = _build(backend, "cpu")
+    times = []
+    for i in range(steps + 1):
+        model.zero_grad(set_to_none=True)
+        t0 = time.process_time()
+        _step(model, coords, feats, "cpu")
+        if i:
+            times.append(time.process_time() - t0)
+    return {"cpu_s": min(times), "cpu_s_all": times}
+
+
+def measure_cpu(backend: str, n: int, steps: int) -> Optional[Dict[str, float]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [sys.executable, __file__, "--cpu-child", backend, str(n), "--repeats", str(steps), "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"cpu run {backend} {n} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _status_mb(field: str) -> float:
     """VmRSS / VmHWM (peak RSS) of this process in MB (Linux), else ru_maxrss."""
     try:
@@ -294,6 +323,16 @@ def render(results: Dict) -> str:
         lines += ["Torch backend: multiplications executed including the zero padding of its buckets, per step: " +
                   ", ".join(f"{n} voxels {p['executed_step_gflop']:.0f} GFLOP (+{p['executed_step_gflop'] / p['step_gflop'] - 1:.0%})"
                             for n, p in results["padding"].items()) + ".", ""]
+    if results.get("cpu"):
+        lines += ["Work per step, all thread pools at 1 (CPU seconds, process time, min of the steps; "
+                  "insensitive to other jobs, unlike the wall times above):", "",
+                  "| voxels | " + " | ".join(f"{b} CPU s" for b in next(iter(results["cpu"].values()))) + " | ME / torch |",
+                  "|---:|" + "---:|" * (len(next(iter(results["cpu"].values()))) + 1)]
+        for n, per in results["cpu"].items():
+            vals = {b: (v["cpu_s"] if v else float("nan")) for b, v in per.items()}
+            ratio = f"{vals['minkowski'] / vals['torch']:.2f}x" if "minkowski" in vals and "torch" in vals else ""
+            lines.append(f"| ~{n} | " + " | ".join(f"{v:.2f}" for v in vals.values()) + f" | {ratio} |")
+        lines.append("")
     if results.get("drift"):
         d = results["drift"]
         lines += [f"bf16 autocast drift from fp32 ({results['drift_voxels']} voxels, same weights): outputs "
@@ -314,7 +353,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "reports" / "bench" / "backbone.md"))
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--cpu-sizes", type=int, nargs="*", default=[100000],
+                   help="sizes for the single-thread CPU-time comparison (none to skip)")
     p.add_argument("--memory-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--cpu-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     _set_threads(args.threads)
     import torch
@@ -323,6 +365,9 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), device, args.threads)))
+        return 0
+    if args.cpu_child:
+        print(json.dumps(cpu_child(args.cpu_child[0], int(args.cpu_child[1]), args.repeats)))
         return 0
     from harness.backbones import available_backends
 
@@ -360,6 +405,11 @@ def main(argv=None) -> int:
             for b in backends:
                 row["memory"][b] = measure_memory(b, row["sites"], device, args.threads)
                 print(f"bench memory n={row['sites']} backend={b} {row['memory'][b]}", flush=True)
+    if device == "cpu" and args.cpu_sizes:
+        results["cpu"] = {}
+        for n in args.cpu_sizes:
+            results["cpu"][n] = {b: measure_cpu(b, n, max(2, args.repeats - 1)) for b in backends}
+            print(f"bench cpu n={n} {results['cpu'][n]}", flush=True)
     if bf16:
         n0 = min(args.sizes)
         c, f = make_input(n0)

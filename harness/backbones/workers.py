@@ -46,6 +46,9 @@ class _Pool:
 
     def _loop(self, ready: threading.Barrier) -> None:
         _LOCAL.worker = True
+        # A thread's first torch call initialises its thread count from the process-wide
+        # default; do that first, so that the 1 set next is not overwritten later.
+        torch.get_num_threads()
         torch.set_num_threads(1)
         ready.wait()
         while True:
@@ -82,6 +85,16 @@ class _Pool:
         if errors:
             raise errors[0]
         return results
+
+
+def _after_fork_in_child() -> None:
+    global _LOCK, _POOL
+    _LOCK = threading.Lock()
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def worker_count(device: torch.device) -> int:
