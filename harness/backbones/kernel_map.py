@@ -171,7 +171,8 @@ def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEA
         for part in (idx[~on], idx[on]):
             nodes.append({"idx": part, "kids": None})
             kids.append(len(nodes) - 1)
-            if len(part) > 1:
+            # A bucket of fewer than 2 * weight_rows rows seldom pays for its weight handling.
+            if len(part) > 1 and float(w[part].sum()) >= 2 * weight_rows:
                 gain, jj = best_cut(part)
                 heapq.heappush(heap, (-gain, len(nodes) - 1, jj))
         nodes[node]["kids"] = kids
