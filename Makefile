@@ -27,11 +27,16 @@ table1: setup
 report: setup
 	$(PY) -m harness report runs/table1 $(ARGS)
 
-# Benchmarks, each writing its figures under reports/bench/.
+# Benchmarks (not tests), each writing its figures under reports/bench/: the backbone
+# (Res16UNet34C fwd+bwd, torch backend vs MinkowskiEngine when installed, 2 threads;
+# BENCH_ARGS adds options, e.g. BENCH_ARGS="--sizes 20000 --repeats 2") and frame-pair mining.
 bench: setup
+	$(PY) bench/backbone.py --threads 2 --out reports/bench/backbone.md $(BENCH_ARGS)
 	$(PY) -m bench.pairs
 
-# Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached.
+# Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached
+# (~/.cache/harness/wheels; ME_WHEEL_CACHE overrides). A second run installs the cached wheel
+# in seconds, and does nothing when ME already imports.
 minkowski: setup
 	scripts/build_minkowski.sh $(PY)
 
