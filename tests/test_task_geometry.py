@@ -181,3 +181,35 @@ def test_vote_targets_by_hand():
     votes, mask = vote_targets(pts, boxes, 3, box_labels=np.array([0, 1]), point_class=np.array([1, -1, 1]))
     assert mask.tolist() == [True, False, False]
     assert np.allclose(votes.reshape(3, 3, 3)[0], [[0.5, 0, 0]] * 3)
+
+
+def test_scene_data_instance_and_box_targets(small_scannet):
+    from harness.data.augment import AugmentConfig
+    from harness.tasks.common import SceneData
+
+    aug = AugmentConfig(rotate_z=0.3, scale_min=1.2, scale_max=1.2, flip=True, color_jitter=0.0, color_noise=0.0,
+                        max_points=6000)
+    data = SceneData(small_scannet, "train", 0.05, aug, limit=1, instances=True, boxes="oriented")
+    s = data.sample(0, np.random.default_rng(3))
+    scene = data.scene(0)
+    T = s["transform"]
+    crop_pts = scene["points"][s["crop"]].astype(np.float64) @ T[:3, :3].T + T[:3, 3]
+    crop_inst = scene["instance"][s["crop"]]
+    vox_inst = crop_inst[s["inverse"]]  # every point's voxel instance is its representative's
+    for k in np.unique(s["instance"]):
+        rows = s["instance"] == k
+        if k == 0:
+            assert (s["instance_class"][rows] == -100).all()
+            continue
+        assert np.allclose(s["instance_centre"][rows], crop_pts[crop_inst == k].mean(0), atol=1e-4)
+        assert (s["instance_class"][rows] == scene["instance_label"][k]).all()
+    assert len(vox_inst) == len(crop_pts)
+    # boxes: those with a crop point inside, moved with the points (a 1.2 scale: extents x 1.2)
+    inside = points_in_boxes(scene["points"][s["crop"]], scene["boxes"]).any(0)
+    assert 0 < len(s["boxes"]) == inside.sum()
+    assert np.allclose(s["boxes"][:, 3:6], 1.2 * scene["boxes"][inside][:, 3:6], atol=1e-4)
+    assert points_in_boxes(crop_pts, s["boxes"]).any(0).all()
+    # semantic segmentation's samples are unchanged: no extra targets unless asked for
+    plain = SceneData(small_scannet, "train", 0.05, aug, limit=1).sample(0, np.random.default_rng(3))
+    assert "instance_centre" not in plain and "boxes" not in plain
+    assert np.array_equal(plain["coords"], s["coords"]) and np.array_equal(plain["semantic"], s["semantic"])

@@ -77,6 +77,10 @@ class DetectionConfig(FinetuneConfig):
     vote_nsample: int = 16
     # A seed inside several gt boxes keeps up to this many votes (the loss takes the nearest).
     max_votes: int = 3
+    # Whether the proposal losses back-propagate into the vote positions (through the sampled
+    # cluster centres and the grouped offsets), as VoteNet's gather/group ops do. Off, the votes
+    # learn from the vote loss alone, which converges far faster in short (CPU-sized) runs.
+    vote_position_gradient: bool = True
     near_threshold: float = 0.3
     far_threshold: float = 0.6
     objectness_weights: List[float] = field(default_factory=lambda: [0.2, 0.8])
@@ -276,10 +280,11 @@ class VoteNetModel(nn.Module):
         seeds = offsets[:-1, None] + furthest_point_sample(points[rows], cfg.num_seeds, valid)
         seed_xyz, seed_feat = points[seeds], feat[seeds]
         vote_xyz, vote_feat = self.vote(seed_xyz, seed_feat)
-        centre_idx = furthest_point_sample(vote_xyz, cfg.num_proposals)
-        agg_xyz = gather(vote_xyz, centre_idx)
-        group = ball_query(vote_xyz, agg_xyz, cfg.vote_radius, cfg.vote_nsample)
-        grouped_xyz = (gather(vote_xyz, group) - agg_xyz[:, :, None, :]) / cfg.vote_radius
+        vote_pos = vote_xyz if cfg.vote_position_gradient else vote_xyz.detach()
+        centre_idx = furthest_point_sample(vote_pos, cfg.num_proposals)
+        agg_xyz = gather(vote_pos, centre_idx)
+        group = ball_query(vote_pos, agg_xyz, cfg.vote_radius, cfg.vote_nsample)
+        grouped_xyz = (gather(vote_pos, group) - agg_xyz[:, :, None, :]) / cfg.vote_radius
         out = self.proposal(torch.cat([grouped_xyz, gather(vote_feat, group)], -1))
         nh, ns, nc = self.nh, self.num_classes, self.num_classes
         o = 5
