@@ -17,6 +17,15 @@ setup: .venv/.setup-done
 test: setup
 	$(PY) -m pytest tests
 
+# Table 1 on the embedded miniature datasets (generated on first use); a second run reuses the
+# stored results. Extra arguments: make table1 ARGS="seeds=[0,1]"
+table1: setup
+	$(PY) -m harness sweep configs/sweeps/table1.yaml $(ARGS)
+
+# Benchmarks, each writing its figures under reports/bench/.
+bench: setup
+	$(PY) -m bench.pairs
+
 # Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached.
 minkowski: setup
 	scripts/build_minkowski.sh $(PY)

@@ -1,7 +1,8 @@
 """The ``harness`` command line: list plugins, run sweeps, print reports.
 
     harness methods                         registered methods (built-in and plugins)
-    harness sweep CONFIG [key=value ...]    plan, run and report a sweep (--dry-run, --status)
+    harness sweep CONFIG [key=value ...]    plan, run and report a sweep (--dry-run, --status,
+                                            --launcher local|slurm, --no-wait)
     harness report RUN_DIR|CONFIG           Table 1 from the results store
 
 Errors in configs, names or data paths print one line naming the file, key or value at fault
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -21,7 +23,8 @@ from rich.console import Console
 from harness.config import ConfigError
 from harness.registry import RegistryError
 
-console = Console()
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 err_console = Console(stderr=True, soft_wrap=True)
 
 USER_ERRORS = (ConfigError, RegistryError, FileNotFoundError, NotADirectoryError, ValueError)
@@ -59,9 +62,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     plan = make_plan(sweep)
     store = Store(sweep.run_dir)
     if args.status:
+        from harness.launchers import slurm_queue_states
         from harness.status import print_status
 
-        print_status(plan, store, sweep, console)
+        # Jobs this sweep has on SLURM (runs/<sweep>/slurm/jobs.json), whatever launcher is named now.
+        print_status(plan, store, sweep, console, slurm_queue_states(plan, store))
         return 0
     from harness.launchers import LAUNCHERS, pending_jobs
 
@@ -69,14 +74,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if name not in LAUNCHERS:
         raise ConfigError(f"{args.config}: launcher.name {name!r} is unknown; known: {', '.join(LAUNCHERS)}")
     launcher = LAUNCHERS[name](getattr(sweep.cfg.launcher, name), console)
+    if args.no_wait:
+        if not hasattr(launcher, "wait"):
+            raise ConfigError(f"--no-wait needs a launcher that submits to a scheduler (--launcher slurm), not {name!r}")
+        launcher.wait = False
+    if hasattr(launcher, "validate"):  # before anything is printed as planned or submitted
+        launcher.validate(plan, sweep)
     if args.dry_run:
         from harness.status import print_plan
 
-        launcher.validate(plan, sweep) if hasattr(launcher, "validate") else None
-        print_plan(plan, store, sweep, console)
+        rows, notes = launcher.describe(plan, store) if hasattr(launcher, "describe") else (None, ())
+        print_plan(plan, store, sweep, console, rows, notes)
         return 0
-    if hasattr(launcher, "validate"):
-        launcher.validate(plan, sweep)
     store.root.mkdir(parents=True, exist_ok=True)
     store.write_plan(plan.to_dict())
     todo = pending_jobs(plan, store)
@@ -84,11 +93,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                   f"({len(plan.pretrain)} pre-training, {len(plan.finetune)} fine-tuning), "
                   f"{len(plan.jobs) - len(todo)} already done, results in {store.root}")
     outcome = launcher.run(plan, store)
+    if outcome.submitted or outcome.attached:
+        console.print(f"[bold]SLURM[/bold]: {len(outcome.submitted)} jobs submitted, {len(outcome.attached)} followed "
+                      f"from an earlier launch; records in {store.root / 'slurm' / 'jobs.json'}", highlight=False)
+    if not outcome.waited:
+        stopped = getattr(launcher, "wait", False)  # asked to wait, but stopped (time limit, no squeue, Ctrl-C)
+        console.print(("stopped following the jobs (they keep running)" if stopped else "not waiting for the jobs")
+                      + f": follow them with [bold]harness sweep {args.config} {' '.join(args.overrides)} --status"
+                      "[/bold]; re-run this command to collect the report (and resubmit what failed)", highlight=False)
+        return 1 if stopped else 0
     for jid, sec in outcome.seconds.items():
         console.print(f"  {jid}: {sec:.1f} s" + (f"  [red]failed[/red]: {outcome.failed[jid]}" if jid in outcome.failed
                                                  else ""), highlight=False)
+    for jid, err in outcome.failed.items():
+        if jid not in outcome.seconds:
+            console.print(f"  {jid}: [red]failed[/red]: {err}", highlight=False)
     console.print(f"[bold]sweep wall time[/bold] {outcome.wall:.1f} s ({len(outcome.ran)} ran, "
                   f"{len(outcome.skipped)} reused, {len(outcome.failed)} failed)")
+    if outcome.submitted or outcome.attached:
+        console.print(f"SLURM: {len(outcome.submitted)} jobs submitted, {sum(outcome.requeues.values())} requeues "
+                      f"survived ({len(outcome.requeues)} jobs), {len(outcome.lost)} jobs lost (left the queue "
+                      "without a result)", highlight=False)
     table = build_table(store.root)
     print_report(table, console)
     paths = write_report(table, store.root / "report")
@@ -113,6 +138,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from harness.config import parse_overrides, to_plain
+    from harness.data.prepare import prepare_command
+
+    overrides = to_plain(parse_overrides(args.overrides)) if args.overrides else None
+    prepare_command(args.dataset, args.root, cache_dir=args.cache_dir, overrides=overrides, force=args.force,
+                    console=console)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Benchmark harness for self-supervised 3D pre-training")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -126,8 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] methods.csc.steps=10")
     s.add_argument("--launcher", choices=["local", "slurm"], help="override launcher.name")
     s.add_argument("--dry-run", action="store_true", help="validate and print the job plan; submit nothing")
-    s.add_argument("--status", action="store_true", help="show each cell's state from the store")
+    s.add_argument("--status", action="store_true",
+                   help="show each cell's state from the store and, for SLURM jobs, squeue/sacct")
+    s.add_argument("--no-wait", action="store_true",
+                   help="SLURM: submit and return without following the jobs (then use --status)")
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("data", help="dataset utilities")
+    data_sub = s.add_subparsers(dest="data_command", required=True)
+    d = data_sub.add_parser("prepare", help="validate a release and convert it once into the fast cache")
+    d.add_argument("dataset", help="registered dataset name: scannet, s3dis, semantickitti, sunrgbd")
+    d.add_argument("--root", help="the release in its official layout (default: the embedded miniature)")
+    d.add_argument("--cache-dir", help="where the cache goes (default: the dataset config's cache_dir)")
+    d.add_argument("--force", action="store_true", help="rebuild the cache even if it is complete")
+    d.add_argument("overrides", nargs="*", help="dataset config overrides, e.g. frame_skip=25")
+    d.set_defaults(func=cmd_data_prepare)
 
     s = sub.add_parser("report", help="print and write Table 1 of a run")
     s.add_argument("run", help="runs/<sweep> directory or the sweep's YAML")
@@ -137,7 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides given after an option (e.g. --launcher slurm a.b=1)
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s %(message)s")
     try:

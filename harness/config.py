@@ -104,6 +104,8 @@ class LocalLauncherConfig:
 
 @dataclass
 class SlurmStageConfig:
+    """Per-stage overrides (launcher.slurm.pretrain / .finetune): null = the launcher.slurm value."""
+
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -119,21 +121,40 @@ class SlurmStageConfig:
 
 @dataclass
 class SlurmLauncherConfig:
+    # sbatch --partition (null = the cluster's default partition)
     partition: Optional[str] = None
+    # sbatch --account / --qos / --constraint (null = not passed)
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
+    # GPUs per node (0 = none requested); CPUs per task (= torch threads); memory per node (0 = site default)
     gpus_per_node: int = 1
     cpus_per_task: int = 8
     mem_gb: int = 32
+    # Time limit of one job (minutes); a job reaching it is checkpointed and requeued.
     timeout_min: int = 24 * 60
     nodes: int = 1
+    # Processes per node (one per GPU for multi-GPU training; launched by srun).
     tasks_per_node: int = 1
-    # Cap on fine-tuning array jobs running at once.
+    # Cap on fine-tuning array tasks running at once (sbatch --array=...%N).
     array_parallelism: int = 32
-    # Extra sbatch parameters, e.g. {mail-type: END}.
+    # Extra sbatch parameters, e.g. {mail-type: END, exclude: "node[01-02]"}.
     additional_parameters: Dict[str, Any] = field(default_factory=dict)
-    # Per-stage overrides of the fields above.
+    # Shell lines run in the job before the harness starts (module load ..., source venv/bin/activate).
+    setup: List[str] = field(default_factory=list)
+    # Seconds before the time limit at which SLURM sends submitit's checkpoint signal (USR2).
+    signal_delay_s: int = 90
+    # Requeues after reaching the time limit before a job counts as failed (preemptions: unlimited).
+    max_num_timeout: int = 3
+    # Follow the jobs until they end (false or --no-wait: submit, print the job ids, return).
+    wait: bool = True
+    # Seconds between two looks at squeue and the store while waiting.
+    poll_s: float = 10.0
+    # Stop waiting (jobs keep running) when squeue has not answered for this long.
+    unreachable_min: float = 10.0
+    # Stop waiting after this long in all (jobs keep running; --status, or re-run to collect); 0 = no limit.
+    max_wait_min: float = 0.0
+    # Per-stage overrides of the resource fields above.
     pretrain: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     finetune: SlurmStageConfig = field(default_factory=SlurmStageConfig)
 
@@ -230,8 +251,13 @@ def parse_overrides(items: Iterable[str]) -> DictConfig:
 
 
 def to_plain(cfg: Any) -> Any:
+    """Plain Python data (dicts, lists, scalars) of an omegaconf config or a dataclass instance."""
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        from dataclasses import asdict
+
+        return asdict(cfg)
     return cfg
 
 

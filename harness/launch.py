@@ -7,16 +7,28 @@ with its error and log path) and never decides anything from the scheduler's sta
 
 Launchers express the pre-train -> fine-tune dependency themselves: locally by starting a
 fine-tuning job only when its pre-training result is in the store; on SLURM with ``afterok``.
+
+Signals in a SLURM job (see scripts/slurm_local.sh for how SLURM and submitit behave):
+- USR2 (submitit's ``--signal=USR2@90`` before the time limit, or a preemption) and USR1
+  (``scancel --signal=USR1``, or ``--signal=USR1@...`` in the sweep's extra sbatch parameters):
+  the trainer saves its checkpoint at the end of the current step, then submitit's handler dumps
+  ``Job.checkpoint`` and requeues the job (``scontrol requeue``) and exits;
+- TERM (``scontrol requeue``, preemption with PreemptMode=REQUEUE, ``scancel``): the trainer
+  saves its checkpoint and stops; SLURM requeues the job itself (or it was cancelled).
+Either way nothing is recorded as a failure, and the requeued job resumes from the checkpoint.
+A requeued job whose result is already in the store returns it without running again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import time
 import traceback
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -54,11 +66,25 @@ def job_threads(spec: JobSpec) -> int:
     return os.cpu_count() or 1
 
 
+def now_iso() -> str:
+    """Local time with milliseconds and UTC offset (start/end times of jobs are compared)."""
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+def _slurm_info() -> Dict[str, Any]:
+    """The SLURM job id and restart count of this process (empty outside SLURM)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+    return {"slurm_job_id": job, "slurm_restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+
+
 def _log_path() -> Optional[str]:
     try:
         env = submitit.JobEnvironment()
         return str(env.paths.stderr)
-    except RuntimeError:
+    except (RuntimeError, KeyError):  # not inside a submitit job (debug executor, plain call)
         return None
 
 
@@ -90,14 +116,13 @@ def _prepared(dataset: Any) -> Any:
     return prepared(dataset)
 
 
-def run_pretrain(spec: JobSpec) -> Dict[str, Any]:
+def run_pretrain(spec: JobSpec, sync: bool = True) -> Dict[str, Any]:
     """Pre-train ``spec.method`` and export its backbone; returns (and stores) the result."""
     from harness.config import plugin_config
     from harness.registry import METHODS
 
     store = Store(Path(spec.run_dir))
-    workdir = store.job_dir(PRETRAIN, spec.id)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = claim_workdir(store.job_dir(PRETRAIN, spec.id), spec.config_hash, sync)
     start = time.time()
     method_cfg = plugin_config("method", spec.method, spec.method_cfg)
     method = METHODS.get(spec.method)(method_cfg)
@@ -121,13 +146,16 @@ def run_finetune(spec: JobSpec) -> Dict[str, Any]:
 
     store = Store(Path(spec.run_dir))
     if spec.inline_pretrain:
-        _ensure_inline_pretrain(spec, store)
+        from harness import distributed as dist
+
+        if dist.is_main():
+            _ensure_inline_pretrain(spec, store)
+        dist.barrier()
     pre = store.read(PRETRAIN, spec.pretrain_id)
     if not pre or pre.get("status") != DONE or pre.get("config_hash") != spec.pretrain_hash:
         raise RuntimeError(f"pre-training {spec.pretrain_id} has no current result in {store.root}/pretrain; "
                            f"it must finish before {spec.id}")
-    workdir = store.job_dir(FINETUNE, spec.id)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = claim_workdir(store.job_dir(FINETUNE, spec.id), spec.config_hash)
     start = time.time()
     task_cfg = plugin_config("task", spec.task, spec.task_cfg)
     task = TASKS.get(spec.task)(task_cfg)
@@ -148,6 +176,44 @@ def run_finetune(spec: JobSpec) -> Dict[str, Any]:
     return result
 
 
+CONFIG_MARKER = "config_hash"
+
+
+def claim_workdir(workdir: Path, config_hash: str, sync: bool = True) -> Path:
+    """The job's working directory, cleared of a previous attempt's training state when that
+    attempt had another configuration.
+
+    The trainer resumes from ``ckpt/<name>-last.pt`` whatever wrote it; a re-launch after a
+    config change (same job id, new hash) must start from step 0, not from the old run's
+    weights. Same hash: the checkpoint is kept and resumed (requeue, retry after a crash).
+    ``sync``: all ranks call this and wait for the main rank (False: only the main rank calls).
+    """
+    import shutil
+
+    from harness import distributed as dist
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not dist.is_main():
+        if sync:
+            dist.barrier()  # the main rank clears and marks the directory
+        return workdir
+    marker = workdir / CONFIG_MARKER
+    previous = marker.read_text().strip() if marker.is_file() else None
+    if previous != config_hash:
+        stale = [p for p in [workdir / "ckpt", *workdir.glob("metrics-*.jsonl")] if p.exists()]
+        if stale:
+            log.warning("job.stale_state workdir=%s old_hash=%s new_hash=%s removed=%s", workdir, previous,
+                        config_hash, ",".join(p.name for p in stale))
+        for p in stale:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        from harness.data.cache import atomic_write_text
+
+        atomic_write_text(marker, config_hash + "\n")
+    if sync:
+        dist.barrier()
+    return workdir
+
+
 def _ensure_inline_pretrain(spec: JobSpec, store: Store) -> None:
     """Run a data-free method's 'pre-training' (Scratch: seeded init) once, under a lock."""
     from harness.data.cache import file_lock
@@ -159,7 +225,7 @@ def _ensure_inline_pretrain(spec: JobSpec, store: Store) -> None:
         pspec = JobSpec(PRETRAIN, spec.pretrain_id, spec.method, spec.seed, spec.run_dir, spec.method_cfg,
                         spec.backbone, spec.trainer, spec.device, spec.dataset, spec.dataset_cfg,
                         config_hash=spec.pretrain_hash or "", threads=spec.threads)
-        run_pretrain(pspec)
+        run_pretrain(pspec, sync=False)
 
 
 def torch_seed(seed: int) -> None:
@@ -176,8 +242,12 @@ def torch_seed(seed: int) -> None:
 def _provenance() -> Dict[str, Any]:
     from harness.context import git_commit
 
-    return {"git_commit": git_commit(), "host": socket.gethostname(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "log": _log_path()}
+    return {"git_commit": git_commit(), "host": socket.gethostname(), "started": _STARTED.get("at"),
+            "finished": now_iso(), "log": _log_path(), **_slurm_info()}
+
+
+# When the current job (this attempt) started: set by Job.__call__, read into the result.
+_STARTED: Dict[str, str] = {}
 
 
 RUNNERS: Dict[str, Callable[[JobSpec], Dict[str, Any]]] = {PRETRAIN: run_pretrain, FINETUNE: run_finetune}
@@ -187,15 +257,26 @@ class Job(submitit.helpers.Checkpointable):
     """The job function of every launcher: runs one ``JobSpec`` and records success or failure."""
 
     def __call__(self, spec: JobSpec) -> Dict[str, Any]:
+        _STARTED["at"] = now_iso()
         setup_logging()
+        done = Store(Path(spec.run_dir)).read(spec.kind, spec.id)
+        if done and done.get("status") == DONE and done.get("config_hash") == spec.config_hash:
+            # e.g. SLURM requeued a job that had already finished (scontrol requeue within KillWait)
+            log.info("job.already_done id=%s", spec.id)
+            return done
         _set_threads(job_threads(spec))
+        _checkpoint_on_usr1()
         from harness import distributed as dist
         from harness.train import Preempted
 
         dist.init_from_env()
+        log.info("job.start id=%s kind=%s %s", spec.id, spec.kind,
+                 " ".join(f"{k}={v}" for k, v in _slurm_info().items()))
         try:
             return RUNNERS[spec.kind](spec)
-        except Preempted:
+        except (Preempted, SystemExit):
+            # Checkpoint saved; submitit's handler requeued the job and exits (SystemExit), or
+            # SLURM itself requeues/cancels it (TERM). Not a failure of the job.
             raise
         except BaseException as exc:
             if dist.is_main():
@@ -207,6 +288,25 @@ class Job(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(Job(), spec)
 
 
+def _checkpoint_on_usr1() -> None:
+    """In a submitit SLURM job, USR1 checkpoints and requeues like submitit's own signal.
+
+    submitit handles only its preemption signal (USR2 by default); USR1 is what users send with
+    ``scancel --signal=USR1`` and what many sites configure with ``--signal=USR1@<s>``. The
+    trainer catches it first (checkpoint at the end of the step) and then calls this handler.
+    """
+    try:
+        env = submitit.JobEnvironment()
+    except (RuntimeError, KeyError):
+        return
+    if env.cluster != "slurm":
+        return
+    usr = getattr(signal, "SIG" + submitit.slurm.slurm.SlurmJobEnvironment.USR_SIG, None)
+    handler = signal.getsignal(usr) if usr is not None else None
+    if callable(handler) and usr != signal.SIGUSR1:
+        signal.signal(signal.SIGUSR1, handler)
+
+
 def record_failure(spec: JobSpec, exc: BaseException) -> None:
     store = Store(Path(spec.run_dir))
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
@@ -214,5 +314,5 @@ def record_failure(spec: JobSpec, exc: BaseException) -> None:
         "status": FAILED, "kind": spec.kind, "id": spec.id, "method": spec.method, "column": spec.column,
         "dataset": spec.dataset, "task": spec.task, "seed": spec.seed, "config_hash": spec.config_hash,
         "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(tb[-8:]), "log": _log_path(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "host": socket.gethostname(), "started": _STARTED.get("at"), "finished": now_iso(), **_slurm_info(),
     })

@@ -83,7 +83,7 @@ def build_table(run_dir: Path, plan: Optional[Dict[str, Any]] = None) -> Table:
     order = list(dict.fromkeys(c.dataset for c in cols))
     cols.sort(key=lambda c: order.index(c.dataset))
     methods = list(plan["methods"])
-    groups = {m: method_group(m) for m in methods}
+    groups = {m: plan.get("groups", {}).get(m) or method_group(m) for m in methods}
     rank = {g: i for i, g in enumerate(GROUPS)}
     methods.sort(key=lambda m: (rank.get(groups[m], len(GROUPS)), plan["methods"].index(m)))
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from rich.table import Table
 
@@ -28,17 +28,29 @@ def job_state(store: Store, spec: Any, queue: Optional[Dict[str, str]] = None) -
     return "pending"
 
 
-def print_plan(plan: Plan, store: Store, sweep: Any, console: Any) -> None:
+def print_plan(plan: Plan, store: Store, sweep: Any, console: Any,
+               resources: Optional[Dict[str, Dict[str, str]]] = None, notes: Sequence[str] = ()) -> None:
+    """The job plan. ``resources``: the launcher's extra columns per job to submit (SLURM: how it
+    is submitted, resources, time limit, dependency); ``notes``: summary lines (GPU-hours)."""
     t = Table(title=f"Plan of sweep {plan.sweep} -> {store.root}")
-    for col in ("job", "kind", "method", "dataset / task", "seed", "depends on", "state"):
-        t.add_column(col)
+    extra: List[str] = []
+    for row in (resources or {}).values():
+        extra += [k for k in row if k not in extra]
+    cols = ["job", "kind", "method", "dataset / task", "seed"] + (extra or ["depends on"]) + ["state"]
+    for col in cols:
+        t.add_column(col, no_wrap=col == "job")
     for j in plan.jobs:
         what = j.dataset if j.kind == PRETRAIN else f"{j.dataset} / {j.task}"
-        dep = "" if j.kind == PRETRAIN else (j.pretrain_id + (" (inline)" if j.inline_pretrain else ""))
-        t.add_row(j.id, j.kind, j.method, what, str(j.seed), dep, job_state(store, j))
+        if extra:
+            cells = [(resources or {}).get(j.id, {}).get(k, "—") for k in extra]
+        else:
+            cells = ["" if j.kind == PRETRAIN else (j.pretrain_id + (" (inline)" if j.inline_pretrain else ""))]
+        t.add_row(j.id, j.kind, j.method, what, str(j.seed), *cells, job_state(store, j))
     console.print(t)
     console.print(f"{len(plan.pretrain)} pre-training jobs, {len(plan.finetune)} fine-tuning jobs, "
                   f"launcher {sweep.cfg.launcher.name}")
+    for line in notes:
+        console.print(line, highlight=False)
 
 
 def print_status(plan: Plan, store: Store, sweep: Any, console: Any, queue: Optional[Dict[str, str]] = None) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -45,6 +47,20 @@ class Store:
 
     def write(self, kind: str, job_id: str, result: Dict[str, Any]) -> Path:
         return atomic_write_json(self.result_path(kind, job_id), result)
+
+    def archive(self, kind: str, job_id: str) -> Optional[Path]:
+        """Move a job's result aside (into ``attempts/``) before the job runs again.
+
+        A re-launched job must not be judged by its previous attempt's result (e.g. a failure
+        that a waiting launcher would read as the new attempt's outcome).
+        """
+        path = self.result_path(kind, job_id)
+        if not path.is_file():
+            return None
+        dest = path.parent / "attempts" / f"result-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.json"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        return dest
 
     def is_done(self, kind: str, job_id: str, config_hash: str) -> bool:
         r = self.read(kind, job_id)

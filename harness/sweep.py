@@ -65,6 +65,7 @@ class Plan:
     columns: List[str] = field(default_factory=list)
     methods: List[str] = field(default_factory=list)
     seeds: List[int] = field(default_factory=list)
+    groups: Dict[str, str] = field(default_factory=dict)  # method -> Table-1 row group
 
     @property
     def jobs(self) -> List[JobSpec]:
@@ -72,7 +73,7 @@ class Plan:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"sweep": self.sweep, "run_dir": str(self.run_dir), "columns": self.columns, "methods": self.methods,
-                "seeds": self.seeds, "jobs": [j.to_dict() for j in self.jobs]}
+                "groups": self.groups, "seeds": self.seeds, "jobs": [j.to_dict() for j in self.jobs]}
 
 
 def pretrain_id(method: str, seed: int) -> str:
@@ -92,6 +93,7 @@ def make_plan(sweep: ResolvedSweep) -> Plan:
     pre_ds = cfg.pretrain_dataset
     for method, mcfg in sweep.methods.items():
         cls = METHODS.get(method)
+        plan.groups[method] = cls.group
         inline = len(cls.consumes) == 0
         for seed in cfg.seeds:
             method_cfg = to_plain(mcfg)

@@ -1,45 +1,20 @@
-"""Shared fixtures: a small embedded ScanNet in a session cache, the real samples' location."""
+"""Session fixtures (small embedded datasets, the real samples' location) for every test module."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = Path(os.environ.get("HARNESS_SAMPLES", REPO.parent / "shared" / "samples"))
-
-
-def samples_dir(*parts: str) -> Path:
-    """A path under the real sample files; skips the test (saying why) when they are absent."""
-    path = SAMPLES.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real sample files not available at {path} (set HARNESS_SAMPLES); "
-                    "they are never copied into this repository")
-    return path
+from .data_helpers import (  # noqa: F401 (fixtures are found by name)
+    cache_dir,
+    sample,
+    small_kitti,
+    small_s3dis,
+    small_scannet,
+    small_sunrgbd,
+)
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """One cache for the session; HARNESS_TEST_CACHE reuses generated data across runs."""
-    env = os.environ.get("HARNESS_TEST_CACHE")
-    if env:
-        Path(env).mkdir(parents=True, exist_ok=True)
-        return Path(env)
-    return tmp_path_factory.mktemp("cache")
+def pytest_configure(config):
+    """One torch thread: the tests' tensors are small, and intra-op threads only add
+    synchronisation cost (and, on a loaded machine, heavy contention)."""
+    import torch
 
-
-@pytest.fixture(scope="session")
-def small_scannet(cache_dir):
-    """The embedded ScanNet with few scenes and frames (same generator and reader as make table1)."""
-    from omegaconf import OmegaConf
-
-    from harness.data.scannet import ScanNet, ScanNetConfig
-
-    cfg = OmegaConf.structured(ScanNetConfig)
-    cfg.cache_dir = str(cache_dir)
-    cfg.embedded.train_scenes = 3
-    cfg.embedded.val_scenes = 1
-    cfg.embedded.frames_per_scene = 4
-    return ScanNet(cfg)
+    torch.set_num_threads(1)

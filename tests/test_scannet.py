@@ -8,11 +8,11 @@ import pytest
 from harness.data.ply import PlyError, read_ply
 from harness.data.scannet import IGNORE, VALID_CLASS_IDS, nyu40_to_train
 
-from .conftest import samples_dir
+from .data_helpers import sample
 
 
 def test_real_scene_ply_matches_published_facts():
-    d = samples_dir("scannet", "scans", "scene0470_00")
+    d = sample("scannet", "scans", "scene0470_00")
     mesh = read_ply(d / "scene0470_00_vh_clean_2.ply")
     labels = read_ply(d / "scene0470_00_vh_clean_2.labels.ply")
     assert len(mesh["x"]) == 67465 and mesh["faces"].shape == (127003, 3)
@@ -34,7 +34,7 @@ def test_real_scene_ply_matches_published_facts():
 def test_embedded_palette_matches_the_release():
     from harness.data.scannet_embedded import NYU40_PALETTE
 
-    d = samples_dir("scannet", "scans", "scene0470_00")
+    d = sample("scannet", "scans", "scene0470_00")
     labels = read_ply(d / "scene0470_00_vh_clean_2.labels.ply")
     rgb = np.stack([labels["red"], labels["green"], labels["blue"]], -1)
     for nyu in (1, 2, 5, 7, 8, 9, 30, 37, 39):
@@ -91,13 +91,14 @@ def test_frames_back_project_onto_the_scene(small_scannet):
     align = s["axis_alignment"]
     raw = (s["points"].astype(np.float64) - align[:3, 3]) @ np.linalg.inv(align[:3, :3]).T
     tree = cKDTree(raw)
+    spacing = ds.cfg.embedded.mesh_spacing
     for ref in ds.frames(scene)[:2]:
         f = ref.load()
-        pts, colors = f.points(world=True, stride=2)
-        assert len(pts) > 1000
+        pts, colors = f.points(world=True)
+        assert len(pts) > 0.5 * f.depth.size
         d, idx = tree.query(pts)
-        # mesh vertices are 4 cm apart: every surface point is within a vertex spacing
-        assert np.percentile(d, 99) < 0.04
+        # every surface point is within one vertex spacing of a mesh vertex
+        assert np.percentile(d, 99) < spacing
         # colours agree with the mesh's vertex colours (JPEG and texture cells aside)
         diff = np.abs(colors.astype(int) - s["colors"][idx].astype(int)).mean()
         assert diff < 25

@@ -5,7 +5,10 @@ Per scene under ``<root>/scans/<scene>/``: ``<scene>_vh_clean_2.ply`` (mesh with
 ``<scene>_vh_clean_2.0.010000.segs.json`` (instances as groups of over-segments, labelled
 with raw category names that ``scannetv2-labels.combined.tsv`` maps to NYU40) and
 ``<scene>.txt`` (``axisAlignment``). Splits: ``<root>/scannetv2_{train,val}.txt``. RGB-D frames
-are read from the SensReader export layout under ``frames_root/<scene>/`` (see frames.py).
+ship inside ``<scene>.sens`` (decoded by harness.data.sens); they are read from the SensReader
+export layout (see frames.py): ``frames_root/<scene>/`` when that folder holds an export, else
+every ``frame_skip``-th valid frame of the ``.sens`` is exported once into
+``<cache_dir>/scannet-frames/`` (locked, atomic) and read from there.
 
 Labels: the 20-class benchmark (NYU40 ids ``VALID_CLASS_IDS``) as train ids 0..19, everything
 else ``IGNORE``; instances of the 18 classes without wall and floor; axis-aligned boxes of those
@@ -15,6 +18,7 @@ instances (heading 0) after the axis alignment.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -69,8 +73,12 @@ class EmbeddedScanNetConfig:
 @dataclass
 class ScanNetConfig(DatasetConfig):
     dataset: str = "scannet"
-    # Exported frames (SensReader layout) per scene; null = <root>/frames.
+    # Already exported frames (SensReader layout) per scene; null = <root>/frames. Scenes without
+    # an export there are exported from their .sens into the cache on first use.
     frames_root: Optional[str] = None
+    # Export every N-th frame of a .sens (frames with an invalid pose are skipped);
+    # null = 1 for the embedded miniature, 25 for a real release.
+    frame_skip: Optional[int] = None
     # Apply <scene>.txt's axisAlignment to the points (and give boxes in that frame).
     align: bool = True
     embedded: EmbeddedScanNetConfig = field(default_factory=EmbeddedScanNetConfig)
@@ -79,6 +87,8 @@ class ScanNetConfig(DatasetConfig):
 @DATASETS.register("scannet")
 class ScanNet(Dataset):
     Config = ScanNetConfig
+    # Bump when load() output can change for the same files (invalidates prepared caches).
+    version = "2"
     tasks = ("semseg", "instseg", "detection")
     has_frames = True
     class_names = CLASS_NAMES
@@ -88,7 +98,8 @@ class ScanNet(Dataset):
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
-        if cfg.root is None:
+        self.embedded = cfg.root is None
+        if self.embedded:
             from harness.data.scannet_embedded import ensure_embedded_scannet
 
             self.root = ensure_embedded_scannet(Path(cfg.cache_dir), cfg.embedded)
@@ -123,13 +134,17 @@ class ScanNet(Dataset):
                 return np.asarray(values).reshape(4, 4)
         return np.eye(4)
 
+    def required_files(self, scene: str) -> List[Path]:
+        """Files load() cannot do without (labels and instances are optional: test scenes have none)."""
+        return [self.scene_dir(scene) / f"{scene}_vh_clean_2.ply"]
+
     def load(self, scene: str) -> Dict[str, Any]:
         d = self.scene_dir(scene)
         mesh = read_ply(d / f"{scene}_vh_clean_2.ply")
         points = np.stack([mesh["x"], mesh["y"], mesh["z"]], -1).astype(np.float64)
         colors = np.stack([mesh["red"], mesh["green"], mesh["blue"]], -1).astype(np.uint8)
         align = self.axis_alignment(scene) if self.cfg.align else np.eye(4)
-        points = (points @ align[:3, :3].T + align[:3, 3]).astype(np.float32)
+        points = (np.einsum("ij,kj->ik", points, align[:3, :3]) + align[:3, 3]).astype(np.float32)
         out: Dict[str, Any] = {"scene": scene, "points": points, "colors": colors, "axis_alignment": align}
         labels_path = d / f"{scene}_vh_clean_2.labels.ply"
         if labels_path.is_file():
@@ -193,16 +208,42 @@ class ScanNet(Dataset):
         return self._raw_to_nyu40
 
     # -- frames ---------------------------------------------------------------------------------
-    def frames(self, scene: str) -> List[FrameRef]:
+    @property
+    def frame_skip(self) -> int:
+        skip = getattr(self.cfg, "frame_skip", None)
+        return int(skip) if skip is not None else (1 if self.embedded else 25)
+
+    def frames_dir(self, scene: str) -> Path:
+        """The SensReader export of ``scene``: under frames_root, or exported from its .sens now."""
         d = self.frames_root / scene
-        if not (d / "pose").is_dir():
-            raise FileNotFoundError(f"no exported frames for {scene}: {d}/pose missing (export the .sens with "
-                                    f"'harness data prepare scannet' or set datasets.scannet.frames_root)")
+        if (d / "pose").is_dir():
+            return d
+        sens = self.scene_dir(scene) / f"{scene}.sens"
+        if not sens.is_file():
+            raise FileNotFoundError(f"no frames for {scene}: neither an export in {d} (pose/ missing) nor {sens}")
+        from harness.data.cache import ensure_generated
+        from harness.data.sens import export_sens
+
+        skip = self.frame_skip
+        st = sens.stat()
+        key = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:12]
+        target = Path(self.cfg.cache_dir) / "scannet-frames" / f"{key}-skip{skip}" / scene
+        params = {"exporter": "sens", "version": 1, "source": str(sens.resolve()), "bytes": st.st_size,
+                  "mtime_ns": st.st_mtime_ns, "frame_skip": skip}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return ensure_generated(target, params, lambda tmp: export_sens(sens, tmp, skip))
+
+    def frames(self, scene: str) -> List[FrameRef]:
+        d = self.frames_dir(scene)
         k_color = read_matrix(d / "intrinsic" / "intrinsic_color.txt")[:3, :3]
         k_depth = read_matrix(d / "intrinsic" / "intrinsic_depth.txt")[:3, :3]
+        scale = 1000.0
+        meta = d / "export.json"
+        if meta.is_file():
+            scale = float(json.loads(meta.read_text()).get("depth_shift", 1000.0))
         ids = sorted(int(p.stem) for p in (d / "pose").glob("*.txt"))
         return [FrameRef(scene, i, d / "color" / f"{i}.jpg", d / "depth" / f"{i}.png", d / "pose" / f"{i}.txt",
-                         k_color, k_depth) for i in ids]
+                         k_color, k_depth, scale) for i in ids]
 
 
 def instance_boxes(points: np.ndarray, instance: np.ndarray, instance_label: np.ndarray,

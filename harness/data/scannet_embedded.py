@@ -3,31 +3,33 @@
 Deterministic from a seed, generated on first use into the cache directory. Each scene is a
 room of box furniture (harness.data.rooms) placed in a random "scan" frame (its
 ``axisAlignment`` undoes that), with the two PLYs (same headers and property types as the
-release), instance annotations (aggregation + over-segmentation), the scene .txt, and RGB-D
-frames ray-cast from a camera path (colour and depth at different resolutions, each with its
-intrinsics), so the reader reads it exactly as it reads real ScanNet.
+release), instance annotations (aggregation + over-segmentation), the scene .txt, the label map
+``scannetv2-labels.combined.tsv``, and RGB-D frames ray-cast from a camera path (colour and depth
+at different resolutions, each with its intrinsics) stored as the release stores them: in
+``scans/<scene>/<scene>.sens`` (JPEG colour, zlib depth in millimetres). The first scene's stream
+holds one frame with an all -inf pose, as real streams do, so the reader's skip path runs. The
+reader reads it exactly as it reads real ScanNet (and exports the frames from the .sens).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
-from PIL import Image
 
+from harness.config import to_plain
 from harness.data import synth
 from harness.data.cache import ensure_generated
-from harness.data.frames import write_depth_png
 from harness.data.ply import write_ply
+from harness.data.sens import SensHeader, write_sens
 from harness.data.rooms import Room, make_room
 from harness.data.scannet import LABEL_TSV, NYU40_NAMES
 
 log = logging.getLogger(__name__)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # generic room category -> (ScanNet raw category, NYU40 id)
 RAW_CATEGORY = {
@@ -50,20 +52,9 @@ NYU40_PALETTE = np.array([
 
 
 def ensure_embedded_scannet(cache_dir: Path, cfg: Any) -> Path:
-    params = {"generator": "scannet", "version": GENERATOR_VERSION, **_plain(cfg)}
+    params = {"generator": "scannet", "version": GENERATOR_VERSION, **to_plain(cfg)}
     target = Path(cache_dir) / f"embedded-scannet-s{params['seed']}"
     return ensure_generated(target, params, lambda tmp: generate(tmp, params))
-
-
-def _plain(cfg: Any) -> Dict[str, Any]:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:
-        pass
-    return dict(asdict(cfg)) if hasattr(cfg, "__dataclass_fields__") else dict(cfg)
 
 
 def scene_names(params: Dict[str, Any]) -> Tuple[List[str], List[str]]:
@@ -82,7 +73,7 @@ def generate(root: Path, params: Dict[str, Any]) -> None:
     for i, scene in enumerate(track(train + val, description="generating embedded ScanNet", transient=True)):
         rng = np.random.default_rng([params["seed"], i])
         room = make_room(rng)
-        write_scene(root, scene, room, rng, params)
+        write_scene(root, scene, room, rng, params, invalid_frame=i == 0)
 
 
 def write_label_tsv(path: Path) -> None:
@@ -96,7 +87,8 @@ def write_label_tsv(path: Path) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
-def write_scene(root: Path, scene: str, room: Room, rng: np.random.Generator, params: Dict[str, Any]) -> None:
+def write_scene(root: Path, scene: str, room: Room, rng: np.random.Generator, params: Dict[str, Any],
+                invalid_frame: bool = False) -> None:
     d = root / "scans" / scene
     d.mkdir(parents=True, exist_ok=True)
     W, D, H = room.size
@@ -147,23 +139,22 @@ def write_scene(root: Path, scene: str, room: Room, rng: np.random.Generator, pa
         "colorHeight": hc, "colorWidth": wc, "depthHeight": hd, "depthWidth": wd,
         "fx_color": k_color[0, 0], "fx_depth": k_depth[0, 0], "fy_color": k_color[1, 1], "fy_depth": k_depth[1, 1],
         "mx_color": k_color[0, 2], "mx_depth": k_depth[0, 2], "my_color": k_color[1, 2], "my_depth": k_depth[1, 2],
-        "numColorFrames": len(frames), "numDepthFrames": len(frames), "numIMUmeasurements": 0,
+        "numColorFrames": len(frames) + int(invalid_frame), "numDepthFrames": len(frames) + int(invalid_frame),
+        "numIMUmeasurements": 0,
         "sceneType": room.kind.capitalize(),
     }
     (d / f"{scene}.txt").write_text("".join(f"{k} = {v}\n" for k, v in lines.items()))
 
-    fd = root / "frames" / scene
-    for sub in ("color", "depth", "pose", "intrinsic"):
-        (fd / sub).mkdir(parents=True, exist_ok=True)
-    np.savetxt(fd / "intrinsic" / "intrinsic_color.txt", k_color, fmt="%.6f")
-    np.savetxt(fd / "intrinsic" / "intrinsic_depth.txt", k_depth, fmt="%.6f")
-    np.savetxt(fd / "intrinsic" / "extrinsic_color.txt", np.eye(4), fmt="%.6f")
-    np.savetxt(fd / "intrinsic" / "extrinsic_depth.txt", np.eye(4), fmt="%.6f")
-    for j, (color, depth, pose) in enumerate(frames):
-        idx = j * 10  # exported every 10th frame, as SensReader's frame_skip would name them
-        Image.fromarray(color).save(fd / "color" / f"{idx}.jpg", quality=92)
-        write_depth_png(fd / "depth" / f"{idx}.png", depth)
-        np.savetxt(fd / "pose" / f"{idx}.txt", scan_from_aligned @ pose, fmt="%.9f")
+    # The RGB-D stream: poses in the scan frame (as the release's), one lost-tracking frame if asked.
+    stream = [(color, np.clip(np.rint(depth * 1000.0), 0, 65535).astype(np.uint16), scan_from_aligned @ pose)
+              for color, depth, pose in frames]
+    if invalid_frame and stream:
+        at = len(stream) // 3
+        color, depth, _ = stream[at]
+        stream.insert(at, (color, depth, np.full((4, 4), -np.inf)))
+    header = SensHeader(sensor_name="StructureSensor", intrinsic_color=k_color, intrinsic_depth=k_depth,
+                        color_compression=2, depth_compression=1, depth_shift=1000.0)
+    write_sens(d / f"{scene}.sens", header, stream)
 
 
 def frame_intrinsics(params: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,70 @@
+"""The local launcher end to end (`executor: debug`, in this process) on tiny sizes: a failing
+cell is recorded and the others go on; a second run reuses what is done and runs only what
+failed; bad inputs stop the sweep with one error before anything runs."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+
+from tests._sweeps import COLORIZATION, SWEEP, cli, install_plugin, local_args, result, tiny
+
+DIVERGING = COLORIZATION.replace("}", ", optimizer: {lr: 1.0e30}}")
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    from harness.registry import METHODS
+
+    METHODS.discover()
+    before = set(METHODS._entries)
+    install_plugin(tmp_path / "site", monkeypatch)
+    if "colorization" not in METHODS._entries:
+        METHODS.register("colorization", "harness_colorization:Colorization")
+    yield
+    for name in set(METHODS._entries) - before:
+        METHODS._entries.pop(name)
+
+
+def test_local_sweep_isolates_a_failure_and_reruns_only_it(tmp_path, cache_dir, small_scannet, plugin):
+    out = tmp_path / "runs"
+    run = out / "table1"
+    args = ["sweep", SWEEP, *tiny(out, cache_dir), *local_args(), f"methods.colorization={DIVERGING}"]
+    rc, text, err = cli(*args)
+    assert rc == 1, text + err
+    # lr = 1e30: the pre-training loss turns NaN from its second step; the trainer stops after
+    # max_bad_steps (5) non-finite losses in a row.
+    pre = result(run, "pretrain", "colorization__s0")
+    assert pre["status"] == "failed" and pre["error"].startswith("FloatingPointError: pretrain: loss is nan"), pre
+    cell = result(run, "finetune", "colorization__scannet-semseg__s0")
+    assert cell["status"] == "failed" and cell["error"].startswith("pre-training colorization__s0 failed"), cell
+    scratch = result(run, "finetune", "scratch__scannet-semseg__s0")
+    assert scratch["status"] == "done" and 0.0 <= scratch["value"] <= 1.0
+    assert datetime.fromisoformat(scratch["started"]) <= datetime.fromisoformat(scratch["finished"])
+    assert "(1 ran, 0 reused, 2 failed)" in text, text
+    report = (run / "report" / "table1.md").read_text()
+    assert "colorization / scannet-semseg: failed: pre-training colorization__s0 failed" in report, report
+
+    rc, text, _ = cli(*args, "--status")
+    assert rc == 0
+    assert "failed: FloatingPointError" in text and "1 done, 2 failed" in text, text
+
+    # Second run: the done cell is reused (same result file), the two failed jobs run again.
+    rc, text, _ = cli(*args)
+    assert rc == 1 and "(0 ran, 1 reused, 2 failed)" in text, text
+    assert result(run, "finetune", "scratch__scannet-semseg__s0") == scratch
+    assert json.loads((run / "plan.json").read_text())["methods"] == ["scratch", "colorization"]
+
+
+def test_bad_inputs_stop_before_anything_runs(tmp_path, cache_dir):
+    out = tmp_path / "runs"
+    base = ["sweep", SWEEP, *tiny(out, cache_dir), *local_args()]
+    rc, text, err = cli(*base, f"datasets.scannet.root={tmp_path / 'missing'}")
+    assert rc == 2
+    assert err.strip().splitlines() == [f"error: {SWEEP}: datasets.scannet.root: data directory "
+                                        f"{tmp_path / 'missing'} does not exist"], err
+    rc, text, err = cli(*base, "methods.nosuchmethod={}")
+    assert rc == 2 and "Unknown method 'nosuchmethod'" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

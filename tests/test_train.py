@@ -1,0 +1,125 @@
+"""The shared training loop: deterministic data order, schedules, resumption, signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from harness.config import OptimizerConfig, ScheduleConfig, TrainerConfig
+from harness.train import SCHEDULES, BatchStream, EpochSampler, Preempted, Trainer
+
+
+def test_epoch_sampler_order_and_resume():
+    s = EpochSampler(5, 2, seed=3)
+    first = [s.next_batch() for _ in range(6)]  # 12 items: epochs 0, 1 and 2 partly
+    flat = [i for b in first for i in b]
+    assert [e for _, e in flat] == [0] * 5 + [1] * 5 + [2] * 2
+    assert sorted(i for i, e in flat if e == 0) == [0, 1, 2, 3, 4]
+    assert [i for i, e in flat if e == 0] == np.random.default_rng([3, 0]).permutation(5).tolist()
+    s2 = EpochSampler(5, 2, seed=3)
+    for _ in range(3):
+        s2.next_batch()
+    state = s2.state_dict()
+    s3 = EpochSampler(5, 2, seed=3)
+    s3.load_state_dict(state)
+    assert [s3.next_batch() for _ in range(3)] == first[3:]
+
+
+def test_schedules_by_hand():
+    c = OmegaConf.structured(ScheduleConfig(power=0.9, gamma=0.5, step_size=10, milestones=[0.5, 0.75]))
+    assert SCHEDULES["poly"](c, 100)(50) == pytest.approx(0.5 ** 0.9)
+    assert SCHEDULES["step"](c, 100)(25) == pytest.approx(0.25)
+    assert SCHEDULES["cosine"](c, 100)(50) == pytest.approx(0.5)
+    assert SCHEDULES["multistep"](c, 100)(49) == 1.0
+    assert SCHEDULES["multistep"](c, 100)(80) == pytest.approx(0.25)
+
+
+class Regression(nn.Module):
+    """Least squares on a fixed random problem; its batches come from the item RNGs."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, batch):
+        pred = self.backbone(batch["x"]).squeeze(1)
+        return {"loss": ((pred - batch["y"]) ** 2).mean()}
+
+
+def make_stream(seed=0):
+    w = np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32)
+
+    def make_batch(items, rngs):
+        x = np.stack([r.normal(size=4).astype(np.float32) for r in rngs])
+        return {"x": torch.from_numpy(x), "y": torch.from_numpy(x @ w)}
+
+    return BatchStream(16, 4, seed, make_batch)
+
+
+def make_trainer(tmp_path, steps=12, every=3, stream=None):
+    torch.manual_seed(0)
+    cfg = OmegaConf.structured(TrainerConfig(checkpoint_every=every, log_every=1))
+    opt = OmegaConf.structured(OptimizerConfig(lr=0.05, momentum=0.9))
+    return Trainer(Regression(), stream or make_stream(), steps, opt, OmegaConf.structured(ScheduleConfig()),
+                   tmp_path, torch.device("cpu"), cfg, progress=False)
+
+
+def test_loss_falls(tmp_path):
+    t = make_trainer(tmp_path, steps=60, every=0)
+    t.fit()
+    log = [json.loads(line) for line in (tmp_path / "metrics-train.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 60 and log[-1]["loss"] < 0.5 * log[0]["loss"]
+
+
+def test_signal_then_resume_is_bit_identical(tmp_path):
+    ref = make_trainer(tmp_path / "ref")
+    ref.fit()
+
+    stream = make_stream()
+    inner = stream.make_batch
+    calls = {"n": 0}
+
+    def make_batch(items, rngs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # a preemption signal arrives during step 5
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return inner(items, rngs)
+
+    stream.make_batch = make_batch
+    first = make_trainer(tmp_path / "run", stream=stream)
+    with pytest.raises(Preempted):
+        first.fit()
+    assert first.step == 5  # stopped at the end of the step in which the signal came
+    resumed = make_trainer(tmp_path / "run")
+    result = resumed.fit()
+    assert result.resumed_from == 5
+    for (k, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    # the metric log has each step once
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics-train.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_torn_checkpoint_is_not_resumed_silently(tmp_path):
+    t = make_trainer(tmp_path, steps=3, every=1)
+    t.fit()
+    t.ckpt_path.write_bytes(t.ckpt_path.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        make_trainer(tmp_path, steps=6).fit()
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    def make_batch(items, rngs):
+        return {"x": torch.full((4, 4), float("nan")), "y": torch.zeros(4)}
+
+    t = make_trainer(tmp_path, stream=BatchStream(4, 4, 0, make_batch))
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        t.fit()
