@@ -420,14 +420,26 @@ class Detection(Task):
         return [int(c) for c in classes]
 
     @staticmethod
-    def mean_sizes(data: SceneData, classes: Sequence[int]) -> np.ndarray:
-        """Mean full extents (NC, 3) of each class's boxes over the training scenes (size classes)."""
+    def mean_sizes(data: SceneData, classes: Sequence[int], use_heading: bool = True) -> np.ndarray:
+        """Mean full extents (NC, 3) of each class's boxes over the training scenes (size classes).
+
+        Without ``use_heading``, an oriented box in the training set is an error (it would be
+        re-fitted to an axis-aligned box silently)."""
         sums = np.zeros((len(classes), 3))
         counts = np.zeros(len(classes))
         index = {c: k for k, c in enumerate(classes)}
         for i in range(len(data)):
             s = data.scene(i)
-            for box, label in zip(np.asarray(s["boxes"]).reshape(-1, 7), np.asarray(s["box_labels"]).reshape(-1)):
+            if "boxes" not in s or "box_labels" not in s:
+                raise KeyError(f"{data.dataset_name}: scene {data.names[i]} of split '{data.split}' has no "
+                               f"'boxes'/'box_labels' arrays, which detection needs")
+            boxes = np.asarray(s["boxes"]).reshape(-1, 7)
+            turned = np.nonzero(np.abs(np.sin(boxes[:, 6])) > 1e-6)[0]
+            if not use_heading and len(turned):
+                raise ValueError(f"detection.use_heading is false but {data.dataset_name} scene {data.names[i]} has "
+                                 f"oriented boxes (heading {float(boxes[turned[0], 6]):.3f} rad); set use_heading: true "
+                                 f"for this column")
+            for box, label in zip(boxes, np.asarray(s["box_labels"]).reshape(-1)):
                 k = index.get(int(label))
                 if k is not None:
                     sums[k] += box[3:6]
@@ -449,7 +461,7 @@ class Detection(Task):
                           boxes=mode)
         train.instances = all(k in train.scene(0) for k in ("instance", "instance_label"))
         val = SceneData(ds, cfg.eval_split, cfg.voxel_size, None, cfg.input_features, cfg.max_eval_scenes)
-        mean_sizes = self.mean_sizes(train, classes)
+        mean_sizes = self.mean_sizes(train, classes, cfg.use_heading)
         model = VoteNetModel(load_pretrained(ctx, cfg.feature_dim, cfg), len(classes), mean_sizes, cfg)
         nh = model.nh
 
