@@ -3,7 +3,7 @@
 PY ?= .venv/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test table1 bench minkowski
+.PHONY: setup test table1 report bench minkowski
 
 # A virtual environment with the CPU build of torch pinned (a looser pin pulls a CUDA build).
 setup: .venv/.setup-done
@@ -19,14 +19,24 @@ test: setup
 
 # Table 1 on the embedded miniature datasets (generated on first use); a second run reuses the
 # stored results. Extra arguments: make table1 ARGS="seeds=[0,1]"
+# Writes runs/table1/report/: table1.md/.csv/.tex/.html and the plots (deltas, training curves).
 table1: setup
 	$(PY) -m harness sweep configs/sweeps/table1.yaml $(ARGS)
 
-# Benchmarks, each writing its figures under reports/bench/.
+# The report of the embedded run again (partial runs too), e.g. make report ARGS="--compare published"
+report: setup
+	$(PY) -m harness report runs/table1 $(ARGS)
+
+# Benchmarks (not tests), each writing its figures under reports/bench/: the backbone
+# (Res16UNet34C fwd+bwd, torch backend vs MinkowskiEngine when installed, 2 threads;
+# BENCH_ARGS adds options, e.g. BENCH_ARGS="--sizes 20000 --repeats 2") and frame-pair mining.
 bench: setup
+	$(PY) bench/backbone.py --threads 2 --out reports/bench/backbone.md $(BENCH_ARGS)
 	$(PY) -m bench.pairs
 
-# Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached.
+# Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached
+# (~/.cache/harness/wheels; ME_WHEEL_CACHE overrides). A second run installs the cached wheel
+# in seconds, and does nothing when ME already imports.
 minkowski: setup
 	scripts/build_minkowski.sh $(PY)
 

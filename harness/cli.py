@@ -3,7 +3,8 @@
     harness methods                         registered methods (built-in and plugins)
     harness sweep CONFIG [key=value ...]    plan, run and report a sweep (--dry-run, --status,
                                             --launcher local|slurm, --no-wait)
-    harness report RUN_DIR|CONFIG           Table 1 from the results store
+    harness report RUN_DIR|CONFIG           Table 1 from the results store (--compare published,
+                                            --format md,csv,tex,html,png, --out DIR, --alpha A)
 
 Errors in configs, names or data paths print one line naming the file, key or value at fault
 and exit with status 2 (``--debug`` shows the traceback).
@@ -114,27 +115,53 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         console.print(f"SLURM: {len(outcome.submitted)} jobs submitted, {sum(outcome.requeues.values())} requeues "
                       f"survived ({len(outcome.requeues)} jobs), {len(outcome.lost)} jobs lost (left the queue "
                       "without a result)", highlight=False)
-    table = build_table(store.root)
+    report = sweep.cfg.report
+    table = build_table(store.root, compare=report.compare)
     print_report(table, console)
-    paths = write_report(table, store.root / "report")
-    console.print("report: " + ", ".join(str(p) for p in paths.values()), highlight=False)
+    paths = write_report(table, store.root / "report", list(report.formats))
+    _print_paths(paths)
     return 1 if outcome.failed else 0
 
 
+def _print_paths(paths: Dict[str, Path]) -> None:
+    if not paths:
+        console.print("report: nothing written (no format asked for)")
+        return
+    folder = next(iter(paths.values())).parent
+    console.print(f"report: {folder}/ " + " ".join(p.name for p in paths.values()), highlight=False)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.report import build_table, print_report, write_report
+    """Table 1 of a run, complete or not: what is missing is listed, never an error."""
+    from harness.report import ReportSettings, build_table, parse_formats, print_report, write_report
+    from harness.store import Store
 
     target = Path(args.run)
-    if target.is_file():  # a sweep config: its run directory
-        from harness.config import load_sweep
+    cfg_report: Dict[str, Any] = {}
+    if target.is_file():  # a sweep config: its run directory and its report settings
+        from harness.config import load_sweep, to_plain
 
-        target = load_sweep(target, args.overrides).run_dir
+        sweep = load_sweep(target, args.overrides)
+        target, cfg_report = sweep.run_dir, to_plain(sweep.cfg.report)
+    elif args.overrides:
+        raise ValueError(f"key=value overrides ({' '.join(args.overrides)}) need the sweep YAML, not a run directory")
     if not target.is_dir():
         raise FileNotFoundError(f"{target}: no such run directory (give runs/<sweep> or a sweep config)")
-    table = build_table(target)
+    plan = Store(target).read_plan()
+    if plan is None:
+        raise FileNotFoundError(f"{target}: no plan.json; is this a sweep run directory (runs/<sweep>)?")
+    settings_src = cfg_report or plan.get("report") or {}
+    settings = ReportSettings.from_mapping(settings_src)
+    if args.alpha is not None:
+        if not 0.0 < args.alpha < 1.0:
+            raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
+        settings.alpha = args.alpha
+    compare = args.compare if args.compare is not None else settings_src.get("compare")
+    formats = parse_formats(args.format if args.format is not None else settings_src.get("formats"))
+    table = build_table(target, plan, settings=settings, compare=compare or None)
     print_report(table, console)
-    paths = write_report(table, target / "report")
-    console.print("report: " + ", ".join(str(p) for p in paths.values()), highlight=False)
+    paths = write_report(table, Path(args.out) if args.out else target / "report", formats)
+    _print_paths(paths)
     return 0
 
 
@@ -184,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="print and write Table 1 of a run")
     s.add_argument("run", help="runs/<sweep> directory or the sweep's YAML")
     s.add_argument("overrides", nargs="*", help="key=value overrides of the sweep YAML")
+    s.add_argument("--compare", metavar="published|CSV",
+                   help="put reproduced and published values side by side ('published' = the paper's Table 1)")
+    s.add_argument("--format", metavar="FORMATS", help="comma-separated subset of md,csv,tex,html,png (default: all)")
+    s.add_argument("--out", metavar="DIR", help="output directory (default: RUN_DIR/report)")
+    s.add_argument("--alpha", type=float, help="significance level of the paired t-tests (default: report.alpha)")
     s.set_defaults(func=cmd_report)
     return p
 

@@ -178,6 +178,22 @@ class LauncherConfig:
 
 
 @dataclass
+class ReportConfig:
+    """How ``harness report`` decides significance and what it writes (see harness/reporting/stats.py)."""
+
+    # Significance level of the paired t-test over seeds (delta against Scratch, bold best of group).
+    alpha: float = 0.05
+    # Multiple-comparison correction over the deltas of one table: none | holm (Holm-Bonferroni).
+    correction: str = "none"
+    # Files written under runs/<sweep>/report/: any of md, csv, tex, html, png.
+    formats: List[str] = field(default_factory=lambda: ["md", "csv", "tex", "html", "png"])
+    # Put reproduced and published values side by side: null | published | path/to/table.csv.
+    compare: Optional[str] = None
+    # Decimals of the printed values (percent).
+    digits: int = 1
+
+
+@dataclass
 class SweepConfig:
     name: str = "???"
     # Where runs/<name>/ goes (results, checkpoints, logs, reports).
@@ -197,6 +213,7 @@ class SweepConfig:
     device: str = "auto"  # auto | cpu | cuda
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,6 +367,7 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
             raise ConfigError(f"{path}: missing required key '{key}'")
     if not cfg.methods:
         raise ConfigError(f"{path}: 'methods' is empty: name at least one method")
+    check_report_config(cfg.report, str(path))
 
     methods: Dict[str, DictConfig] = {}
     for name, extra in cfg.methods.items():
@@ -379,6 +397,28 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
                               f"'{col.task}' (it supports {', '.join(ds_cls.tasks)})")
         columns[cid] = task_cfg
     return ResolvedSweep(path=path, cfg=cfg, methods=methods, datasets=datasets, columns=columns)
+
+
+REPORT_FORMATS = ("md", "csv", "tex", "html", "png")
+CORRECTIONS = ("none", "holm")
+
+
+def check_report_config(report: Any, source: str) -> None:
+    """Values of ``report:`` that the schema's types cannot check."""
+    if not 0.0 < float(report.alpha) < 1.0:
+        raise ConfigError(f"{source}: report.alpha must be in (0, 1), got {report.alpha}")
+    if report.correction not in CORRECTIONS:
+        raise ConfigError(f"{source}: report.correction must be one of {', '.join(CORRECTIONS)}, "
+                          f"got {report.correction!r}")
+    bad = [f for f in report.formats if f not in REPORT_FORMATS]
+    if bad:
+        raise ConfigError(f"{source}: report.formats: unknown format(s) {', '.join(map(repr, bad))}; "
+                          f"known: {', '.join(REPORT_FORMATS)}")
+    if report.compare not in (None, "published") and not Path(report.compare).is_file():
+        raise ConfigError(f"{source}: report.compare must be null, 'published' or an existing CSV file, "
+                          f"got {report.compare!r}")
+    if not 0 <= int(report.digits) <= 4:
+        raise ConfigError(f"{source}: report.digits must be between 0 and 4, got {report.digits}")
 
 
 def _config_root_for(sweep_path: Path) -> Path:

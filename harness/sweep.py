@@ -66,6 +66,7 @@ class Plan:
     methods: List[str] = field(default_factory=list)
     seeds: List[int] = field(default_factory=list)
     groups: Dict[str, str] = field(default_factory=dict)  # method -> Table-1 row group
+    report: Dict[str, Any] = field(default_factory=dict)  # the sweep's report settings (ReportConfig)
 
     @property
     def jobs(self) -> List[JobSpec]:
@@ -73,7 +74,7 @@ class Plan:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"sweep": self.sweep, "run_dir": str(self.run_dir), "columns": self.columns, "methods": self.methods,
-                "groups": self.groups, "seeds": self.seeds, "jobs": [j.to_dict() for j in self.jobs]}
+                "groups": self.groups, "seeds": self.seeds, "report": self.report, "jobs": [j.to_dict() for j in self.jobs]}
 
 
 def pretrain_id(method: str, seed: int) -> str:
@@ -89,7 +90,8 @@ def make_plan(sweep: ResolvedSweep) -> Plan:
     run_dir = sweep.run_dir
     backbone = to_plain(cfg.backbone)
     trainer = to_plain(cfg.trainer)
-    plan = Plan(sweep.name, run_dir, columns=list(sweep.columns), methods=list(sweep.methods), seeds=list(cfg.seeds))
+    plan = Plan(sweep.name, run_dir, columns=list(sweep.columns), methods=list(sweep.methods), seeds=list(cfg.seeds),
+                report=to_plain(cfg.report))
     pre_ds = cfg.pretrain_dataset
     for method, mcfg in sweep.methods.items():
         cls = METHODS.get(method)

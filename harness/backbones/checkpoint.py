@@ -1,193 +1,308 @@
-"""The canonical backbone checkpoint: one export format for every method, one loader for every task.
+"""The one backbone checkpoint format of the harness, and the one loader.
 
-Format: a safetensors file with the backbone's weights only (MinkowskiEngine's names and
-shapes; ``final.*`` and method heads dropped) and a JSON meta in the safetensors header under
-the key ``harness``: backbone name, LAYERS/PLANES, in_channels, input features, voxel size,
-method, config, harness version, git commit.
+Export: backbone weights only, in safetensors, with a JSON meta in the safetensors header
+(key ``"harness"``): backbone, layers, planes, in_channels, input_features, voxel_size,
+method, config, harness_version, git_commit.
 
-The loader (``load_backbone``) also reads ME-era ``.pth``/``.pt`` checkpoints (PointContrast,
-CSC) with ``torch.load(weights_only=True)``, never unpickling arbitrary objects. It strips
-``module.`` / ``model.`` / ``backbone.`` prefixes from every key, refuses a meta mismatch or a
-shape mismatch of a backbone tensor with an error naming the key and both values, and reports
-what it loaded, skipped (with the reason) and left missing (at initialisation), as a rich table
-and one ``key=value`` log line. A missing file or zero loaded tensors is an error: it never falls
-back to training from scratch.
+Load: our ``.safetensors`` and ME-era ``.pth``/``.pt`` files (``torch.load(weights_only=True)``,
+which never unpickles arbitrary objects; the weights may sit under ``state_dict``, ``model``
+or ``model_state``). Prefixes ``module.``, ``model.`` and ``backbone.`` are stripped from
+every key; tensors whose shape differs are refused (``final.*`` is only skipped, since
+downstream tasks rebuild it); the meta is compared with what the caller expects. The loader
+reports what it loaded, skipped (with the reason) and left missing, as a log line and a table.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
+
+__all__ = ["save_backbone", "read_checkpoint", "load_backbone", "LoadReport", "strip_prefixes",
+           "META_KEYS", "STRIP_PREFIXES"]
 
 META_KEY = "harness"
+META_KEYS = ("backbone", "layers", "planes", "in_channels", "input_features", "voxel_size", "method", "config",
+             "harness_version", "git_commit")
 STRIP_PREFIXES = ("module.", "model.", "backbone.")
-# Keys of a training module that are not the backbone's (method heads): never loaded.
-HEAD_PREFIXES = ("final.",)
+_NESTED = ("state_dict", "model_state", "model_state_dict", "model", "net", "network")
+
+PathLike = Union[str, os.PathLike]
 
 
-def _state_of(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    return dict(obj.state_dict() if isinstance(obj, torch.nn.Module) else obj)
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
-def save_backbone(path: Union[str, Path], module_or_state_dict: Union[torch.nn.Module, Mapping[str, torch.Tensor]],
-                  meta: Dict[str, Any], drop_prefixes: Sequence[str] = HEAD_PREFIXES) -> Path:
-    """Write the backbone weights (without ``drop_prefixes``) and ``meta`` atomically."""
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 1) == 0:
+        return v.item()
+    return v
+
+
+def save_backbone(path: PathLike, module_or_state_dict: Union[torch.nn.Module, Mapping[str, torch.Tensor]],
+                  meta: Mapping[str, Any], drop_prefixes: Sequence[str] = ("final.",)) -> Path:
+    """Write backbone weights and meta to ``path`` (safetensors, written atomically).
+
+    Keys starting with ``drop_prefixes`` (the backbone's own ``final`` by default) are left
+    out; wrapper prefixes (``module.`` ...) are stripped. ``backbone``, ``layers``, ``planes``
+    and ``in_channels`` default to the module's own; ``harness_version`` and ``git_commit``
+    are filled in; ``input_features``, ``voxel_size`` and ``method`` must be given.
+    """
     from safetensors.torch import save_file
 
+    import harness
+
+    full: Dict[str, Any] = {}
+    if isinstance(module_or_state_dict, torch.nn.Module):
+        mod = module_or_state_dict
+        sd = mod.state_dict()
+        for key in ("name", "layers", "planes", "in_channels"):
+            if hasattr(mod, key):
+                full["backbone" if key == "name" else key] = getattr(mod, key)
+    elif isinstance(module_or_state_dict, Mapping):
+        sd = dict(module_or_state_dict)
+    else:
+        raise ValueError(f"save_backbone: expected a module or a state_dict, got {type(module_or_state_dict).__name__}")
+    full.update(dict(meta))
+    full.setdefault("config", {})
+    full.setdefault("harness_version", harness.__version__)
+    full.setdefault("git_commit", _git_commit())
+    missing = [k for k in META_KEYS if k not in full]
+    if missing:
+        raise ValueError(f"save_backbone: meta lacks {', '.join(missing)} (needed: {', '.join(META_KEYS)})")
+    tensors: Dict[str, torch.Tensor] = {}
+    for key, t in strip_prefixes(sd).items():
+        if any(key.startswith(p) for p in drop_prefixes):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"save_backbone: {key} is a {type(t).__name__}, not a tensor")
+        tensors[key] = t.detach().to("cpu").contiguous().clone()
+    if not tensors:
+        raise ValueError("save_backbone: nothing to save after dropping " + ", ".join(drop_prefixes))
+    try:
+        meta_json = json.dumps(_jsonable(full), sort_keys=True)
+    except TypeError as exc:
+        raise ValueError(f"save_backbone: meta is not JSON-serialisable: {exc}") from exc
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in _state_of(module_or_state_dict).items()
-             if not any(k.startswith(p) for p in drop_prefixes)}
-    if not state:
-        raise ValueError(f"save_backbone: nothing to save to {path} (every key was dropped)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: meta_json})
     os.replace(tmp, path)
-    log.info("ckpt.export tensors=%d file=%s method=%s", len(state), path, meta.get("method"))
+    logger.info("ckpt.save tensors=%d backbone=%s method=%s file=%s", len(tensors), full.get("backbone"),
+                full.get("method"), path)
     return path
 
 
-def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(state_dict, meta) of our safetensors export or of an ME-era ``.pth``/``.pt`` file."""
+def strip_prefixes(sd: Mapping[str, Any], prefixes: Sequence[str] = STRIP_PREFIXES) -> Dict[str, Any]:
+    """Strip wrapper prefixes from every key, repeatedly (``module.model.x`` -> ``x``)."""
+    out: Dict[str, Any] = {}
+    for key, v in sd.items():
+        k = key
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        if k in out:
+            raise ValueError(f"checkpoint keys {key!r} and another both become {k!r} after stripping prefixes")
+        out[k] = v
+    return out
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _find_state_dict(obj: Any, path: Path, depth: int = 0) -> Dict[str, torch.Tensor]:
+    if _is_state_dict(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping) and depth < 3:
+        for key in _NESTED:
+            if key in obj and isinstance(obj[key], Mapping):
+                try:
+                    return _find_state_dict(obj[key], path, depth + 1)
+                except ValueError:
+                    continue
+        # a dict of tensors mixed with scalars (e.g. a step counter next to weights)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if len(tensors) > 1 and len(tensors) >= len(obj) // 2:
+            return tensors
+    found = sorted(obj.keys()) if isinstance(obj, Mapping) else type(obj).__name__
+    raise ValueError(f"{path}: no state_dict found (looked for a dict of tensors, also under "
+                     f"{', '.join(_NESTED)}); top level has {found}")
+
+
+def read_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(state_dict, meta) of a ``.safetensors`` checkpoint (meta from its header) or an
+    ME-era ``.pth``/``.pt`` file (meta: the non-tensor scalars next to the weights, if any)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
+        from safetensors.torch import load_file
 
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                raw = (fh.metadata() or {}).get(META_KEY)
-                state = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:  # a torn or foreign file
-            raise ValueError(f"checkpoint {path} is not a readable safetensors file: {exc}") from exc
-        meta = json.loads(raw) if raw else {}
-        return state, meta
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        sd = load_file(str(path))
+        meta: Dict[str, Any] = {}
+        if META_KEY in header:
+            try:
+                meta = json.loads(header[META_KEY])
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: the '{META_KEY}' metadata is not valid JSON: {exc}") from exc
+        return sd, meta
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path} cannot be read with torch.load(weights_only=True) "
-                         f"(only tensors and plain containers are accepted): {exc}") from exc
-    return _find_state_dict(path, obj), _foreign_meta(obj)
-
-
-def _find_state_dict(path: Path, obj: Any) -> Dict[str, torch.Tensor]:
-    """The tensor dict inside a training checkpoint (``state_dict``, ``model``, ``model_state``...)."""
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for disallowed globals, RuntimeError for non-torch files
+        raise ValueError(f"{path}: cannot read as a weights-only torch checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}). Files holding pickled objects "
+                         "other than tensors are refused; re-save the state_dict alone in an environment "
+                         "you trust.") from exc
+    sd = _find_state_dict(obj, path)
+    meta = {}
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state", "model_state_dict", "net", "backbone"):
-            if key in obj:
-                return _find_state_dict(path, obj[key])
-    raise ValueError(f"checkpoint {path}: no state_dict found (looked for a tensor dict, or one under "
-                     f"state_dict / model / model_state / model_state_dict / net / backbone)")
-
-
-def _foreign_meta(obj: Any) -> Dict[str, Any]:
-    meta: Dict[str, Any] = {"format": "torch"}
-    if isinstance(obj, Mapping):
-        for key in ("epoch", "iteration", "curr_iter", "best_val"):
-            if key in obj and isinstance(obj[key], (int, float)):
-                meta[key] = obj[key]
-    return meta
-
-
-def strip_prefixes(key: str, prefixes: Iterable[str] = STRIP_PREFIXES) -> str:
-    """Remove wrapper prefixes (``module.model.conv0p1s1.kernel`` -> ``conv0p1s1.kernel``)."""
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
+        meta = {k: v for k, v in obj.items() if isinstance(v, (int, float, str, bool))}
+    return sd, meta
 
 
 @dataclass
 class LoadReport:
-    file: str
+    """What :func:`load_backbone` did."""
+
+    path: str
     loaded: List[str] = field(default_factory=list)
-    skipped: Dict[str, str] = field(default_factory=dict)  # key -> reason
-    missing: List[str] = field(default_factory=list)  # left at initialisation
+    skipped: Dict[str, str] = field(default_factory=dict)  # checkpoint key -> reason
+    missing: List[str] = field(default_factory=list)  # module keys left at their initial values
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         return (f"ckpt.load loaded={len(self.loaded)} skipped={len(self.skipped)} missing={len(self.missing)} "
-                f"file={self.file}")
+                f"file={self.path}")
 
-    def print(self, console: Any = None) -> None:
-        from rich.console import Console
+    def table(self):
         from rich.table import Table
 
-        console = console or Console(stderr=True)
-        t = Table(title=f"backbone checkpoint {self.file}", show_lines=False)
+        t = Table(title=f"checkpoint {self.path}", show_lines=False)
         t.add_column("status")
-        t.add_column("n", justify="right")
+        t.add_column("count", justify="right")
         t.add_column("keys")
-        shorten = lambda ks: ", ".join(ks[:8]) + (f", ... ({len(ks)} in all)" if len(ks) > 8 else "")  # noqa: E731
-        t.add_row("[green]loaded", str(len(self.loaded)), shorten(self.loaded))
-        t.add_row("[yellow]skipped", str(len(self.skipped)), shorten([f"{k} ({v})" for k, v in self.skipped.items()]))
-        t.add_row("[red]missing (left at init)", str(len(self.missing)), shorten(self.missing))
-        console.print(t)
+
+        def short(keys: Iterable[str], limit: int = 12) -> str:
+            keys = list(keys)
+            more = f" ... (+{len(keys) - limit})" if len(keys) > limit else ""
+            return ", ".join(keys[:limit]) + more
+
+        t.add_row("loaded", str(len(self.loaded)), short(self.loaded, 6))
+        t.add_row("skipped", str(len(self.skipped)), short(f"{k} ({v})" for k, v in self.skipped.items()))
+        t.add_row("missing", str(len(self.missing)), short(self.missing))
+        return t
 
 
-def check_meta(meta: Mapping[str, Any], expect: Mapping[str, Any], path: Union[str, Path]) -> None:
-    """Refuse a checkpoint whose meta disagrees with what the caller expects."""
-    for key, want in expect.items():
-        if key not in meta:
-            continue  # foreign checkpoints carry no meta; shapes are still checked
-        found = meta[key]
-        same = abs(float(found) - float(want)) < 1e-9 if isinstance(want, float) else found == want
-        if not same:
-            raise ValueError(f"checkpoint {path}: meta '{key}' is {found!r}, expected {want!r}")
+def _same(key: str, expected: Any, found: Any) -> bool:
+    if key == "voxel_size":
+        try:
+            return math.isclose(float(expected), float(found), rel_tol=1e-6, abs_tol=1e-12)
+        except (TypeError, ValueError):
+            return False
+    if key == "backbone":
+        return str(expected).lower() == str(found).lower()
+    if isinstance(expected, (list, tuple)) or isinstance(found, (list, tuple)):
+        try:
+            return list(_jsonable(expected)) == list(_jsonable(found))
+        except TypeError:
+            return False
+    return _jsonable(expected) == _jsonable(found)
 
 
-def load_backbone(module: torch.nn.Module, path: Union[str, Path], expect: Optional[Mapping[str, Any]] = None,
+def _is_optional(key: str) -> bool:
+    # Counters that older checkpoints may lack, and the head that tasks rebuild.
+    return key.startswith("final.") or key.endswith("num_batches_tracked")
+
+
+def load_backbone(module: torch.nn.Module, path: PathLike, expect: Optional[Mapping[str, Any]] = None,
                   strict_meta_keys: Sequence[str] = ("voxel_size", "in_channels", "backbone"),
-                  console: Any = None, quiet: bool = False) -> LoadReport:
-    """Load a backbone checkpoint into ``module`` and report what happened (see module docstring).
+                  allow_missing: bool = False, console=None) -> LoadReport:
+    """Load backbone weights from ``path`` into ``module`` and report what happened.
 
-    ``expect`` holds meta values the checkpoint must match; only keys in ``strict_meta_keys``
-    (and present in ``expect``) are checked. ``final.*`` (the head) is never loaded: a task
-    builds its own.
+    ``expect``: meta values the caller requires (e.g. ``{"voxel_size": 0.02}``); the
+    module's own name, in_channels, layers and planes are expected too. Each key of
+    ``strict_meta_keys`` present in both must agree, else ValueError naming the key, the
+    expected and the found value. A shape mismatch of a key other than ``final.*`` is a
+    ValueError; a ``final.*`` mismatch is skipped. Zero loaded backbone tensors, or (unless
+    ``allow_missing``) module tensors other than ``final.*`` left missing, are errors too.
     """
-    state, meta = read_checkpoint(path)
-    if expect:
-        check_meta(meta, {k: v for k, v in expect.items() if k in strict_meta_keys}, path)
-    own = module.state_dict()
-    report = LoadReport(str(path), meta=meta)
+    path = Path(path)
+    sd, meta = read_checkpoint(path)
+    sd = strip_prefixes(sd)
+    exp: Dict[str, Any] = {}
+    for attr, key in (("name", "backbone"), ("in_channels", "in_channels"), ("layers", "layers"),
+                      ("planes", "planes")):
+        if hasattr(module, attr):
+            exp[key] = getattr(module, attr)
+    exp.update(dict(expect or {}))
+    for key in strict_meta_keys:
+        if key in exp and key in meta and not _same(key, exp[key], meta[key]):
+            raise ValueError(f"{path}: meta mismatch for {key!r}: expected {exp[key]!r}, found {meta[key]!r}")
+    for key in ("layers", "planes"):  # architecture is always checked when the meta has it
+        if key in exp and key in meta and not _same(key, exp[key], meta[key]):
+            raise ValueError(f"{path}: meta mismatch for {key!r}: expected {list(exp[key])!r}, found {meta[key]!r} "
+                             "(a checkpoint of another architecture)")
+    target = module.state_dict()
+    report = LoadReport(path=str(path), meta=dict(meta))
     to_load: Dict[str, torch.Tensor] = {}
-    for raw_key, tensor in state.items():
-        key = strip_prefixes(raw_key)
-        if any(key.startswith(p) for p in HEAD_PREFIXES):
-            report.skipped[key] = "head (not part of the exported backbone)"
+    for key, t in sd.items():
+        if key not in target:
+            report.skipped[key] = "unexpected"
             continue
-        if key not in own:
-            report.skipped[key] = "unexpected (no such parameter in this backbone)"
-            continue
-        if tuple(tensor.shape) != tuple(own[key].shape):
-            raise ValueError(f"checkpoint {path}: '{key}' has shape {tuple(tensor.shape)}, the backbone expects "
-                             f"{tuple(own[key].shape)} (another architecture, width or in_channels?)")
-        to_load[key] = tensor
-    if not to_load:
-        raise ValueError(f"checkpoint {path}: no tensor matches this backbone ({len(state)} tensors in the file, "
-                         f"e.g. {next(iter(state), '-')}); is it a backbone checkpoint of this architecture?")
-    report.loaded = sorted(to_load)
-    report.missing = sorted(k for k in own if k not in to_load)
-    non_head_missing = [k for k in report.missing if not any(k.startswith(p) for p in HEAD_PREFIXES)]
-    if non_head_missing:
-        log.warning("ckpt.load missing_backbone_keys=%d first=%s file=%s", len(non_head_missing),
-                    non_head_missing[0], path)
-    module.load_state_dict({**own, **to_load})
-    log.info(report.summary())
-    if not quiet:
-        report.print(console)
+        want = tuple(target[key].shape)
+        if tuple(t.shape) != want:
+            if key.startswith("final."):
+                report.skipped[key] = f"shape {tuple(t.shape)} vs {want}"
+                continue
+            raise ValueError(f"{path}: shape mismatch for {key!r}: expected {want}, found {tuple(t.shape)} "
+                             "(a checkpoint of another architecture or channel count?)")
+        to_load[key] = t
+    report.loaded = list(to_load)
+    report.missing = [k for k in target if k not in to_load]
+    n_backbone = sum(1 for k in to_load if not k.startswith("final."))
+    if n_backbone == 0:
+        raise ValueError(f"{path}: no backbone tensor matches this {type(module).__name__} "
+                         f"({len(sd)} tensors in the file, e.g. {list(sd)[:3]}); a checkpoint of another architecture?")
+    hard_missing = [k for k in report.missing if not _is_optional(k)]
+    if hard_missing and not allow_missing:
+        raise ValueError(f"{path}: {len(hard_missing)} backbone tensors are not in the checkpoint, e.g. "
+                         f"{hard_missing[:5]}; a checkpoint of another architecture? (allow_missing=True to accept)")
+    with torch.no_grad():
+        for key, t in to_load.items():
+            target[key].copy_(t.to(dtype=target[key].dtype))
+    logger.info(report.summary())
+    try:
+        from rich.console import Console
+
+        (console or Console(stderr=True)).print(report.table())
+    except ImportError:  # rich is a dependency; stay usable without it
+        pass
     return report

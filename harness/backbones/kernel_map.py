@@ -1,4 +1,4 @@
-"""Kernel maps of the torch backend, built with torch ops only.
+"""Kernel maps of the torch backend: pure numpy/torch, no compiled extension.
 
 Vocabulary
 ----------
@@ -12,13 +12,16 @@ table       ``(n_rows, K)`` int64: ``table[r, i]`` is the input row read through
             table.
 plan        a table cut into buckets of rows that share a set of active offsets (their *mask*).
             A bucket of n rows and k offsets runs as one GEMM ``(n, k*C) @ (k*C, C_out)`` on a
-            gathered matrix, in chunks of rows small enough to stay in cache; an offset that is
-            in the bucket's mask but absent for a row reads zeros. Merging rare masks into
+            gathered matrix, in chunks of rows (bounded scratch memory, and tasks for the
+            worker threads); an offset that is in the bucket's mask but absent for a row reads
+            zeros. Merging rare masks into
             supersets trades a few multiplications by zero for fewer, fatter GEMMs (the cost
             model is in :func:`choose_buckets`).
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
+Maps are built on the CPU in numpy (packed int64 keys, one sort, 13 binary searches for the 26
+neighbours, the other 13 by symmetry); plans are moved to the features' device.
 When the manager creates a coarser set it is free to choose the row order, and it orders rows
 by bucket of that level's 3x3x3 plan (then by coordinates), so the stride-1 convolutions write
 their output as contiguous slices.
@@ -26,11 +29,13 @@ their output as contiguous slices.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -40,22 +45,16 @@ KERNEL3 = torch.tensor([[i % 3 - 1, (i // 3) % 3 - 1, i // 9 - 1] for i in range
 KERNEL2 = torch.tensor([[i % 2, (i // 2) % 2, i // 4] for i in range(8)], dtype=torch.int64)
 
 # Rows of a chunk times offsets of its bucket: the gathered chunk has CHUNK_ENTRIES * C floats,
-# 2 MiB at 32 channels and 8 MiB at 128 (measured: GEMMs of 2-5k rows run 1.2-2.5x faster
-# than the same GEMM on 100k rows here, whose operands do not stay in cache).
+# 2 MiB at 32 channels and 8 MiB at 128, per worker (at 100k voxels, 2k to 64k ran alike).
 CHUNK_ENTRIES = 16384
 
-# Per-bucket overhead of the cost model, in row-offsets (one row through one offset).
-BUCKET_OVERHEAD = 1500
-MAX_CANDIDATES = 48
+# Rows of multiplications that one bucket's share of weight handling costs (see choose_buckets).
+WEIGHT_ROWS = 32.0
 
-
-def _popcount(x: torch.Tensor) -> torch.Tensor:
-    x = x.clone()
-    c = torch.zeros_like(x)
-    while bool((x != 0).any()):
-        c += x & 1
-        x >>= 1
-    return c
+# Default per-bucket overhead of the cost model, in row-offsets (one row through one offset),
+# for layers 64 channels wide; see overhead_for_width.
+BUCKET_OVERHEAD = 350.0
+MAX_BUCKETS = 256
 
 
 @dataclass
@@ -67,9 +66,10 @@ class Bucket:
     n: int
     rows: Optional[torch.Tensor]  # (n,) int64 output rows, or None when contiguous
     idx: torch.Tensor  # (n * k,) int64 input rows, row-major; absent entries point at row 0
-    # Chunks: (r0, r1, missing) with missing the flat positions (into the chunk's n*k entries)
-    # of absent entries that must read zero, or None.
-    chunks: List[Tuple[int, int, Optional[torch.Tensor]]] = field(default_factory=list)
+    step: int  # rows per chunk
+    # per chunk (rows c*step ..): positions of absent entries within the chunk's gathered
+    # (rows * k) entries, to be zeroed after the gather; None when the chunk has none
+    missing: List[Optional[torch.Tensor]] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -85,222 +85,281 @@ class Plan:
     K: int
     buckets: List[Bucket]
     covers_all: bool  # every output row is in some bucket (else the rest are zero)
+    chunks: List[Tuple[int, int, int]] = field(default_factory=list)  # (bucket, r0, r1): one GEMM each
+    pieces: List[Tuple[int, int, int]] = field(default_factory=list)  # (bucket, r0, r1): weight-gradient tasks
+
+    def __post_init__(self) -> None:
+        self.max_rows = max((b.step if b.n > b.step else b.n for b in self.buckets), default=0)
+        self.max_entries = max(((b.step if b.n > b.step else b.n) * b.k for b in self.buckets), default=0)
+        if not self.chunks:
+            self.chunks = [(i, r0, min(b.n, r0 + b.step)) for i, b in enumerate(self.buckets)
+                           for r0 in range(0, b.n, b.step)]
+        if not self.pieces:
+            # Weight-gradient tasks accumulate several chunks of one bucket; about 16 per plan,
+            # so that workers balance, each a whole number of chunks.
+            target = max(CHUNK_ENTRIES, self.n_entries // 16)
+            for i, b in enumerate(self.buckets):
+                rows = -(-max(target // max(b.k, 1), 1) // b.step) * b.step
+                self.pieces += [(i, r0, min(b.n, r0 + rows)) for r0 in range(0, b.n, rows)]
 
     @property
     def n_entries(self) -> int:
         """Row-offsets actually multiplied, zeros included (for FLOP counts)."""
         return sum(b.n * b.k for b in self.buckets)
 
-    def to(self, device: torch.device) -> "Plan":
-        def mv(t):
-            return None if t is None else t.to(device, non_blocking=True)
-
-        buckets = [Bucket(mv(b.cols), b.start, b.n, mv(b.rows), mv(b.idx),
-                          [(r0, r1, mv(m)) for r0, r1, m in b.chunks]) for b in self.buckets]
-        return Plan(self.n_out, self.n_in, self.K, buckets, self.covers_all)
+    @property
+    def n_chunks(self) -> int:
+        return sum(-(-b.n // b.step) for b in self.buckets)
 
 
-def choose_buckets(masks: torch.Tensor, overhead: int = BUCKET_OVERHEAD,
-                   max_candidates: int = MAX_CANDIDATES) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Group rows by offset mask; returns ``(bucket_of_row (n,), bucket_masks (B,))``.
+def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEAD,
+                   max_buckets: int = MAX_BUCKETS, weight_rows: float = WEIGHT_ROWS) -> Tuple[np.ndarray, np.ndarray]:
+    """Group rows by offset mask; returns ``(bucket_of_row (n,), bucket_masks (B,))`` (numpy).
 
-    Cost of a bucket = rows x popcount(bucket mask) + ``overhead``. Candidates are the most
-    frequent masks plus a catch-all (the union of all masks); each distinct mask goes to its
-    cheapest superset candidate, then candidates are dropped greedily while dropping one costs
-    less than its overhead. Rows of masks nobody else covers end up in the catch-all, whose
-    mask is finally shrunk to the union of its members.
+    A bucket's mask is the union of its rows' masks and it costs (rows + ``weight_rows``) x
+    popcount(mask) + ``overhead`` row-offsets: each bucket also slices, packs and (backward)
+    accumulates its own (k, C, C_out) block of the weight, which costs about as much as
+    ``weight_rows`` rows of multiplications and dominates at the coarse levels. Surfaces give thousands of distinct 27-bit masks with a long
+    tail (on room scans the most frequent mask covers about a third of the sites, the top 50
+    about 60%), so exact-mask buckets are too many and a catch-all bucket wastes a third of
+    its multiplications. Instead the rows are split greedily like a decision tree: a bucket is
+    cut into (offset absent, offset present) on the offset that saves the most padded entries,
+    always cutting the bucket with the largest saving, while a cut saves more than
+    ``overhead`` and there are fewer than ``max_buckets`` buckets. One cut is one (K x K)
+    product over the bucket's distinct masks. This runs in numpy: small single-threaded ops
+    do not stall when another job holds a core, as OpenMP-parallel torch ops do.
     """
-    uniq, inv, cnt = torch.unique(masks, return_inverse=True, return_counts=True)
-    order = torch.argsort(cnt, descending=True, stable=True)
-    union = _or_all(uniq)
-    cand = uniq[order[:max_candidates]]
-    cand = torch.cat([cand, torch.tensor([union], dtype=uniq.dtype)])
-    cpop = _popcount(cand).to(torch.float64)
-    covers = (uniq[:, None] & ~cand[None, :]) == 0  # (U, B): candidate b is a superset of mask u
-    cost = torch.where(covers, cpop[None, :], torch.full_like(cpop[None, :], math.inf))
-    cntf = cnt.to(torch.float64)
-    alive = torch.ones(len(cand), dtype=torch.bool)
-    while True:
-        c = torch.where(alive[None, :], cost, torch.full_like(cost, math.inf))
-        best, assign = c.min(dim=1)
-        # Cost increase of dropping each live candidate (the catch-all, last, is never dropped).
-        second = c.clone()
-        second[torch.arange(len(uniq)), assign] = math.inf
-        second_best = second.min(dim=1).values
-        delta = torch.zeros(len(cand), dtype=torch.float64)
-        delta.index_add_(0, assign, cntf * (second_best - best))
-        used = torch.zeros(len(cand), dtype=torch.bool)
-        used[assign] = True
-        delta[~used] = -1.0  # unused candidates go first, for free
-        delta[~alive] = math.inf
-        delta[-1] = math.inf
-        j = int(torch.argmin(delta))
-        if not bool(torch.isfinite(delta[j])) or float(delta[j]) >= overhead:
+    m = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    uniq, inv, cnt = np.unique(m, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    bits = ((uniq[:, None] >> np.arange(K)) & 1).astype(np.float64)  # (U, K)
+    w = cnt.astype(np.float64)
+
+    def width_of(idx: np.ndarray) -> int:
+        return int((bits[idx].max(axis=0) > 0).sum())
+
+    def best_cut(idx: np.ndarray) -> Tuple[float, int]:
+        b = bits[idx]
+        bw = b * w[idx, None]
+        n = float(w[idx].sum())
+        tot = bw.sum(0)
+        cost0 = n * float((tot > 0).sum())
+        s = b.T @ bw  # s[j, :] = weighted bit counts of the rows that have bit j
+        n_on = np.diagonal(s)
+        on_width = (s > 0).sum(1)
+        off_width = ((tot[None, :] - s) > 0.5).sum(1)
+        cost = (n - n_on) * off_width + n_on * on_width
+        cost[(n_on <= 0) | (n_on >= n)] = np.inf
+        j = int(np.argmin(cost))
+        return cost0 - float(cost[j]), j
+
+    # Grow: best-first cuts on padding saved alone (a single cut often saves little while
+    # the cuts below it save a lot, so the per-bucket costs are left to the pruning).
+    nodes: List[dict] = [{"idx": np.arange(len(uniq)), "kids": None}]
+    heap: List[Tuple[float, int, int]] = []
+    if len(uniq) > 1:
+        gain, j = best_cut(nodes[0]["idx"])
+        heap.append((-gain, 0, j))
+    n_leaves = 1
+    while heap and n_leaves < max_buckets:
+        neg_gain, node, j = heapq.heappop(heap)
+        if -neg_gain <= 0:
             break
-        alive[j] = False
-    best, assign = torch.where(alive[None, :], cost, torch.full_like(cost, math.inf)).min(dim=1)
-    used_ids, bucket_of_uniq = torch.unique(assign, return_inverse=True)
-    bucket_masks = cand[used_ids].clone()
-    # Shrink every bucket's mask to the union of its members' masks.
-    for b in range(len(used_ids)):
-        bucket_masks[b] = _or_all(uniq[bucket_of_uniq == b])
+        idx = nodes[node]["idx"]
+        on = bits[idx, j] > 0
+        kids = []
+        for part in (idx[~on], idx[on]):
+            nodes.append({"idx": part, "kids": None})
+            kids.append(len(nodes) - 1)
+            # A bucket of fewer than 2 * weight_rows rows seldom pays for its weight handling.
+            if len(part) > 1 and float(w[part].sum()) >= 2 * weight_rows:
+                gain, jj = best_cut(part)
+                heapq.heappush(heap, (-gain, len(nodes) - 1, jj))
+        nodes[node]["kids"] = kids
+        n_leaves += 1
+
+    # Prune bottom-up: keep a subtree only where its leaves cost less than the node as one
+    # bucket, counting (rows + weight_rows) x width + overhead per bucket.
+    def prune(node: int) -> Tuple[float, List[np.ndarray]]:
+        nd = nodes[node]
+        idx = nd["idx"]
+        here = (float(w[idx].sum()) + weight_rows) * width_of(idx) + overhead
+        if nd["kids"] is None:
+            return here, [idx]
+        total, leaves_ = 0.0, []
+        for kid in nd["kids"]:
+            c, lv = prune(kid)
+            total += c
+            leaves_ += lv
+        return (total, leaves_) if total < here else (here, [idx])
+
+    leaves = prune(0)[1]
+    leaves.sort(key=lambda idx: -float(w[idx].sum()))
+    bucket_of_uniq = np.empty(len(uniq), dtype=np.int64)
+    bucket_masks = np.empty(len(leaves), dtype=np.int64)
+    for b, idx in enumerate(leaves):
+        bucket_of_uniq[idx] = b
+        bucket_masks[b] = int(np.bitwise_or.reduce(uniq[idx]))
     return bucket_of_uniq[inv], bucket_masks
 
 
-def _or_all(x: torch.Tensor) -> int:
-    out = 0
-    for v in torch.unique(x).tolist():
-        out |= int(v)
-    return out
+def overhead_for_width(width: int) -> float:
+    """Per-bucket overhead in row-offsets for layers about ``width`` channels wide: one
+    bucket costs some 60 us of dispatch over forward and backward, a row-offset
+    6 * width^2 FLOP at about 145 GFLOP/s (measured on the 2-core CPU)."""
+    return 60e-6 * 145e9 / (6.0 * width * width)
 
 
-def build_plan(table: torch.Tensor, n_in: int, bucket_of_row: torch.Tensor, bucket_masks: torch.Tensor,
-               contiguous: bool) -> Plan:
-    """Cut ``table`` (n_out, K) into the given buckets.
+def build_plan(table: torch.Tensor, n_in: int, bucket_of_row: np.ndarray, bucket_masks: np.ndarray,
+               contiguous: bool, device: Optional[torch.device] = None) -> Plan:
+    """Cut ``table`` (n_out, K) into the given buckets (index work in numpy, tensors on the
+    table's device). With ``contiguous`` the rows must already be sorted by bucket, and each
+    bucket is a slice of the output."""
+    dev = table.device if device is None else device
+    tab = table.cpu().numpy()
+    n_out, K = tab.shape
+    counts = np.bincount(bucket_of_row, minlength=len(bucket_masks))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    order = None if contiguous else np.argsort(bucket_of_row, kind="stable")
 
-    With ``contiguous`` the rows must already be sorted by bucket, and each bucket is a slice.
-    """
-    n_out, K = table.shape
-    bits = torch.arange(K, dtype=torch.int64)
+    def to_dev(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
     buckets: List[Bucket] = []
-    if contiguous:
-        counts = torch.bincount(bucket_of_row, minlength=len(bucket_masks)).tolist()
-        starts = [0]
-        for c in counts[:-1]:
-            starts.append(starts[-1] + c)
-    else:
-        order = torch.argsort(bucket_of_row, stable=True)
-        counts = torch.bincount(bucket_of_row, minlength=len(bucket_masks)).tolist()
-        starts = [0]
-        for c in counts[:-1]:
-            starts.append(starts[-1] + c)
     for b, m in enumerate(bucket_masks.tolist()):
-        n = counts[b]
+        n, start = int(counts[b]), int(starts[b])
         if n == 0:
             continue
-        cols = bits[((m >> bits) & 1).bool()]
+        cols = np.flatnonzero((m >> np.arange(K)) & 1)
+        k = len(cols)
         if contiguous:
             rows = None
-            sub = table[starts[b]:starts[b] + n]
+            sub = tab[start:start + n][:, cols]
         else:
-            rows = order[starts[b]:starts[b] + n]
-            sub = table.index_select(0, rows)
-        sub = sub[:, cols]
+            rows = order[start:start + n]
+            sub = tab[rows][:, cols]
         absent = sub < 0
-        idx = sub.clamp(min=0).reshape(-1).contiguous()
-        k = int(cols.numel())
+        idx = np.where(absent, 0, sub).reshape(-1)
         step = max(64, CHUNK_ENTRIES // max(k, 1))
-        chunks = []
-        flat_absent = absent.reshape(-1)
+        flat_missing = np.flatnonzero(absent)
+        missing: List[Optional[torch.Tensor]] = []
         for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            miss = torch.nonzero(flat_absent[r0 * k:r1 * k]).reshape(-1)
-            chunks.append((r0, r1, miss if miss.numel() else None))
-        buckets.append(Bucket(cols, starts[b] if contiguous else 0, n, rows, idx, chunks))
-    return Plan(n_out, n_in, K, buckets, covers_all=sum(counts) == n_out)
+            lo, hi = np.searchsorted(flat_missing, [r0 * k, min(n, r0 + step) * k])
+            missing.append(to_dev(flat_missing[lo:hi] - r0 * k) if hi > lo else None)
+        buckets.append(Bucket(to_dev(cols), start if contiguous else 0, n,
+                              None if rows is None else to_dev(rows), to_dev(idx), step, missing))
+    return Plan(n_out, n_in, K, buckets, covers_all=int(counts.sum()) == n_out)
 
 
 class _Packer:
     """Packs lattice coordinates ``(b, u, v, w)`` into sortable int64 keys with a margin of one
     lattice step on every side, so that a neighbour's key is the site's key plus a constant."""
 
-    def __init__(self, lattice: torch.Tensor):
-        lo = lattice.min(dim=0).values
-        hi = lattice.max(dim=0).values
-        self.lo = lo.clone()
+    def __init__(self, lattice: np.ndarray):
+        self.lo = lattice.min(axis=0).copy()
         self.lo[1:] -= 1
-        ext = (hi - self.lo + 1)
+        ext = lattice.max(axis=0) - self.lo + 1
         ext[1:] += 1
-        self.ext = [int(e) for e in ext.tolist()]
+        self.ext = [int(e) for e in ext]
         if math.prod(float(e) for e in self.ext) >= 2.0**62:
             raise ValueError(f"coordinate extent {self.ext} too large to pack into int64 keys")
 
-    def keys(self, lattice: torch.Tensor) -> torch.Tensor:
-        s = lattice - self.lo.to(lattice.device)
+    def keys(self, lattice: np.ndarray) -> np.ndarray:
+        s = lattice - self.lo
         e = self.ext
         return ((s[:, 0] * e[1] + s[:, 1]) * e[2] + s[:, 2]) * e[3] + s[:, 3]
 
-    def delta(self, d: torch.Tensor) -> int:
+    def delta(self, d) -> int:
         e = self.ext
         return int((int(d[0]) * e[2] + int(d[1])) * e[3] + int(d[2]))
 
 
-class Level:
-    """One coordinate set at tensor stride ``stride``, with its 3x3x3 neighbour plan."""
+_KERNEL3_NP = KERNEL3.numpy()
 
-    def __init__(self, coords: torch.Tensor, stride: int, order_fixed: bool, overhead: int = BUCKET_OVERHEAD):
-        # coords (N, 4) int64 on the CPU or the compute device; the lattice is coords / stride.
+
+class Level:
+    """One coordinate set at tensor stride ``stride``, with its 3x3x3 neighbour plan.
+
+    Index work runs in numpy on the CPU (sorting and binary search of packed keys); the plan's
+    tensors live on ``device``.
+    """
+
+    def __init__(self, coords: np.ndarray, stride: int, order_fixed: bool, device: torch.device,
+                 overhead: float = BUCKET_OVERHEAD, keep_table: bool = False):
+        # coords (N, 4) int64 numpy; spatial coordinates are multiples of stride.
         self.stride = stride
-        dev = coords.device
-        lattice = coords.clone()
-        lattice[:, 1:] = torch.div(lattice[:, 1:], stride, rounding_mode="floor")
+        self.device = device
+        lattice = coords.copy()
+        lattice[:, 1:] = np.floor_divide(lattice[:, 1:], stride)
         packer = _Packer(lattice)
         keys = packer.keys(lattice)
-        skeys, sorder = torch.sort(keys)
+        sorder = np.argsort(keys, kind="stable")
+        skeys = keys[sorder]
         n = coords.shape[0]
-        if n > 1 and bool((skeys[1:] == skeys[:-1]).any()):
-            dup = int(sorder[1:][skeys[1:] == skeys[:-1]][0])
-            raise ValueError(f"duplicate coordinate {coords[dup].tolist()} (row {dup}); sites must be unique "
+        dup = np.flatnonzero(skeys[1:] == skeys[:-1])
+        if len(dup):
+            row = int(sorder[dup[0] + 1])
+            raise ValueError(f"duplicate coordinate {coords[row].tolist()} (row {row}); sites must be unique "
                              "(voxelize the points first)")
-        table = torch.full((n, 27), -1, dtype=torch.int64, device=dev)
-        table[:, 13] = torch.arange(n, device=dev)
+        table = np.full((n, 27), -1, dtype=np.int64)
+        table[:, 13] = np.arange(n)
         for i in range(13):
-            q = skeys + packer.delta(KERNEL3[i])
-            pos = torch.searchsorted(skeys, q).clamp_(max=n - 1)
+            q = skeys + packer.delta(_KERNEL3_NP[i])
+            pos = np.minimum(np.searchsorted(skeys, q), n - 1)
             hit = skeys[pos] == q
             src = sorder[hit]
             dst = sorder[pos[hit]]
             table[src, i] = dst  # src + d_i = dst
             table[dst, 26 - i] = src  # dst - d_i = src
-        bitw = (torch.ones(27, dtype=torch.int64, device=dev) << torch.arange(27, device=dev))
-        masks = ((table >= 0).to(torch.int64) * bitw).sum(dim=1)
-        bucket_of_row, bucket_masks = choose_buckets(masks.cpu(), overhead=overhead)
-        bucket_of_row = bucket_of_row.to(dev)
-        self.perm: Optional[torch.Tensor] = None  # new row r was old row perm[r]
+        masks = ((table >= 0).astype(np.int64) << np.arange(27)).sum(axis=1)
+        bucket_of_row, bucket_masks = choose_buckets(masks, 27, overhead=overhead)
+        self.perm: Optional[np.ndarray] = None  # new row r was old row perm[r]
         if not order_fixed:
             # Bucket first, then coordinate order inside a bucket (neighbours stay close in memory).
-            perm = sorder[torch.argsort(bucket_of_row[sorder], stable=True)]
-            inv = torch.empty_like(perm)
-            inv[perm] = torch.arange(n, device=dev)
+            perm = sorder[np.argsort(bucket_of_row[sorder], kind="stable")]
+            inv = np.empty_like(perm)
+            inv[perm] = np.arange(n)
             table = table[perm]
-            table = torch.where(table >= 0, inv[table.clamp(min=0)], table)
+            table = np.where(table >= 0, inv[np.maximum(table, 0)], -1)
             coords = coords[perm]
-            keys = keys[perm]
             bucket_of_row = bucket_of_row[perm]
             self.perm = perm
-            skeys, sorder = torch.sort(keys)
         self.coords = coords
-        self.packer = packer
-        self.sorted_keys, self.sort_order = skeys, sorder
         self.n = n
-        self.plan = build_plan(table, n, bucket_of_row, bucket_masks, contiguous=not order_fixed)
-        self.table = table
+        self.n_pairs = int((table >= 0).sum())  # (site, neighbour) pairs, the centre included
+        self.table: Optional[np.ndarray] = table if keep_table else None  # (n, 27) neighbour rows, -1 absent
+        self.plan = build_plan(torch.from_numpy(table), n, bucket_of_row, bucket_masks,
+                               contiguous=not order_fixed, device=device)
+
+    def coords_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.coords.astype(np.int32)).to(self.device)
 
     def stats(self) -> Dict[str, float]:
-        active = int((self.table >= 0).sum())
+        active = self.n_pairs
         return {"sites": self.n, "neighbours": active / max(self.n, 1), "buckets": len(self.plan.buckets),
                 "padding": self.plan.n_entries / max(active, 1) - 1.0}
 
 
 class DownMap:
-    """Kernel-2 stride-2 map from a fine level (stride t) to the coarse level (stride 2t)."""
+    """Kernel-2 stride-2 map from a fine level (stride t) to the coarse level (stride 2t).
 
-    def __init__(self, fine: Level, coarse: Level, parent: torch.Tensor, child_offset: torch.Tensor,
-                 overhead: int = BUCKET_OVERHEAD):
+    ``down`` is over coarse rows (``out[c] = sum_i fine[table[c, i]] @ W[i]``), ``up`` over
+    fine rows, exactly one entry each (``out[p] = coarse[parent[p]] @ W[offset[p]]``).
+    """
+
+    def __init__(self, fine: Level, coarse: Level, parent: np.ndarray, child_offset: np.ndarray,
+                 device: torch.device, overhead: float = BUCKET_OVERHEAD):
         nf, nc = fine.n, coarse.n
-        dev = parent.device
-        table = torch.full((nc, 8), -1, dtype=torch.int64, device=dev)
-        table[parent, child_offset] = torch.arange(nf, device=dev)
-        bitw = torch.ones(8, dtype=torch.int64, device=dev) << torch.arange(8, device=dev)
-        masks = ((table >= 0).to(torch.int64) * bitw).sum(dim=1)
-        bucket_of_row, bucket_masks = choose_buckets(masks.cpu(), overhead=overhead)
-        # coarse rows: out[c] = sum_i fine[table[c, i]] @ W[i]
-        self.down = build_plan(table, nf, bucket_of_row.to(dev), bucket_masks, contiguous=False)
-        # fine rows: exactly one entry each, out[p] = coarse[parent[p]] @ W[offset[p]]
-        up_table = torch.full((nf, 8), -1, dtype=torch.int64, device=dev)
-        up_table[torch.arange(nf, device=dev), child_offset] = parent
-        self.up = build_plan(up_table, nc, child_offset, torch.ones(8, dtype=torch.int64) << torch.arange(8),
-                             contiguous=False)
+        table = np.full((nc, 8), -1, dtype=np.int64)
+        table[parent, child_offset] = np.arange(nf)
+        masks = ((table >= 0).astype(np.int64) << np.arange(8)).sum(axis=1)
+        bucket_of_row, bucket_masks = choose_buckets(masks, 8, overhead=overhead)
+        self.down = build_plan(torch.from_numpy(table), nf, bucket_of_row, bucket_masks, contiguous=False,
+                               device=device)
+        up_table = np.full((nf, 8), -1, dtype=np.int64)
+        up_table[np.arange(nf), child_offset] = parent
+        self.up = build_plan(torch.from_numpy(up_table), nc, child_offset, np.ones(8, dtype=np.int64) << np.arange(8),
+                             contiguous=False, device=device)
         self.parent = parent
         self.child_offset = child_offset
 
@@ -311,24 +370,35 @@ class CoordinateManager:
     ``coords`` (N, 4) integer tensor (batch index, x, y, z) of unique sites at stride 1. With
     ``reorder=True`` the manager may permute the input rows (``perm``: new row r is input row
     perm[r]); callers then permute features with :meth:`to_internal` and restore the input
-    order with :meth:`to_input_order`.
+    order with :meth:`to_input_order`. ``widths`` (tensor stride -> typical channel count of
+    the layers there) sets the per-bucket overhead of the bucketing cost model: wide layers
+    afford more, smaller buckets.
     """
 
-    def __init__(self, coords: torch.Tensor, reorder: bool = True, overhead: int = BUCKET_OVERHEAD):
-        self.overhead = overhead
-        c = coords.to(torch.int64)
-        base = Level(c, 1, order_fixed=not reorder, overhead=overhead)
-        self.perm = base.perm
-        self.inv_perm = None
-        if self.perm is not None:
-            self.inv_perm = torch.empty_like(self.perm)
-            self.inv_perm[self.perm] = torch.arange(len(self.perm), device=self.perm.device)
-        self.levels: Dict[int, Level] = {1: base}
+    def __init__(self, coords: torch.Tensor, reorder: bool = True, widths: Optional[Dict[int, int]] = None,
+                 stride: int = 1, keep_tables: bool = False):
+        self.widths = dict(widths or {})
+        self.keep_tables = keep_tables
+        self.device = coords.device
+        self.base_stride = int(stride)
+        c = coords.detach().to("cpu", torch.int64).numpy()
+        if self.base_stride < 1:
+            raise ValueError(f"tensor stride must be >= 1, got {stride}")
+        if self.base_stride > 1 and np.any(c[:, 1:] % self.base_stride):
+            raise ValueError(f"coordinates at tensor stride {stride} must be multiples of {stride}")
+        base = Level(c, self.base_stride, order_fixed=not reorder, device=self.device,
+                     overhead=self.overhead(self.base_stride), keep_table=keep_tables)
+        self.perm = self.inv_perm = None
+        if base.perm is not None:
+            inv = np.empty_like(base.perm)
+            inv[base.perm] = np.arange(len(inv))
+            self.perm = torch.from_numpy(base.perm).to(self.device)
+            self.inv_perm = torch.from_numpy(inv).to(self.device)
+        self.levels: Dict[int, Level] = {self.base_stride: base}
         self.down_maps: Dict[int, DownMap] = {}
 
-    @property
-    def device(self) -> torch.device:
-        return self.levels[1].coords.device
+    def overhead(self, stride: int) -> float:
+        return overhead_for_width(self.widths.get(stride, 64))
 
     def to_internal(self, feats: torch.Tensor) -> torch.Tensor:
         return feats if self.perm is None else feats.index_select(0, self.perm)
@@ -338,7 +408,7 @@ class CoordinateManager:
 
     def level(self, stride: int) -> Level:
         if stride not in self.levels:
-            if stride % 2 or stride < 2:
+            if stride % 2 or stride < 2 * self.base_stride:
                 raise ValueError(f"no coordinate set at tensor stride {stride}")
             self.down_map(stride // 2)
         return self.levels[stride]
@@ -348,25 +418,24 @@ class CoordinateManager:
         if stride in self.down_maps:
             return self.down_maps[stride]
         fine = self.level(stride)
-        dev = fine.coords.device
         t2 = 2 * stride
         fc = fine.coords
-        pc = fc.clone()
-        pc[:, 1:] = torch.div(fc[:, 1:], t2, rounding_mode="floor") * t2
-        off = torch.div(fc[:, 1:] - pc[:, 1:], stride, rounding_mode="floor")  # in {0, 1}^3
+        lat = fc.copy()
+        lat[:, 1:] = np.floor_divide(fc[:, 1:], t2)  # floor, also for negative coordinates (as ME)
+        off = np.floor_divide(fc[:, 1:] - lat[:, 1:] * t2, stride)  # in {0, 1}^3
         child_offset = off[:, 0] + 2 * off[:, 1] + 4 * off[:, 2]
-        lat = pc.clone()
-        lat[:, 1:] = torch.div(lat[:, 1:], t2, rounding_mode="floor")
-        ukeys, parent = torch.unique(_Packer(lat).keys(lat), return_inverse=True)
-        rep = torch.empty(len(ukeys), dtype=torch.int64, device=dev)
-        rep.scatter_(0, parent, torch.arange(len(parent), device=dev))
-        coarse = Level(pc[rep], t2, order_fixed=False, overhead=self.overhead)
+        ukeys, rep, parent = np.unique(_Packer(lat).keys(lat), return_index=True, return_inverse=True)
+        parent = parent.reshape(-1)
+        pc = lat[rep]
+        pc[:, 1:] *= t2
+        coarse = Level(pc, t2, order_fixed=False, device=self.device, overhead=self.overhead(t2),
+                       keep_table=self.keep_tables)
         if coarse.perm is not None:
-            inv = torch.empty_like(coarse.perm)
-            inv[coarse.perm] = torch.arange(len(inv), device=dev)
+            inv = np.empty_like(coarse.perm)
+            inv[coarse.perm] = np.arange(len(inv))
             parent = inv[parent]
         self.levels[t2] = coarse
-        dm = DownMap(fine, coarse, parent, child_offset, overhead=self.overhead)
+        dm = DownMap(fine, coarse, parent, child_offset, device=self.device, overhead=self.overhead(stride))
         self.down_maps[stride] = dm
         return dm
 

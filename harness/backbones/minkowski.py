@@ -7,7 +7,7 @@ Importing this module imports MinkowskiEngine; ``harness.backbones`` only does s
 from __future__ import annotations
 
 import warnings
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,7 +73,8 @@ class MinkowskiOps:
         return isinstance(m, ME.MinkowskiModuleBase)
 
     @staticmethod
-    def wrap(coords: torch.Tensor, feats: torch.Tensor, in_channels: int) -> Tuple["ME.SparseTensor", torch.Tensor]:
+    def wrap(coords: torch.Tensor, feats: torch.Tensor, in_channels: int,
+             widths: Optional[Dict[int, int]] = None) -> Tuple["ME.SparseTensor", torch.Tensor]:
         check_input(coords, feats, in_channels)
         _check_unique(coords)
         x = ME.SparseTensor(feats, coords.to(torch.int32),

@@ -1,8 +1,11 @@
 """Sparse operations of the torch backend, and helpers shared by every backend.
 
-Convolutions run as gather -> GEMM -> write per bucket of a :class:`~.kernel_map.Plan`; the
-autograd function keeps only its input, its weight and the (shared) plans, never a gathered
-matrix, and re-gathers in backward.
+Convolutions run as gather -> GEMM -> write per chunk of a bucket of a
+:class:`~.kernel_map.Plan`; the autograd function keeps only its input, its weight and the
+(shared) plans, never a gathered matrix. Backward gathers again: the output gradient, once for
+both gradients of a stride-1 convolution (:func:`symmetric_backward`). Chunks and pieces are
+tasks for the worker threads of :mod:`.workers`; everything large they write into is
+allocated here, by the calling thread.
 """
 
 from __future__ import annotations
@@ -12,68 +15,201 @@ from typing import Optional
 import torch
 
 from .kernel_map import Plan
+from .workers import run_tasks, worker_count
 
-__all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "sparse_conv", "global_pool"]
+__all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "symmetric_backward", "sparse_conv", "global_pool"]
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor, r0: int, r1: int, k: int, missing) -> torch.Tensor:
-    g = x.index_select(0, idx[r0 * k:r1 * k])
-    if missing is not None:
-        g.index_fill_(0, missing, 0)
+class _Scratch:
+    """Per-worker scratch buffers, allocated by the calling thread.
+
+    Worker threads that allocate large temporaries each grow their own malloc arena, which
+    kept ~150 MB more resident at 100k voxels; buffers made here and filled with ``out=``
+    keep the peak at the single-threaded level."""
+
+    def __init__(self, ref: torch.Tensor, n_workers: int, **sizes: int):
+        self.bufs = [{name: ref.new_empty(max(n, 1)) for name, n in sizes.items()} for _ in range(n_workers)]
+
+    def get(self, worker: int, name: str, shape) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        return self.bufs[worker][name][:n].view(shape)
+
+
+def _gather(x: torch.Tensor, b, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:
+    """Rows r0..r1 of bucket ``b`` gathered from ``x`` into ``buf`` as (rows, k * C), absent
+    entries zero."""
+    k = b.k
+    g = buf[:(r1 - r0) * k * x.shape[1]].view((r1 - r0) * k, x.shape[1])
+    torch.index_select(x, 0, b.idx[r0 * k:r1 * k], out=g)
+    miss = b.missing[r0 // b.step]
+    if miss is not None:
+        g.index_fill_(0, miss, 0)
     return g.view(r1 - r0, k * x.shape[1])
 
 
+def _rows(t: torch.Tensor, b, r0: int, r1: int, scratch: _Scratch, worker: int, name: str) -> torch.Tensor:
+    """Rows r0..r1 of bucket ``b`` of a row-aligned tensor (a slice, or gathered into scratch)."""
+    if b.rows is None:
+        return t[b.start + r0:b.start + r1]
+    out = scratch.get(worker, name, (r1 - r0, t.shape[1]))
+    return torch.index_select(t, 0, b.rows[r0:r1], out=out)
+
+
 def plan_matmul(plan: Plan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``out[r] = sum_i x[table[r, i]] @ weight[i]`` for a (K, C, C_out) weight."""
+    """``out[r] = sum_i x[table[r, i]] @ weight[i]`` for a (K, C, C_out) weight.
+
+    One task per chunk (gather -> GEMM -> write of disjoint output rows); tasks run on the
+    worker threads (see :mod:`.workers`)."""
     c_in, c_out = weight.shape[1], weight.shape[2]
-    if plan.covers_all:
-        out = x.new_empty((plan.n_out, c_out))
-    else:
-        out = x.new_zeros((plan.n_out, c_out))
-    for b in plan.buckets:
-        wb = weight.index_select(0, b.cols).reshape(b.k * c_in, c_out)
-        for r0, r1, missing in b.chunks:
-            g = _gather(x, b.idx, r0, r1, b.k, missing)
-            if b.rows is None:
-                torch.mm(g, wb, out=out[b.start + r0:b.start + r1])
-            else:
-                out.index_copy_(0, b.rows[r0:r1], torch.mm(g, wb))
+    out = x.new_empty((plan.n_out, c_out)) if plan.covers_all else x.new_zeros((plan.n_out, c_out))
+    n_workers = worker_count(x.device)
+    scratch = _Scratch(x, n_workers, g=plan.max_entries * c_in, y=plan.max_rows * c_out)
+    slices = _WeightSlices(weight, n_workers)
+
+    def task(t: int, w: int) -> None:
+        bi, r0, r1 = plan.chunks[t]
+        b = plan.buckets[bi]
+        wb = slices.get(w, bi, b)
+        g = _gather(x, b, r0, r1, scratch.bufs[w]["g"])
+        if b.rows is None:
+            torch.mm(g, wb, out=out[b.start + r0:b.start + r1])
+        else:
+            y = scratch.get(w, "y", (r1 - r0, c_out))
+            out.index_copy_(0, b.rows[r0:r1], torch.mm(g, wb, out=y))
+
+    run_tasks(task, len(plan.chunks), x.device)
     return out
+
+
+def _piece_chunks(b, r0: int, r1: int):
+    for c0 in range(r0, r1, b.step):
+        yield c0, min(r1, c0 + b.step)
+
+
+def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, acc_numel: int, body, cols_of, view_of) -> torch.Tensor:
+    """Run ``body(piece, worker, acc)`` for every piece of ``plan`` and add each piece's
+    accumulator, seen through ``view_of(k, acc)`` as (k, C_in, C_out), into a (K, C_in,
+    C_out) gradient at rows ``cols_of(bucket)``.
+
+    Pieces run in batches of a few per worker, so that only that many accumulators exist
+    at once; they are slots allocated here (by the calling thread) and reused."""
+    n_workers = worker_count(ref.device)
+    n_slots = max(1, min(len(plan.pieces), 4 * n_workers))
+    slots = [ref.new_empty(acc_numel) for _ in range(n_slots)]
+    acc_all = None
+    for start in range(0, len(plan.pieces), n_slots):
+        batch = list(range(start, min(len(plan.pieces), start + n_slots)))
+        run_tasks(lambda j, w: body(batch[j], w, slots[j]), len(batch), ref.device)
+        for j, t in enumerate(batch):
+            b = plan.buckets[plan.pieces[t][0]]
+            part = view_of(b.k, slots[j])
+            if acc_all is None:
+                acc_all = ref.new_zeros((plan.K,) + tuple(part.shape[1:]))
+            acc_all.index_add_(0, cols_of(b), part)
+    return acc_all
+
+
+def _accumulate(acc: torch.Tensor, first: bool, a: torch.Tensor, b: torch.Tensor) -> None:
+    if first:
+        torch.mm(a, b, out=acc)
+    else:
+        acc.addmm_(a, b)
+
+
+class _WeightSlices:
+    """``weight[cols of bucket]`` as a (k * C_in, C_out) matrix, cached per worker for the
+    bucket it is working on (chunks of one bucket are consecutive tasks)."""
+
+    def __init__(self, weight: torch.Tensor, n_workers: int):
+        self.weight = weight
+        self.cur = [(-1, None)] * n_workers
+
+    def get(self, w: int, bi: int, b) -> torch.Tensor:
+        if self.cur[w][0] != bi:
+            k, c_in, c_out = b.k, self.weight.shape[1], self.weight.shape[2]
+            self.cur[w] = (bi, self.weight.index_select(0, b.cols).view(k * c_in, c_out))
+        return self.cur[w][1]
 
 
 def plan_wgrad_out(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Weight gradient from the output side: ``dW[i] = sum_r x[table[r, i]]^T grad[r]``."""
     c_in, c_out = x.shape[1], grad.shape[1]
-    dw = grad.new_zeros((plan.K, c_in, c_out))
-    for b in plan.buckets:
-        acc = grad.new_zeros((b.k * c_in, c_out))
-        for r0, r1, missing in b.chunks:
-            g = _gather(x, b.idx, r0, r1, b.k, missing)
-            if b.rows is None:
-                go = grad[b.start + r0:b.start + r1]
-            else:
-                go = grad.index_select(0, b.rows[r0:r1])
-            acc.addmm_(g.t(), go)
-        dw.index_add_(0, b.cols, acc.view(b.k, c_in, c_out))
-    return dw
+    scratch = _Scratch(x, worker_count(x.device), g=plan.max_entries * c_in, go=plan.max_rows * c_out)
+    kmax = max((b.k for b in plan.buckets), default=1)
+
+    def body(t: int, w: int, slot: torch.Tensor) -> None:
+        bi, p0, p1 = plan.pieces[t]
+        b = plan.buckets[bi]
+        acc = slot[:b.k * c_in * c_out].view(b.k * c_in, c_out)
+        for r0, r1 in _piece_chunks(b, p0, p1):
+            g = _gather(x, b, r0, r1, scratch.bufs[w]["g"])
+            _accumulate(acc, r0 == p0, g.t(), _rows(grad, b, r0, r1, scratch, w, "go"))
+
+    return _weight_grad_tasks(plan, grad, kmax * c_in * c_out, body, lambda b: b.cols,
+                              lambda k, slot: slot[:k * c_in * c_out].view(k, c_in, c_out))
 
 
 def plan_wgrad_in(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Weight gradient from the input side, ``plan`` being over the rows of ``x``:
     ``dW[i] = sum_r x[r]^T grad[table[r, i]]``."""
     c_in, c_out = x.shape[1], grad.shape[1]
-    dw = grad.new_zeros((plan.K, c_in, c_out))
-    for b in plan.buckets:
-        acc = grad.new_zeros((c_in, b.k * c_out))
-        for r0, r1, missing in b.chunks:
-            g = _gather(grad, b.idx, r0, r1, b.k, missing)
-            if b.rows is None:
-                xi = x[b.start + r0:b.start + r1]
-            else:
-                xi = x.index_select(0, b.rows[r0:r1])
-            acc.addmm_(xi.t(), g)
-        dw.index_add_(0, b.cols, acc.view(c_in, b.k, c_out).transpose(0, 1))
-    return dw
+    scratch = _Scratch(x, worker_count(x.device), g=plan.max_entries * c_out, xi=plan.max_rows * c_in)
+    kmax = max((b.k for b in plan.buckets), default=1)
+
+    def body(t: int, w: int, slot: torch.Tensor) -> None:
+        bi, p0, p1 = plan.pieces[t]
+        b = plan.buckets[bi]
+        acc = slot[:c_in * b.k * c_out].view(c_in, b.k * c_out)
+        for r0, r1 in _piece_chunks(b, p0, p1):
+            g = _gather(grad, b, r0, r1, scratch.bufs[w]["g"])
+            _accumulate(acc, r0 == p0, _rows(x, b, r0, r1, scratch, w, "xi").t(), g)
+
+    return _weight_grad_tasks(plan, grad, kmax * c_in * c_out, body, lambda b: b.cols,
+                              lambda k, slot: slot[:c_in * k * c_out].view(c_in, k, c_out).transpose(0, 1))
+
+
+def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_x: bool,
+                       need_w: bool):
+    """Both gradients of a stride-1 conv with a symmetric (odd) kernel from one gather.
+
+    The transposed map of offset i is offset K-1-i of the same table, so per chunk the
+    gathered output gradient ``G[q] = [grad[table[q, j]]]_j`` serves the input gradient
+    (``G @ W[K-1-j]^T``) and the weight gradient (``x[q]^T G`` is ``dW[K-1-j]``); x is never
+    gathered again. Tasks are the plan's pieces (whole chunks of one bucket).
+    """
+    K, c_in, c_out = weight.shape
+    n_workers = worker_count(grad.device)
+    gx = grad.new_empty((plan.n_out, c_in)) if need_x else None
+    wt = weight.flip(0).transpose(1, 2).contiguous() if need_x else None  # wt[j] = W[K-1-j]^T
+    slices = _WeightSlices(wt, n_workers) if need_x else None
+    scratch = _Scratch(grad, n_workers, g=plan.max_entries * c_out, y=plan.max_rows * c_in, xi=plan.max_rows * c_in)
+    kmax = max((b.k for b in plan.buckets), default=1)
+
+    def body(t: int, w: int, slot: Optional[torch.Tensor]) -> None:
+        bi, p0, p1 = plan.pieces[t]
+        b = plan.buckets[bi]
+        k = b.k
+        wb = slices.get(w, bi, b) if need_x else None
+        acc = slot[:c_in * k * c_out].view(c_in, k * c_out) if need_w else None
+        for r0, r1 in _piece_chunks(b, p0, p1):
+            g = _gather(grad, b, r0, r1, scratch.bufs[w]["g"])
+            if need_x:
+                if b.rows is None:
+                    torch.mm(g, wb, out=gx[b.start + r0:b.start + r1])
+                else:
+                    y = scratch.get(w, "y", (r1 - r0, c_in))
+                    gx.index_copy_(0, b.rows[r0:r1], torch.mm(g, wb, out=y))
+            if need_w:
+                _accumulate(acc, r0 == p0, _rows(x, b, r0, r1, scratch, w, "xi").t(), g)
+
+    if not need_w:
+        run_tasks(lambda t, w: body(t, w, None), len(plan.pieces), grad.device)
+        return gx, None
+    gw = _weight_grad_tasks(plan, grad, kmax * c_in * c_out, body, lambda b: K - 1 - b.cols,
+                            lambda k, slot: slot[:c_in * k * c_out].view(c_in, k, c_out).transpose(0, 1))
+    return gx, gw
 
 
 class _SparseConvFunction(torch.autograd.Function):
@@ -89,13 +225,11 @@ class _SparseConvFunction(torch.autograd.Function):
         fwd, bwd, wgrad_side = ctx.plans
         grad = grad.to(weight.dtype).contiguous()
         gx = gw = None
+        if bwd is None:
+            return symmetric_backward(fwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
+                None, None, None)
         if ctx.needs_input_grad[0]:
-            if bwd is None:
-                # Symmetric (stride-1, odd) kernel: the transposed map is the same table with
-                # offset i read as offset K-1-i.
-                gx = plan_matmul(fwd, grad, weight.flip(0).transpose(1, 2).contiguous())
-            else:
-                gx = plan_matmul(bwd, grad, weight.transpose(1, 2).contiguous())
+            gx = plan_matmul(bwd, grad, weight.transpose(1, 2).contiguous())
         if ctx.needs_input_grad[1]:
             gw = plan_wgrad_out(fwd, x, grad) if wgrad_side == "out" else plan_wgrad_in(bwd, x, grad)
         return gx, gw, None, None, None

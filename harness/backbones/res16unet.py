@@ -8,7 +8,7 @@ either backend and their checkpoints load. The layer factories are
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -152,15 +152,20 @@ class Res16UNet(nn.Module):
 
     def forward_features(self, coords: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """(N, planes[7]) features before ``final``, rows in input order."""
-        x, ctx = self._ops.wrap(coords, feats, self.in_channels)
+        x, ctx = self._ops.wrap(coords, feats, self.in_channels, self.level_widths())
         return self._ops.unwrap(self._trunk(x), ctx)
 
     def forward(self, coords: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        x, ctx = self._ops.wrap(coords, feats, self.in_channels)
+        x, ctx = self._ops.wrap(coords, feats, self.in_channels, self.level_widths())
         out = self._trunk(x)
         if self._ops.is_sparse_module(self.final):
             return self._ops.unwrap(self.final(out), ctx)
         return self.final(self._ops.unwrap(out, ctx))
+
+    def level_widths(self) -> Dict[int, int]:
+        """Tensor stride -> the widest channel count of the 3x3x3 layers at that stride."""
+        p = self.planes
+        return {1: p[7], 2: max(p[0], p[6]), 4: max(p[1], p[5]), 8: max(p[2], p[4]), 16: p[3]}
 
     def extra_repr(self) -> str:
         return f"name={self.name}, backend={self.backend}, layers={self.layers}, planes={self.planes}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -53,12 +53,13 @@ class SparseTensor:
     __slots__ = ("F", "stride", "manager")
 
     def __init__(self, feats: torch.Tensor, coords: Optional[torch.Tensor] = None, stride: int = 1,
-                 manager: Optional[CoordinateManager] = None, reorder: bool = False):
+                 manager: Optional[CoordinateManager] = None, reorder: bool = False,
+                 widths: Optional[Dict[int, int]] = None):
         if manager is None:
             if coords is None:
                 raise ValueError("SparseTensor needs coords or a manager")
             check_input(coords, feats)
-            manager = CoordinateManager(coords, reorder=reorder)
+            manager = CoordinateManager(coords, reorder=reorder, widths=widths, stride=stride)
             feats = manager.to_internal(feats)
         self.F = feats
         self.stride = int(stride)
@@ -66,7 +67,7 @@ class SparseTensor:
 
     @property
     def C(self) -> torch.Tensor:
-        return self.manager.level(self.stride).coords.to(torch.int32)
+        return self.manager.level(self.stride).coords_tensor()
 
     @property
     def tensor_stride(self) -> int:
@@ -76,8 +77,9 @@ class SparseTensor:
         return SparseTensor(feats, stride=self.stride if stride is None else stride, manager=self.manager)
 
     def input_order(self) -> torch.Tensor:
-        if self.stride != 1:
-            raise ValueError(f"input order exists only at stride 1, this tensor has stride {self.stride}")
+        if self.stride != self.manager.base_stride:
+            raise ValueError(f"input order exists only at the input's stride {self.manager.base_stride}, "
+                             f"this tensor has stride {self.stride}")
         return self.manager.to_input_order(self.F)
 
     def _same_sites(self, other: "SparseTensor") -> None:

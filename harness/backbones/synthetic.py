@@ -2,9 +2,10 @@
 
 A scene is a floor, up to four walls (one left open, as in a partial scan), box furniture
 (cabinets, beds, sofas), tables and chairs with legs and a little clutter, each piece turned
-by its own yaw and the whole room by another, sampled on its surfaces with a few millimetres of
-noise. Voxelised at 2 cm such surfaces have about 8-9 occupied neighbours per site, like
-ScanNet scans; uniform noise would have about one.
+by its own yaw and the whole room by another and shifted off the voxel grid, sampled on its
+surfaces (12k points/m^2) with 2 mm of noise. Voxelised at 2 cm, a site has about 12 occupied
+sites in its 3x3x3 neighbourhood (centre included): surfaces not aligned with the grid cover
+more than 9 voxels of a 3x3x3 block. Uniform noise would have about one.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _furniture(rng: np.random.Generator, lx: float, ly: float) -> List[_Rect]:
 
 
 def room_points(rng: np.random.Generator, scale: float = 1.0, density: float = 12000.0,
-                noise: float = 0.004) -> np.ndarray:
+                noise: float = 0.002) -> np.ndarray:
     """Points (N, 3) float32 in metres on the surfaces of one random room.
 
     ``scale`` multiplies the room's floor dimensions; ``density`` is points per square metre.
@@ -107,7 +108,8 @@ def room_points(rng: np.random.Generator, scale: float = 1.0, density: float = 1
     yaw = rng.uniform(0, 2 * np.pi)
     c, s = np.cos(yaw), np.sin(yaw)
     rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    return (pts @ rot.T).astype(np.float32)
+    # Scans are not aligned with the voxel grid: turn and shift the room at random.
+    return (pts @ rot.T + rng.uniform(-1.0, 1.0, size=3)).astype(np.float32)
 
 
 def room_batch(n_voxels: int, voxel_size: float = 0.02, seed: int = 0, max_rooms: int = 8,
@@ -120,8 +122,8 @@ def room_batch(n_voxels: int, voxel_size: float = 0.02, seed: int = 0, max_rooms
     plane, as a partial scan would be, so that M is within 1% of ``n_voxels``.
     """
     rng = rng if rng is not None else np.random.default_rng(seed)
-    # A 2 cm room of scale 1 has roughly 45k surface voxels; grow rooms rather than the batch.
-    per_room = 45000.0 * (0.02 / voxel_size) ** 2
+    # A 2 cm room of scale 1 has roughly 200k surface voxels; grow rooms rather than the batch.
+    per_room = 200000.0 * (0.02 / voxel_size) ** 2
     n_rooms = int(min(max_rooms, max(1, round(n_voxels / (2 * per_room)))))
     scale = float(np.sqrt(max(1.0, n_voxels / (n_rooms * per_room))))
     coords_list, total, b = [], 0, 0

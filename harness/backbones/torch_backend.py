@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -157,9 +157,10 @@ class TorchOps:
         return isinstance(m, (SparseConv, SparseBatchNorm, SparseReLU))
 
     @staticmethod
-    def wrap(coords: torch.Tensor, feats: torch.Tensor, in_channels: int) -> Tuple[SparseTensor, None]:
+    def wrap(coords: torch.Tensor, feats: torch.Tensor, in_channels: int,
+             widths: Optional[Dict[int, int]] = None) -> Tuple[SparseTensor, None]:
         check_input(coords, feats, in_channels)
-        return SparseTensor(feats, coords, reorder=True), None
+        return SparseTensor(feats, coords, reorder=True, widths=widths), None
 
     @staticmethod
     def unwrap(x: SparseTensor, ctx) -> torch.Tensor:

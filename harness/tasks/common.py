@@ -46,10 +46,19 @@ class FinetuneConfig(TaskConfig):
 
 
 class SceneData:
-    """The scenes of one split, loaded once; ``sample(i, rng)`` voxelises (and augments) one."""
+    """The scenes of one split, loaded once; ``sample(i, rng)`` voxelises (and augments) one.
+
+    ``instances=True`` adds per-voxel instance targets (the instance's class and centre, in the
+    sample's frame); ``boxes="oriented"`` or ``"axis_aligned"`` adds the scene's boxes moved by
+    the sample's transform (axis-aligned boxes are re-fitted to the moved box's extent, as
+    VoteNet does for ScanNet), keeping those with at least one point in the crop.
+    """
 
     def __init__(self, dataset: Any, split: str, voxel_size: float, augment: Optional[aug.AugmentConfig],
-                 input_features: str = "rgb", limit: int = 0):
+                 input_features: str = "rgb", limit: int = 0, instances: bool = False,
+                 boxes: Optional[str] = None):
+        if boxes not in (None, "oriented", "axis_aligned"):
+            raise ValueError(f"SceneData: boxes must be null, 'oriented' or 'axis_aligned', got {boxes!r}")
         self.dataset = dataset
         self.split = split
         self.names = list(dataset.scenes(split))
@@ -60,6 +69,8 @@ class SceneData:
         self.voxel_size = voxel_size
         self.augment = augment
         self.input_features = input_features
+        self.instances = instances
+        self.boxes = boxes
         self._cache: Dict[int, Dict[str, Any]] = {}
 
     def __len__(self) -> int:
@@ -107,7 +118,91 @@ class SceneData:
             out["semantic"] = vox.labels.astype(np.int64)
         if "instance" in s:
             out["instance"] = np.asarray(s["instance"])[sel][vox.index].astype(np.int64)
+        if self.instances:
+            self._instance_targets(s, sel, pts, vox.index, out)
+        if self.boxes is not None:
+            self._box_targets(s, points[sel], T, out)
         return out
+
+    def _instance_targets(self, s: Dict[str, Any], sel: np.ndarray, pts: np.ndarray, index: np.ndarray,
+                          out: Dict[str, Any]) -> None:
+        """Per voxel: ``instance_class`` (its instance's label, ignore for none) and
+        ``instance_centre`` (mean of the instance's points in the crop, sample frame)."""
+        if "instance" not in s or "instance_label" not in s:
+            raise KeyError(f"{self.dataset_name}: scene {self.names[out['scene']]} has no 'instance'/'instance_label' "
+                           f"arrays, which instance targets need")
+        inst = np.asarray(s["instance"])[sel].astype(np.int64)
+        inst_label = np.asarray(s["instance_label"]).astype(np.int64)
+        n_ids = max(int(inst.max()) + 1, len(inst_label))
+        counts = np.bincount(inst, minlength=n_ids).astype(np.float64)
+        sums = np.stack([np.bincount(inst, weights=pts[:, k].astype(np.float64), minlength=n_ids) for k in range(3)], 1)
+        centres = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        labels = np.full(n_ids, -100, dtype=np.int64)
+        labels[:len(inst_label)] = inst_label
+        labels[0] = -100  # id 0 = no instance
+        vinst = inst[index]
+        out["instance_class"] = labels[vinst]
+        out["instance_centre"] = centres[vinst]
+
+    def _box_targets(self, s: Dict[str, Any], crop_points: np.ndarray, T: np.ndarray, out: Dict[str, Any]) -> None:
+        if "boxes" not in s or "box_labels" not in s:
+            raise KeyError(f"{self.dataset_name}: scene {self.names[out['scene']]} has no 'boxes'/'box_labels' arrays, "
+                           f"which detection needs")
+        boxes = np.asarray(s["boxes"], dtype=np.float64).reshape(-1, 7)
+        labels = np.asarray(s["box_labels"], dtype=np.int64).reshape(-1)
+        if len(boxes) and len(crop_points) < len(s["points"]):
+            keep = points_in_boxes(crop_points, boxes).any(0)
+            boxes, labels = boxes[keep], labels[keep]
+        out["boxes"] = transform_boxes(T, boxes, axis_aligned=self.boxes == "axis_aligned").astype(np.float32)
+        out["box_labels"] = labels
+
+    @property
+    def dataset_name(self) -> str:
+        return type(self.dataset).__name__
+
+
+def transform_boxes(T: np.ndarray, boxes: np.ndarray, axis_aligned: bool = False) -> np.ndarray:
+    """Boxes ``(cx, cy, cz, dx, dy, dz, heading)`` moved by a 4x4 similarity transform ``T``.
+
+    The centre is transformed; each extent is scaled by the length of its transformed box axis;
+    the heading becomes the direction of the transformed box x axis (a mirror flips it: a box is
+    symmetric, so the mirrored box is the box with that heading). ``axis_aligned`` re-fits an
+    axis-aligned box to the bird's-eye extent of the moved box (heading 0). Upright boxes are
+    assumed: a tilt in ``T`` is not represented (the boxes stay upright).
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+    if len(b) == 0:
+        return b.copy()
+    L = np.asarray(T, dtype=np.float64)[:3, :3]
+    c, s = np.cos(b[:, 6]), np.sin(b[:, 6])
+    zeros = np.zeros_like(c)
+    ex = np.stack([c, s, zeros], 1) @ L.T
+    ey = np.stack([-s, c, zeros], 1) @ L.T
+    ez = np.array([0.0, 0.0, 1.0]) @ L.T
+    out = np.empty_like(b)
+    out[:, :3] = b[:, :3] @ L.T + np.asarray(T, dtype=np.float64)[:3, 3]
+    out[:, 3] = b[:, 3] * np.linalg.norm(ex, axis=1)
+    out[:, 4] = b[:, 4] * np.linalg.norm(ey, axis=1)
+    out[:, 5] = b[:, 5] * np.linalg.norm(ez)
+    out[:, 6] = np.arctan2(ex[:, 1], ex[:, 0])
+    if axis_aligned:
+        ca, sa = np.abs(np.cos(out[:, 6])), np.abs(np.sin(out[:, 6]))
+        dx, dy = out[:, 3].copy(), out[:, 4].copy()
+        out[:, 3] = ca * dx + sa * dy
+        out[:, 4] = sa * dx + ca * dy
+        out[:, 6] = 0.0
+    return out
+
+
+def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(N, K) bool: point n lies in (or on) box k; boxes ``(cx, cy, cz, dx, dy, dz, heading)``."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+    d = p[:, None, :] - b[None, :, :3]
+    c, s = np.cos(b[:, 6]), np.sin(b[:, 6])
+    lx = d[..., 0] * c + d[..., 1] * s  # into the box frame (rotate by -heading)
+    ly = -d[..., 0] * s + d[..., 1] * c
+    return (np.abs(lx) <= b[:, 3] / 2) & (np.abs(ly) <= b[:, 4] / 2) & (np.abs(d[..., 2]) <= b[:, 5] / 2)
 
 
 def collate(samples: Sequence[Dict[str, Any]], keys: Sequence[str] = ("semantic",)) -> Dict[str, Any]:

@@ -1,0 +1,427 @@
+"""Benchmark: Res16UNet34C forward+backward, torch backend against MinkowskiEngine, same run.
+
+    python bench/backbone.py [--sizes 20000 100000 300000] [--repeats 3] [--threads 2]
+                             [--out reports/bench/backbone.md] [--no-memory] [--no-bf16]
+
+Input: room-like surfaces (harness.backbones.synthetic.room_batch) voxelised at 2 cm, RGB-like
+features, train mode, loss = mean of squared outputs. One step = build the sparse input from
+(coords, feats), forward, backward (kernel maps built inside the step on both backends).
+The two backends alternate step by step so that load from other jobs hits both alike; only
+their ratio is meaningful on a shared machine, and the report says how busy the other jobs
+kept the CPU during the run. Peak memory is measured per (backend, size) in a fresh process
+(peak RSS during two steps minus RSS before the first). The step's useful FLOPs are counted
+from the kernel maps (2 x pairs x C_in x C_out per convolution, x3 for forward+backward, less
+the stem's input gradient, which no backend computes), and achieved GFLOP/s are compared with
+the fp32 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _set_threads(n: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    os.environ.setdefault("MKL_NUM_THREADS", str(n))
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(n))
+
+
+class CpuMonitor:
+    """How many cores other processes kept busy between start() and stop() (Linux /proc)."""
+
+    def __init__(self):
+        self.other_cores: Optional[float] = None
+
+    @staticmethod
+    def _busy_seconds() -> Optional[float]:
+        try:
+            v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        except OSError:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        return (sum(v[:8]) - v[3] - v[4]) / hz
+
+    @staticmethod
+    def _own_seconds() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def start(self) -> "CpuMonitor":
+        self.t0, self.b0, self.o0 = time.time(), self._busy_seconds(), self._own_seconds()
+        return self
+
+    def stop(self) -> Optional[float]:
+        b1 = self._busy_seconds()
+        if b1 is None or self.b0 is None:
+            return None
+        wall = max(time.time() - self.t0, 1e-9)
+        self.other_cores = max(0.0, ((b1 - self.b0) - (self._own_seconds() - self.o0)) / wall)
+        return self.other_cores
+
+
+def matmul_peak(dtype_name: str = "float32", n: int = 4096, reps: int = 3) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def make_input(n_voxels: int, seed: int = 0):
+    import torch
+
+    from harness.backbones.synthetic import room_batch
+
+    coords, colors = room_batch(n_voxels, voxel_size=0.02, seed=seed)
+    return torch.from_numpy(coords), torch.from_numpy(colors)
+
+
+def count_flops(coords, feats) -> Dict[str, float]:
+    """Useful and executed (with the torch backend's padding) FLOPs of one fwd+bwd step."""
+    import torch
+
+    from harness.backbones import build_backbone
+    from harness.backbones.torch_backend import SparseConv, SparseConvTranspose
+
+    model = build_backbone("Res16UNet34C", 3, 32, backend="torch")
+    recs = []
+
+    def hook(mod, inp, _out):
+        x = inp[0]
+        mgr, cin, cout = x.manager, mod.in_channels, mod.out_channels
+        if mod.kernel_size == 1:
+            pairs = executed = x.F.shape[0]
+        elif isinstance(mod, SparseConvTranspose):
+            dm = mgr.down_maps[x.stride // 2]
+            pairs, executed = dm.up.n_entries, dm.down.n_entries
+        elif mod.kernel_size == 3:
+            lv = mgr.level(x.stride)
+            pairs, executed = lv.n_pairs, lv.plan.n_entries
+        else:
+            dm = mgr.down_map(x.stride)
+            pairs, executed = dm.up.n_entries, dm.down.n_entries
+        recs.append((mod is model.conv0p1s1, 2.0 * pairs * cin * cout, 2.0 * executed * cin * cout))
+
+    for m in model.modules():
+        if isinstance(m, SparseConv):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(coords, feats)
+    fwd = sum(r[1] for r in recs)
+    stem = sum(r[1] for r in recs if r[0])
+    ex = sum(r[2] for r in recs)
+    ex_stem = sum(r[2] for r in recs if r[0])
+    return {"fwd_gflop": fwd / 1e9, "step_gflop": (3 * fwd - stem) / 1e9, "executed_step_gflop": (3 * ex - ex_stem) / 1e9,
+            "sites": int(coords.shape[0]), "neighbours": None}
+
+
+def _build(backend: str, device: str):
+    import torch
+
+    from harness.backbones import build_backbone
+
+    torch.manual_seed(0)
+    return build_backbone("Res16UNet34C", 3, 32, backend=backend).to(device).train()
+
+
+def _step(model, coords, feats, device: str, autocast: bool = False) -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
+        out = model(coords, feats)
+        loss = out.float().square().mean()
+    loss.backward()
+    sync()
+    return time.perf_counter() - t0
+
+
+def time_backends(backends: List[str], coords, feats, device: str, repeats: int, warmup: int = 1,
+                  bf16: bool = False) -> Dict[str, List[float]]:
+    models = {b: _build(b, device if b == "torch" else "cpu") for b in backends}
+    state = models[backends[0]].state_dict()
+    for m in models.values():
+        m.load_state_dict(state)
+    variants = [(b, False) for b in backends] + ([("torch", True)] if bf16 else [])
+    times: Dict[str, List[float]] = {f"{b}{'+bf16' if a else ''}": [] for b, a in variants}
+    for it in range(warmup + repeats):
+        for b, a in variants:
+            dev = device if b == "torch" else "cpu"
+            c, f = coords.to(dev), feats.to(dev)
+            models[b].zero_grad(set_to_none=True)
+            dt = _step(models[b], c, f, dev, autocast=a)
+            if it >= warmup:
+                times[f"{b}{'+bf16' if a else ''}"].append(dt)
+    return times
+
+
+def bf16_drift(coords, feats, device: str) -> Dict[str, float]:
+    """How far bf16 autocast outputs and gradients drift from fp32 (same weights and input)."""
+    import torch
+
+    model = _build("torch", device)
+    out = {}
+    for mode in ("eval", "train"):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        getattr(model, mode)()
+        res = []
+        for ac in (False, True):
+            model.load_state_dict(state)
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=ac):
+                o = model(coords.to(device), feats.to(device))
+            o.float().square().mean().backward()
+            res.append((o.float().detach(), model.block8[1].conv2.kernel.grad.float().clone()))
+        (o32, g32), (o16, g16) = res
+        out[f"{mode}_out_rel"] = float((o16 - o32).norm() / o32.norm())
+        out[f"{mode}_out_maxrel"] = float((o16 - o32).abs().max() / o32.abs().max())
+        out[f"{mode}_grad_rel"] = float((g16 - g32).norm() / g32.norm())
+    return out
+
+
+def memory_child(backend: str, n_voxels: int, device: str, threads: int) -> Dict[str, float]:
+    """Runs in a fresh process: RSS before the first step and peak RSS over two steps."""
+    import torch
+
+    torch.set_num_threads(threads)
+    coords, feats = make_input(n_voxels)
+    model = _build(backend, device if backend == "torch" else "cpu")
+    import gc
+
+    gc.collect()
+    _reset_peak_rss()  # the scene generator's own peak must not count
+    rss0 = _status_mb("VmRSS")
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        _step(model, coords, feats, device if backend == "torch" else "cpu")
+    peak = _status_mb("VmHWM")
+    res = {"rss_before_mb": rss0, "peak_rss_mb": peak, "step_mb": peak - rss0}
+    if device.startswith("cuda") and backend == "torch":
+        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return res
+
+
+def cpu_child(backend: str, n_voxels: int, steps: int) -> Dict[str, float]:
+    """Runs in a fresh process with every thread pool at 1: CPU seconds per step (process
+    time, all threads). Unlike wall time this hardly depends on what other jobs run."""
+    import torch
+
+    torch.set_num_threads(1)
+    coords, feats = make_input(n_voxels)
+    model = _build(backend, "cpu")
+    times = []
+    for i in range(steps + 1):
+        model.zero_grad(set_to_none=True)
+        t0 = time.process_time()
+        _step(model, coords, feats, "cpu")
+        if i:
+            times.append(time.process_time() - t0)
+    return {"cpu_s": min(times), "cpu_s_all": times}
+
+
+def measure_cpu(backend: str, n: int, steps: int) -> Optional[Dict[str, float]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [sys.executable, __file__, "--cpu-child", backend, str(n), "--repeats", str(steps), "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"cpu run {backend} {n} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _status_mb(field: str) -> float:
+    """VmRSS / VmHWM (peak RSS) of this process in MB (Linux), else ru_maxrss."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def measure_memory(backend: str, n: int, device: str, threads: int) -> Optional[Dict[str, float]]:
+    cmd = [sys.executable, __file__, "--memory-child", backend, str(n), "--device", device, "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        print(f"memory run {backend} {n} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def render(results: Dict) -> str:
+    env = results["env"]
+    lines = ["# Backbone benchmark: Res16UNet34C forward+backward", "",
+             f"Command: `{results['command']}`  ",
+             f"Machine: {env['cpu']}, {env['threads']} threads, device {env['device']}; torch {env['torch']}, "
+             f"MinkowskiEngine {env['minkowski'] or 'not installed'}; {env['date']}.  ",
+             f"fp32 matmul peak measured in this run: {env['peak_fp32']:.0f} GFLOP/s (bf16: {env['peak_bf16']:.0f}).  ",
+             f"Other jobs kept {results['other_cores']:.2f} of the {env['ncpu']} cores busy on average during the "
+             "timing (a shared machine: compare the ratio, not the seconds).", "",
+             "Input: room-like surfaces (floor, walls, furniture) sampled and voxelised at 2 cm "
+             "(`harness.backbones.synthetic.room_batch`), train mode, one step = sparse input from "
+             "(coords, feats) + forward + backward, kernel maps built inside the step on both backends; "
+             "the backends alternate step by step; median of the timed steps (min in brackets).", "",
+             "| voxels | neighbours/site | useful GFLOP/step | backend | seconds | ME / torch | GFLOP/s | of fp32 peak | peak memory (MB) |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for row in results["rows"]:
+        n, fl = row["sites"], row["flops"]
+        me = row["times"].get("minkowski")
+        for b, ts in row["times"].items():
+            med, mn = statistics.median(ts), min(ts)
+            ratio = f"{statistics.median(me) / med:.2f}x" if me and b != "minkowski" else ("1.00x" if b == "minkowski" else "")
+            gfs = fl["step_gflop"] / med
+            mem = row["memory"].get(b)
+            mem_s = f"{mem['step_mb']:.0f}" if mem else "n/a"
+            lines.append(f"| {n} | {row['neighbours']:.1f} | {fl['step_gflop']:.0f} | {b} | {med:.2f} ({mn:.2f}) | {ratio} | "
+                         f"{gfs:.0f} | {gfs / env['peak_fp32']:.0%} | {mem_s} |")
+    lines += ["", "Peak memory = peak RSS during two steps minus RSS before the first, each backend and size in a "
+              "fresh process (CPU). `torch+bf16` = torch backend under `torch.autocast('cpu', bfloat16)`; its "
+              "GFLOP/s column still counts against the fp32 peak.", ""]
+    if results.get("padding"):
+        lines += ["Torch backend: multiplications executed including the zero padding of its buckets, per step: " +
+                  ", ".join(f"{n} voxels {p['executed_step_gflop']:.0f} GFLOP (+{p['executed_step_gflop'] / p['step_gflop'] - 1:.0%})"
+                            for n, p in results["padding"].items()) + ".", ""]
+    if results.get("cpu"):
+        lines += ["Work per step, all thread pools at 1 (CPU seconds, process time, min of the steps; "
+                  "insensitive to other jobs, unlike the wall times above):", "",
+                  "| voxels | " + " | ".join(f"{b} CPU s" for b in next(iter(results["cpu"].values()))) + " | ME / torch |",
+                  "|---:|" + "---:|" * (len(next(iter(results["cpu"].values()))) + 1)]
+        for n, per in results["cpu"].items():
+            vals = {b: (v["cpu_s"] if v else float("nan")) for b, v in per.items()}
+            ratio = f"{vals['minkowski'] / vals['torch']:.2f}x" if "minkowski" in vals and "torch" in vals else ""
+            lines.append(f"| ~{n} | " + " | ".join(f"{v:.2f}" for v in vals.values()) + f" | {ratio} |")
+        lines.append("")
+    if results.get("drift"):
+        d = results["drift"]
+        lines += [f"bf16 autocast drift from fp32 ({results['drift_voxels']} voxels, same weights): outputs "
+                  f"{d['eval_out_rel']:.1e} relative (L2; max-abs {d['eval_out_maxrel']:.1e}) in eval mode, "
+                  f"{d['train_out_rel']:.1e} in train mode; weight gradient of block8.1.conv2 {d['train_grad_rel']:.1e} "
+                  "relative in train mode.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[20000, 100000, 300000])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backends", nargs="+", default=None)
+    p.add_argument("--out", default=str(ROOT / "reports" / "bench" / "backbone.md"))
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--cpu-sizes", type=int, nargs="*", default=[100000],
+                   help="sizes for the single-thread CPU-time comparison (none to skip)")
+    p.add_argument("--memory-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--cpu-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    _set_threads(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), device, args.threads)))
+        return 0
+    if args.cpu_child:
+        print(json.dumps(cpu_child(args.cpu_child[0], int(args.cpu_child[1]), args.repeats)))
+        return 0
+    from harness.backbones import available_backends
+
+    # The MinkowskiEngine build here is CPU-only: compare with it on the CPU.
+    default = ["torch", "minkowski"] if "minkowski" in available_backends() and device == "cpu" else ["torch"]
+    backends = args.backends or default
+    me_version = None
+    if "minkowski" in backends:
+        from harness.backbones.minkowski import ME
+
+        me_version = ME.__version__
+    bf16 = not args.no_bf16 and (device != "cpu" or torch.backends.mkldnn.is_available())
+    env = {"cpu": cpu_name(), "threads": args.threads, "ncpu": os.cpu_count(), "device": device,
+           "torch": torch.__version__, "minkowski": me_version, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "peak_fp32": matmul_peak("float32"), "peak_bf16": matmul_peak("bfloat16")}
+    results = {"command": "python bench/backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "env": env, "rows": [], "padding": {}}
+    mon = CpuMonitor().start()
+    for n in args.sizes:
+        coords, feats = make_input(n)
+        from harness.backbones.kernel_map import CoordinateManager
+
+        cm = CoordinateManager(coords)
+        neigh = cm.level(1).n_pairs / len(coords)
+        flops = count_flops(coords, feats)
+        print(f"bench n={len(coords)} neighbours={neigh:.1f} step_gflop={flops['step_gflop']:.0f}", flush=True)
+        times = time_backends(backends, coords, feats, device, args.repeats, args.warmup, bf16=bf16)
+        for b, ts in times.items():
+            print(f"bench n={len(coords)} backend={b} median_s={statistics.median(ts):.2f} min_s={min(ts):.2f}", flush=True)
+        results["rows"].append({"sites": len(coords), "neighbours": neigh, "flops": flops, "times": times, "memory": {}})
+        results["padding"][len(coords)] = flops
+    results["other_cores"] = mon.stop() or 0.0
+    if not args.no_memory:
+        for row in results["rows"]:
+            for b in backends:
+                row["memory"][b] = measure_memory(b, row["sites"], device, args.threads)
+                print(f"bench memory n={row['sites']} backend={b} {row['memory'][b]}", flush=True)
+    if device == "cpu" and args.cpu_sizes:
+        results["cpu"] = {}
+        for n in args.cpu_sizes:
+            results["cpu"][n] = {b: measure_cpu(b, n, max(2, args.repeats - 1)) for b in backends}
+            print(f"bench cpu n={n} {results['cpu'][n]}", flush=True)
+    if bf16:
+        n0 = min(args.sizes)
+        c, f = make_input(n0)
+        results["drift"] = bf16_drift(c, f, device)
+        results["drift_voxels"] = len(c)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"bench wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The torch backend against MinkowskiEngine 0.5.4 itself (skipped where ME is not installed;
+CI installs it with `make minkowski`)."""
+
+import warnings
+
+import pytest
+import torch
+
+ME = pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine not installed (make minkowski)")
+
+from harness.backbones import build_backbone  # noqa: E402
+from harness.backbones.sparse import SparseTensor  # noqa: E402
+from harness.backbones.synthetic import room_batch  # noqa: E402
+from harness.backbones.torch_backend import SparseConv, SparseConvTranspose  # noqa: E402
+
+warnings.filterwarnings("ignore", module="MinkowskiEngine")
+
+
+def rel(a, b):
+    """max |a - b| / max |b|"""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+@pytest.fixture(scope="module")
+def scene():
+    coords, colors = room_batch(2500, seed=3)
+    return torch.from_numpy(coords), torch.from_numpy(colors)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    mt = build_backbone("Res16UNet34C", 3, 20, backend="torch")
+    mm = build_backbone("Res16UNet34C", 3, 20, backend="minkowski")
+    assert list(mt.state_dict()) == list(mm.state_dict())
+    for (k, a), b in zip(mt.state_dict().items(), mm.state_dict().values()):
+        assert a.shape == b.shape, k
+    return mt, mm
+
+
+def _step(model, coords, feats, dtype, mode, sd):
+    model.load_state_dict(sd)
+    model.to(dtype)
+    getattr(model, mode)()
+    model.zero_grad()
+    f = feats.to(dtype).clone().requires_grad_()
+    out = model(coords, f)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    (out * g).sum().backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    return out.detach(), f.grad.detach(), grads, stats
+
+
+@pytest.mark.minkowski
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode):
+    """Same state_dict and input: outputs, input and weight gradients (and in train mode the
+    updated running statistics) agree to 1e-5 relative (in fact to rounding, ~1e-12)."""
+    coords, feats = scene
+    mt, mm = models
+    sd = {k: v.clone() for k, v in mt.state_dict().items()}
+    ot, dxt, gt, st = _step(mt, coords, feats, torch.float64, mode, sd)
+    om, dxm, gm, sm = _step(mm, coords, feats, torch.float64, mode, sd)
+    assert rel(ot, om) < 1e-5
+    assert rel(dxt, dxm) < 1e-5
+    worst = max((rel(gt[k], gm[k]), k) for k in gt)
+    assert worst[0] < 1e-5, worst
+    for k in sm:
+        assert rel(st[k], sm[k]) < 1e-5, k
+
+
+def l2rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+@pytest.mark.minkowski
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_res16unet34c_float32_close_to_me(scene, models, mode):
+    """float32: outputs agree to 1e-5 relative (eval; 3e-5 in train mode). Gradients in float32 are not comparable
+    element by element: a pre-activation within ~1e-8 of zero can round to either side of
+    the ReLU kink in either backend, which switches that element's gradient on or off (seen:
+    one such site among 63k moved an input gradient by 4e-4 of its maximum), and in train
+    mode BatchNorm's backward cancels large terms (ME's own float32 weight gradients are ~5%
+    off float64). So gradients get an L2 sanity bound against the float64 reference, which a
+    wrong map or weight order would exceed by orders of magnitude; exact equality of the
+    gradients is the float64 test above."""
+    coords, feats = scene
+    mt, mm = models
+    sd = {k: v.double().clone() if v.is_floating_point() else v.clone() for k, v in mt.state_dict().items()}
+    ref = _step(mm, coords, feats, torch.float64, mode, sd)
+    ours = _step(mt, coords, feats, torch.float32, mode, sd)
+    me = _step(mm, coords, feats, torch.float32, mode, sd)
+    mt.double()
+    mm.double()
+    # train mode: BatchNorm over batch statistics; ME's own float32 output is ~5e-6 off float64
+    assert rel(ours[0], me[0]) < (1e-5 if mode == "eval" else 3e-5)
+    bound = 2e-2 if mode == "eval" else 2e-1
+    assert l2rel(ours[1], ref[1]) < bound
+    worst = max((l2rel(ours[2][k], ref[2][k]), k) for k in ref[2])
+    me_worst = max(l2rel(me[2][k], ref[2][k]) for k in ref[2])
+    assert worst[0] < max(bound, 4 * me_worst), (worst, me_worst)
+
+
+@pytest.mark.minkowski
+def test_me_state_dict_loads_into_torch_model(scene):
+    coords, feats = scene
+    torch.manual_seed(1)
+    mm = build_backbone("Res16UNet14A", 3, 13, backend="minkowski").eval()
+    mt = build_backbone("Res16UNet14A", 3, 13, backend="torch").eval()
+    mt.load_state_dict(mm.state_dict())
+    assert rel(mt(coords, feats), mm(coords, feats)) < 1e-5
+
+
+def _me_tensor(feats, coords):
+    return ME.SparseTensor(feats, coords, quantization_mode=ME.SparseTensorQuantizationMode.RANDOM_SUBSAMPLE)
+
+
+def _rows_by_coords(c_ref, c, f):
+    """Reorder rows of f (at coords c) to the row order of c_ref."""
+    key = lambda c: ((c[:, 0].long() * 4096 + c[:, 1] + 2048) * 4096 + c[:, 2] + 2048) * 4096 + c[:, 3] + 2048
+    order = torch.argsort(key(c))
+    pos = torch.searchsorted(key(c)[order], key(c_ref))
+    assert torch.equal(key(c)[order][pos], key(c_ref))
+    return f[order][pos]
+
+
+@pytest.mark.minkowski
+def test_single_ops_match_me_including_negative_coords():
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(2)
+    c = torch.unique(torch.randint(-9, 9, (600, 4), generator=g), dim=0)
+    c[:, 0] = c[:, 0].abs() % 2
+    c = torch.unique(c, dim=0).int()
+    f = torch.randn(len(c), 4, dtype=torch.float64)
+    # stride-1 kernel-3
+    ours = SparseConv(4, 5, 3).double()
+    theirs = ME.MinkowskiConvolution(4, 5, kernel_size=3, stride=1, dimension=3).double()
+    theirs.kernel.data.copy_(ours.kernel.data)
+    x_me = _me_tensor(f, c)
+    y_me = theirs(x_me)
+    y = ours(SparseTensor(f, c))
+    assert rel(y.F, _rows_by_coords(y.C, y_me.C, y_me.F)) < 1e-12
+    # stride-2 kernel-2, then the transposed conv back
+    dn, dn_me = SparseConv(4, 3, 2, 2).double(), ME.MinkowskiConvolution(4, 3, kernel_size=2, stride=2, dimension=3).double()
+    dn_me.kernel.data.copy_(dn.kernel.data)
+    up, up_me = SparseConvTranspose(3, 2).double(), ME.MinkowskiConvolutionTranspose(3, 2, kernel_size=2, stride=2, dimension=3).double()
+    up_me.kernel.data.copy_(up.kernel.data)
+    x = SparseTensor(f, c)
+    z, z_me = dn(x), dn_me(x_me)
+    assert z.stride == 2 and z_me.tensor_stride == [2, 2, 2]
+    assert torch.equal(torch.unique(z.C, dim=0), torch.unique(z_me.C, dim=0))  # floor, also below zero
+    assert rel(z.F, _rows_by_coords(z.C, z_me.C, z_me.F)) < 1e-12
+    u, u_me = up(z), up_me(z_me)
+    assert rel(u.F, _rows_by_coords(u.C, u_me.C, u_me.F)) < 1e-12

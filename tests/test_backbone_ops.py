@@ -1,0 +1,229 @@
+"""Each sparse operation of the torch backend against an independent dense reference.
+
+The random sparse input is densified and pushed through torch.nn.functional.conv3d /
+conv_transpose3d; values and gradients (features and weights) must agree. Coordinates include
+negative values, two batch items and tensor strides above 1.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.backbones.kernel_map import KERNEL2, KERNEL3, CoordinateManager, choose_buckets
+from harness.backbones.ops import global_pool
+from harness.backbones.sparse import SparseTensor
+from harness.backbones.torch_backend import SparseBatchNorm, SparseConv, SparseConvTranspose, TorchOps
+
+DT = torch.float64
+
+
+def random_sites(seed, n_batch=2, extent=6, density=0.35, stride=1):
+    """Unique sites (N, 4) int32 in [-extent, extent)^3 * stride, batch index first."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for b in range(n_batch):
+        grid = np.stack(np.meshgrid(*[np.arange(-extent, extent)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        keep = grid[rng.random(len(grid)) < density]
+        parts.append(np.concatenate([np.full((len(keep), 1), b), keep * stride], 1))
+    c = np.concatenate(parts).astype(np.int32)
+    return torch.from_numpy(c[rng.permutation(len(c))])
+
+
+def _put(dense, b, lat, feats):
+    idx = (b, slice(None), lat[:, 0], lat[:, 1], lat[:, 2])
+    out = dense.clone()
+    out[idx] = feats
+    return out
+
+
+def sample(dense, coords, stride, lo):
+    lat = torch.div(coords[:, 1:].long() - lo, stride, rounding_mode="floor")
+    return dense[coords[:, 0].long(), :, lat[:, 0], lat[:, 1], lat[:, 2]]
+
+
+def dense_weight(kernel, k):
+    """ME kernel (k^3, in, out) -> conv3d weight (out, in, k, k, k) with offset i at
+    (i mod k, (i div k) mod k, i div k^2) in (x, y, z)."""
+    kv, cin, cout = kernel.shape
+    w = kernel.reshape(k, k, k, cin, cout)  # [z][y][x] since x is fastest
+    return w.permute(4, 3, 2, 1, 0)  # (out, in, x, y, z)
+
+
+def test_offset_tables_match_me_order():
+    for i in range(27):
+        assert KERNEL3[i].tolist() == [i % 3 - 1, (i // 3) % 3 - 1, i // 9 - 1]
+    for i in range(8):
+        assert KERNEL2[i].tolist() == [i % 2, (i // 2) % 2, i // 4]
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_stride1_conv_matches_dense_conv3d(stride):
+    torch.manual_seed(0)
+    coords = random_sites(1, stride=stride)
+    feats = torch.randn(len(coords), 5, dtype=DT, requires_grad=True)
+    conv = SparseConv(5, 7, kernel_size=3, stride=1).to(DT)
+    x = SparseTensor(feats, coords, stride=stride, reorder=True)
+    out = conv(x)
+    coords_int = x.C
+    lo = torch.tensor([-6 * stride] * 3)
+    dense_in = _put(feats.new_zeros((2, 5, 12, 12, 12)), coords_int[:, 0].long(),
+                    torch.div(coords_int[:, 1:].long() - lo, stride, rounding_mode="floor"), x.F)
+    ref = sample(F.conv3d(dense_in, dense_weight(conv.kernel, 3), padding=1), coords_int, stride, lo)
+    assert torch.allclose(out.F, ref, atol=1e-12, rtol=1e-10)
+    grad = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad((out.F * grad).sum(), (feats, conv.kernel), retain_graph=True)
+    rx, rw = torch.autograd.grad((ref * grad).sum(), (feats, conv.kernel))
+    assert torch.allclose(gx, rx, atol=1e-12, rtol=1e-10)
+    assert torch.allclose(gw, rw, atol=1e-12, rtol=1e-10)
+
+
+def test_stride1_conv_keeps_input_order_without_reorder():
+    coords = random_sites(2)
+    feats = torch.randn(len(coords), 3, dtype=DT)
+    conv = SparseConv(3, 4, 3).to(DT)
+    out = conv(SparseTensor(feats, coords))  # reorder=False: rows stay in input order
+    assert torch.equal(out.C, coords)
+    lo = torch.tensor([-6] * 3)
+    dense_in = _put(feats.new_zeros((2, 3, 12, 12, 12)), coords[:, 0].long(), coords[:, 1:].long() - lo, feats)
+    ref = sample(F.conv3d(dense_in, dense_weight(conv.kernel, 3), padding=1), coords, 1, lo)
+    assert torch.allclose(out.F, ref, atol=1e-12)
+
+
+def test_downsample_conv_matches_dense_strided_conv3d_and_floors_negative_coords():
+    torch.manual_seed(1)
+    coords = random_sites(3)
+    feats = torch.randn(len(coords), 4, dtype=DT, requires_grad=True)
+    conv = SparseConv(4, 6, kernel_size=2, stride=2).to(DT)
+    x = SparseTensor(feats, coords, reorder=True)
+    out = conv(x)
+    assert out.stride == 2
+    # Output sites are the input sites floored to multiples of 2 (floor, also below zero).
+    expect = torch.unique(torch.cat([coords[:, :1], torch.div(coords[:, 1:], 2, rounding_mode="floor") * 2], 1), dim=0)
+    got = torch.unique(out.C, dim=0)
+    assert torch.equal(got, expect)
+    lo = torch.tensor([-6] * 3)
+    dense_in = _put(feats.new_zeros((2, 4, 12, 12, 12)), x.C[:, 0].long(), x.C[:, 1:].long() - lo, x.F)
+    dense_out = F.conv3d(dense_in, dense_weight(conv.kernel, 2), stride=2)
+    ref = sample(dense_out, out.C, 2, lo)
+    assert torch.allclose(out.F, ref, atol=1e-12)
+    grad = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad((out.F * grad).sum(), (feats, conv.kernel), retain_graph=True)
+    rx, rw = torch.autograd.grad((ref * grad).sum(), (feats, conv.kernel))
+    assert torch.allclose(gx, rx, atol=1e-12)
+    assert torch.allclose(gw, rw, atol=1e-12)
+
+
+def test_transposed_conv_matches_dense_conv_transpose3d_on_recorded_sites():
+    torch.manual_seed(2)
+    coords = random_sites(4)
+    feats = torch.randn(len(coords), 3, dtype=DT)
+    x = SparseTensor(feats, coords, reorder=True)
+    down = SparseConv(3, 5, 2, 2).to(DT)
+    y = down(x)
+    yf = torch.randn(y.F.shape, dtype=DT, requires_grad=True)
+    y = y.replace(yf)
+    up = SparseConvTranspose(5, 4, 2, 2).to(DT)
+    out = up(y)
+    assert out.stride == 1 and torch.equal(out.C, x.C)  # back onto the finer site set
+    lo = torch.tensor([-6] * 3)
+    dense_y = _put(yf.new_zeros((2, 5, 6, 6, 6)), y.C[:, 0].long(),
+                   torch.div(y.C[:, 1:].long() - lo, 2, rounding_mode="floor"), yf)
+    # conv_transpose3d weight is (in, out, k, k, k)
+    w = dense_weight(up.kernel, 2).transpose(0, 1)
+    dense_out = F.conv_transpose3d(dense_y, w, stride=2)
+    ref = sample(dense_out, out.C, 1, lo)
+    assert torch.allclose(out.F, ref, atol=1e-12)
+    grad = torch.randn_like(ref)
+    gy, gw = torch.autograd.grad((out.F * grad).sum(), (yf, up.kernel))
+    ry, rw = torch.autograd.grad((ref * grad).sum(), (yf, up.kernel))
+    assert torch.allclose(gy, ry, atol=1e-12)
+    assert torch.allclose(gw, rw, atol=1e-12)
+
+
+def test_transposed_conv_without_recorded_finer_set_is_an_error():
+    coords = random_sites(5, stride=2)
+    x = SparseTensor(torch.randn(len(coords), 3), coords, stride=2)
+    with pytest.raises(ValueError, match="finer coordinate set"):
+        SparseConvTranspose(3, 3)(x)
+
+
+def test_batchnorm_over_active_sites_relu_cat_and_linear():
+    torch.manual_seed(3)
+    coords = random_sites(6)
+    feats = torch.randn(len(coords), 4, dtype=DT)
+    x = SparseTensor(feats, coords)
+    bn = SparseBatchNorm(4).to(DT).train()
+    out = bn(x).F
+    mean, var = feats.mean(0), feats.var(0, unbiased=False)
+    assert torch.allclose(out, (feats - mean) / torch.sqrt(var + 1e-5), atol=1e-10)
+    r = TorchOps.relu()(x.replace(feats.clone()))
+    assert torch.equal(r.F, feats.clamp(min=0))
+    c = TorchOps.cat(x, x.replace(2 * feats))
+    assert torch.equal(c.F, torch.cat([feats, 2 * feats], 1))
+    lin = SparseConv(4, 3, kernel_size=1, bias=True).to(DT)
+    assert tuple(lin.kernel.shape) == (4, 3) and tuple(lin.bias.shape) == (1, 3)
+    assert torch.allclose(lin(x).F, feats @ lin.kernel + lin.bias)
+
+
+def test_bucketing_covers_each_row_with_a_superset_mask():
+    rng = np.random.default_rng(0)
+    masks = rng.integers(1, 2**27, size=5000) & rng.integers(1, 2**27, size=5000)
+    masks = np.concatenate([masks, np.full(3000, 0b111000000111000000111, dtype=np.int64)])
+    for overhead in (0.0, 200.0, 1e9):
+        b, bm = choose_buckets(torch.from_numpy(masks), 27, overhead=overhead)
+        assert np.all((masks & ~bm[b]) == 0)
+    b, bm = choose_buckets(torch.from_numpy(masks), 27, overhead=1e9)
+    assert len(bm) == 1
+
+
+def test_kernel_map_neighbours_match_brute_force():
+    coords = random_sites(7, extent=4)
+    cm = CoordinateManager(coords, reorder=True, keep_tables=True)
+    lv = cm.level(1)
+    c = lv.coords
+    lookup = {tuple(r): i for i, r in enumerate(c.tolist())}
+    for r in range(0, len(c), 7):
+        for i in range(27):
+            q = (c[r, 0], *(c[r, 1:] + KERNEL3[i].numpy()))
+            assert lv.table[r, i] == lookup.get(tuple(int(v) for v in q), -1)
+    # the reorder permutation round-trips
+    f = torch.arange(len(coords), dtype=torch.float64)[:, None]
+    assert torch.equal(cm.to_input_order(cm.to_internal(f)), f)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_global_pool_matches_per_item_loop(mode):
+    torch.manual_seed(4)
+    bi = torch.tensor([0, 2, 1, 0, 2, 2, 1])
+    f = torch.randn(7, 3, dtype=DT, requires_grad=True)
+    out = global_pool(f, bi, mode)
+    ref = torch.stack([(f[bi == b].max(0).values if mode == "max" else f[bi == b].mean(0)) for b in range(3)])
+    assert torch.allclose(out, ref)
+    g = torch.autograd.grad(out.sum(), f)[0]
+    gr = torch.autograd.grad(ref.sum(), f)[0]
+    assert torch.allclose(g, gr)
+
+
+def test_global_pool_refuses_empty_items_and_bad_input():
+    f = torch.randn(3, 2)
+    with pytest.raises(ValueError, match="no sites"):
+        global_pool(f, torch.tensor([0, 0, 2]))
+    with pytest.raises(ValueError, match="batch_size"):
+        global_pool(f, torch.tensor([0, 1, 2]), batch_size=2)
+    with pytest.raises(ValueError, match="mode"):
+        global_pool(f, torch.tensor([0, 1, 2]), mode="sum")
+    assert global_pool(f, torch.tensor([0, 0, 0]), "avg", batch_size=1).shape == (1, 2)
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    torch.manual_seed(5)
+    coords = random_sites(8)
+    feats = torch.randn(len(coords), 16)
+    conv = SparseConv(16, 16, 3)
+    x = SparseTensor(feats, coords)
+    ref = conv(x).F
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x).F
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 3e-2
