@@ -1,0 +1,362 @@
+"""Several processes (gloo on CPU, 2 ranks started here with torch.multiprocessing): synchronised
+BatchNorm, gradients of 2 ranks x batch B against 1 process x batch 2B (semantic segmentation,
+PointContrast), kill-and-resume of a 2-rank training, the rank-0-only files.
+
+The one-process numbers are computed in this test process with the plain modules (no
+``harness.distributed`` code in the way); the ranks write theirs to files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from harness import distributed as dist
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    assert dist.init_from_env(timeout_s=60)
+    try:
+        fn(*args)
+    finally:
+        dist.shutdown()
+
+
+def run_ranks(fn, *args, world: int = 2) -> None:
+    """``fn(*args)`` on ``world`` fresh processes joined in one gloo group; raises if any fails."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True, start_method="spawn")
+
+
+def _max_diffs(got: dict, want: dict) -> tuple:
+    """(max abs difference, max abs difference / max abs value over all tensors, max per-tensor
+    relative difference over the tensors whose largest value is above 1e-3 of the overall one:
+    a deep layer that sees a couple of voxels has gradients near 0, only float noise)."""
+    top = max(float(w.abs().max()) for w in want.values())
+    ab, per = 0.0, 0.0
+    for k, w in want.items():
+        d = float((got[k] - w).abs().max())
+        ab = max(ab, d)
+        if float(w.abs().max()) > 1e-3 * top:
+            per = max(per, d / float(w.abs().max()))
+    return ab, ab / top, per
+
+
+# ----------------------------------------------------------------------------------------------
+# Synchronised BatchNorm
+
+
+def _bn_inputs():
+    g = torch.Generator().manual_seed(7)
+    # different sizes and statistics per rank: the global statistics differ from either rank's
+    xs = [torch.randn(5, 3, generator=g) * 2 + 1, torch.randn(8, 3, generator=g) * 0.5 - 3]
+    ws = [torch.randn(5, 3, generator=g), torch.randn(8, 3, generator=g)]
+    xs2 = [torch.randn(2, 3, 2, 3, generator=g) + 2, torch.randn(3, 3, 2, 3, generator=g) * 3]
+    ws2 = [torch.randn(2, 3, 2, 3, generator=g), torch.randn(3, 3, 2, 3, generator=g)]
+    return xs, ws, xs2, ws2
+
+
+def _bn(cls):
+    bn = cls(3, momentum=0.3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    return bn
+
+
+def _bn_worker(out: Path) -> None:
+    r = dist.rank()
+    xs, ws, xs2, ws2 = _bn_inputs()
+    res = {}
+    for tag, cls, x0, w in (("1d", nn.BatchNorm1d, xs[r], ws[r]), ("2d", nn.BatchNorm2d, xs2[r], ws2[r])):
+        bn = dist.convert_sync_batchnorm(_bn(cls))
+        assert type(bn).__name__.startswith("SyncBatchNorm")
+        x = x0.clone().requires_grad_(True)
+        y = bn(x)
+        (y * w).sum().backward()
+        res[tag] = {"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
+                    "rm": bn.running_mean.clone(), "rv": bn.running_var.clone()}
+    torch.save(res, out / f"bn{r}.pt")
+
+
+def test_sync_batchnorm_on_two_ranks_equals_batchnorm_of_the_concatenated_batch(tmp_path):
+    run_ranks(_bn_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"bn{r}.pt") for r in range(2)]
+    xs, ws, xs2, ws2 = _bn_inputs()
+    for tag, cls, x_parts, w_parts in (("1d", nn.BatchNorm1d, xs, ws), ("2d", nn.BatchNorm2d, xs2, ws2)):
+        bn = _bn(cls)
+        x = torch.cat(x_parts).requires_grad_(True)
+        y = bn(x)
+        (y * torch.cat(w_parts)).sum().backward()
+        n0 = len(x_parts[0])
+        got_y = torch.cat([ranks[0][tag]["y"], ranks[1][tag]["y"]])
+        got_dx = torch.cat([ranks[0][tag]["dx"], ranks[1][tag]["dx"]])
+        torch.testing.assert_close(got_y, y.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_dx, x.grad, rtol=1e-5, atol=1e-5)
+        # the affine parameters get each rank's local sum (DDP then averages): they add up to the total
+        torch.testing.assert_close(ranks[0][tag]["dw"] + ranks[1][tag]["dw"], bn.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ranks[0][tag]["db"] + ranks[1][tag]["db"], bn.bias.grad, rtol=1e-5, atol=1e-5)
+        # running statistics: those of the global batch (unbiased variance), the same on both ranks
+        for r in range(2):
+            torch.testing.assert_close(ranks[r][tag]["rm"], bn.running_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ranks[r][tag]["rv"], bn.running_var, rtol=1e-5, atol=1e-6)
+        assert n0 < len(x)  # the two ranks held different numbers of rows
+
+
+def test_sync_batchnorm_with_one_process_is_plain_batchnorm():
+    x = torch.randn(6, 3)
+    plain, sync = _bn(nn.BatchNorm1d), dist.convert_sync_batchnorm(_bn(nn.BatchNorm1d))
+    assert isinstance(sync, nn.BatchNorm1d) and type(sync) is not nn.BatchNorm1d
+    assert torch.equal(plain(x), sync(x))
+    assert list(plain.state_dict()) == list(sync.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients: 2 ranks x batch B == 1 process x batch 2B
+
+
+def _points(seed: int, n: int):
+    g = np.random.default_rng(seed)
+    flat = g.choice(24 ** 3, size=n, replace=False)  # several voxels remain at the coarsest stride (16)
+    xyz = np.stack([flat // 24 ** 2, (flat // 24) % 24, flat % 24], 1).astype(np.int32)
+    return xyz, g.normal(size=(n, 3)).astype(np.float32)
+
+
+def _backbone():
+    from harness.backbones import build_backbone
+
+    torch.manual_seed(0)
+    return build_backbone("Res16UNet14A", 3, 6, backend="torch", planes=[8, 8, 8, 8, 8, 8, 8, 8])
+
+
+def _seg_scene(i: int):
+    xyz, feats = _points(100 + i, 120 + 40 * i)
+    g = np.random.default_rng(200 + i)
+    sem = g.integers(0, 6, len(xyz))
+    sem[g.random(len(xyz)) < 0.2 + 0.3 * i] = IGNORE  # different numbers of labelled points per scene
+    return xyz, feats, sem
+
+
+def _seg_batch(scenes):
+    coords, feats, sem = [], [], []
+    for b, (x, f, s) in enumerate(scenes):
+        coords.append(np.concatenate([np.full((len(x), 1), b, np.int32), x], 1))
+        feats.append(f)
+        sem.append(s)
+    return {"coords": torch.from_numpy(np.concatenate(coords)), "feats": torch.from_numpy(np.concatenate(feats)),
+            "semantic": torch.from_numpy(np.concatenate(sem).astype(np.int64))}
+
+
+def _seg_model():
+    from harness.tasks.semseg import SegModel
+
+    return SegModel(_backbone(), IGNORE)
+
+
+def _pc_model():
+    from baselines.pointcontrast import PointContrastModel
+
+    # every match is used (no sampling), so both runs see the same matches
+    return PointContrastModel(_backbone(), types.SimpleNamespace(tau=0.4, num_matches=10 ** 6))
+
+
+def _pair(i: int):
+    xa, fa = _points(300 + i, 90 + 30 * i)
+    xb, fb = _points(400 + i, 80 + 20 * i)
+    g = np.random.default_rng(500 + i)
+    m = 15 + 10 * i  # different numbers of matches per pair
+    return xa, fa, xb, fb, g.choice(len(xa), m, replace=False), g.choice(len(xb), m, replace=False)
+
+
+def _pair_batch(pairs):
+    coords, feats, ma, mb = [], [], [], []
+    offset = 0
+    for b, (xa, fa, xb, fb, ia, ib) in enumerate(pairs):
+        coords += [np.concatenate([np.full((len(xa), 1), 2 * b, np.int32), xa], 1),
+                   np.concatenate([np.full((len(xb), 1), 2 * b + 1, np.int32), xb], 1)]
+        feats += [fa, fb]
+        ma.append(ia + offset)
+        mb.append(ib + offset + len(xa))
+        offset += len(xa) + len(xb)
+    return {"coords": torch.from_numpy(np.concatenate(coords)), "feats": torch.from_numpy(np.concatenate(feats)),
+            "match_a": torch.from_numpy(np.concatenate(ma).astype(np.int64)),
+            "match_b": torch.from_numpy(np.concatenate(mb).astype(np.int64))}
+
+
+CASES = {"semseg": (_seg_model, _seg_scene, _seg_batch), "pointcontrast": (_pc_model, _pair, _pair_batch)}
+
+
+def _grads(model: nn.Module) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _grad_worker(case: str, out: Path) -> None:
+    make_model, item, collate = CASES[case]
+    model = dist.convert_sync_batchnorm(make_model())  # as the trainer does
+    module = dist.wrap(model, torch.device("cpu"))
+    assert module is not model  # DistributedDataParallel
+    res = module(collate([item(dist.rank())]))
+    res["loss"].backward()
+    torch.save({"grads": _grads(model), "loss": dist.mean_scalars({"loss": float(res["loss"].detach())})["loss"]},
+               out / f"{case}{dist.rank()}.pt")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_batch_b_give_the_gradients_of_one_process_batch_2b(case, tmp_path):
+    run_ranks(_grad_worker, case, tmp_path)
+    make_model, item, collate = CASES[case]
+    model = make_model()  # plain BatchNorm, no process group
+    res = model(collate([item(0), item(1)]))
+    res["loss"].backward()
+    want = _grads(model)
+    ranks = [torch.load(tmp_path / f"{case}{r}.pt") for r in range(2)]
+    assert set(ranks[0]["grads"]) == set(want) and len(want) > 10
+    for r in range(2):
+        ab, rel, per = _max_diffs(ranks[r]["grads"], want)
+        assert rel < 1e-5 and per < 1e-4, (case, r, ab, rel, per)
+        print(f"{case} rank={r} grad max_abs_diff={ab:.3g} rel_to_max={rel:.3g} max_per_tensor_rel={per:.3g}")
+    assert ranks[0]["loss"] == pytest.approx(float(res["loss"].detach()), rel=1e-5)
+    # not trivially equal: the average of the two ranks' gradients without synchronisation
+    # (BatchNorm per rank, each rank's own mean) is another one
+    apart = {}
+    for i in range(2):
+        alone = make_model()
+        alone(collate([item(i)]))["loss"].backward()
+        for k, v in _grads(alone).items():
+            apart[k] = apart.get(k, 0) + v / 2
+    assert _max_diffs(apart, want)[1] > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# Kill and resume with 2 ranks
+
+
+class _Regression(nn.Module):
+    """Least squares with BatchNorm and dropout (torch's RNG, per rank, in the checkpoint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 1))
+
+    def forward(self, batch):
+        return {"loss": ((self.backbone(batch["x"]).squeeze(1) - batch["y"]) ** 2).mean()}
+
+
+def _train_worker(workdir: Path, stop_at: int, out: Path, how: str = "signal") -> None:
+    from harness.config import OptimizerConfig, ScheduleConfig, TrainerConfig
+    from harness.train import BatchStream, Preempted, Trainer
+
+    w = np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32)
+    calls = [0]
+
+    def make_batch(items, rngs):
+        calls[0] += 1
+        if dist.rank() == 1 and calls[0] == stop_at:
+            if how == "kill":
+                os._exit(9)  # this process dies at once (no checkpoint, no clean-up)
+            os.kill(os.getpid(), signal.SIGUSR1)  # only this rank is told to stop (as a SLURM signal to one task)
+        x = np.stack([r.normal(size=4).astype(np.float32) for r in rngs])
+        return {"x": torch.from_numpy(x), "y": torch.from_numpy(x @ w)}
+
+    torch.manual_seed(dist.rank())  # different initial weights: DDP must start every rank from rank 0's
+    cfg = OmegaConf.structured(TrainerConfig(checkpoint_every=3, log_every=1))
+    opt = OmegaConf.structured(OptimizerConfig(lr=0.05, momentum=0.9))
+    trainer = Trainer(_Regression(), BatchStream(16, 4, 0, make_batch), 8, opt,
+                      OmegaConf.structured(ScheduleConfig(name="cosine")), workdir, torch.device("cpu"), cfg,
+                      progress=False)
+    try:
+        trainer.fit()
+        status = "done"
+    except Preempted:
+        status = f"preempted at {trainer.step}"
+    torch.save({"status": status, "model": trainer.model.state_dict()}, out / f"rank{dist.rank()}.pt")
+
+
+@pytest.mark.parametrize("how", ["signal", "kill"])
+def test_two_rank_run_stopped_on_one_rank_and_resumed_equals_an_uninterrupted_one(how, tmp_path):
+    import torch.multiprocessing as mp
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    for d in (full, cut, tmp_path / "o1", tmp_path / "o2", tmp_path / "o3"):
+        d.mkdir()
+    run_ranks(_train_worker, full, 0, tmp_path / "o1")
+    if how == "signal":
+        run_ranks(_train_worker, cut, 5, tmp_path / "o2", how)
+        stopped = [torch.load(tmp_path / "o2" / f"rank{r}.pt") for r in range(2)]
+        # rank 1 got the signal during step 5; the ranks agree on it and both stop after that step
+        assert [s["status"] for s in stopped] == ["preempted at 5", "preempted at 5"]
+    else:
+        # rank 1 dies during step 5: the job ends with an error; the last checkpoint is step 3's
+        with pytest.raises(mp.ProcessExitedException):
+            run_ranks(_train_worker, cut, 5, tmp_path / "o2", how)
+        assert torch.load(cut / "ckpt" / "train-last.pt")["step"] == 3
+    run_ranks(_train_worker, cut, 0, tmp_path / "o3")
+    ends = [torch.load(tmp_path / "o3" / f"rank{r}.pt") for r in range(2)]
+    refs = [torch.load(tmp_path / "o1" / f"rank{r}.pt") for r in range(2)]
+    for r in range(2):
+        assert ends[r]["status"] == refs[r]["status"] == "done"
+        for k, v in refs[r]["model"].items():
+            assert torch.equal(ends[r]["model"][k], v), (r, k)
+        for k, v in refs[0]["model"].items():  # the ranks hold the same model
+            assert torch.equal(refs[r]["model"][k], v), (r, k)
+
+    def metrics(d):
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in (d / "metrics-train.jsonl").read_text().splitlines()]
+
+    # one metric log and one checkpoint series, written by rank 0 only
+    assert [m["step"] for m in metrics(cut)][:8] == list(range(1, 9))
+    assert metrics(cut) == metrics(full)
+    assert sorted(p.name for p in (cut / "ckpt").iterdir()) == ["train-last.pt"]
+    assert sorted(p.name for p in cut.iterdir()) == ["ckpt", "metrics-train.jsonl"]
+
+
+def _failing_worker(out: Path) -> None:
+    import time
+
+    if dist.rank() == 1:
+        dist.shutdown()  # this rank goes away (its sockets close) while rank 0 waits in a collective
+        time.sleep(5)
+        raise ValueError("rank 1 broke")
+    start = time.time()
+    try:
+        dist.barrier()
+    except Exception as exc:  # gloo: the peer closed the connection
+        (out / "rank0.json").write_text(json.dumps({"error": type(exc).__name__, "seconds": time.time() - start}))
+        raise
+
+
+def test_a_rank_that_leaves_fails_the_others_instead_of_hanging(tmp_path):
+    import torch.multiprocessing as mp
+
+    with pytest.raises(mp.ProcessRaisedException):
+        run_ranks(_failing_worker, tmp_path)
+    # rank 0 failed in its barrier within seconds, well before the collective timeout (60 s here)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert rank0["seconds"] < 5, rank0
