@@ -360,3 +360,81 @@ def test_a_rank_that_leaves_fails_the_others_instead_of_hanging(tmp_path):
     # rank 0 failed in its barrier within seconds, well before the collective timeout (60 s here)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     assert rank0["seconds"] < 5, rank0
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole jobs of 2 processes: the local launcher (submitit's local executor) and SLURM (srun)
+
+DDP_SWEEP = """\
+name: ddp
+backbone: {name: Res16UNet14A, planes: [8, 8, 16, 16, 16, 16, 8, 8], backend: torch}
+device: cpu
+methods: {scratch: {}}
+datasets: {scannet: {}}
+columns: {scannet-semseg: {dataset: scannet, task: semseg}}
+trainer: {checkpoint_every: 3, log_every: 1}
+launcher: {local: {tasks_per_node: 2, cpus: 2}, slurm: {tasks_per_node: 2, nodes: 1}}
+"""
+CELL = "scratch__scannet-semseg__s0"
+
+
+def _ddp_sweep(tmp: Path, cache, launcher: str):
+    from tests._sweeps import cli, slurm_args, tiny
+
+    sweep = tmp / "ddp.yaml"
+    sweep.write_text(DDP_SWEEP)
+    # tiny() sets batch 1: the global batch of 2 processes is 2 (one scene each)
+    args = ["sweep", sweep, *tiny(tmp / "runs", cache), "tasks.semseg.batch_size=2"]
+    if launcher == "slurm":
+        args += [*slurm_args(), "launcher.slurm.max_wait_min=4", "--launcher", "slurm"]
+    rc, text, err = cli(*args)
+    assert rc == 0, text + err
+    return tmp / "runs" / "ddp"
+
+
+def _check_one_job_of_two_processes(run: Path) -> dict:
+    from tests._sweeps import result
+
+    cell = result(run, "finetune", CELL)
+    assert cell["status"] == "done" and 0.0 <= cell["value"] <= 1.0, cell
+    job = run / "cells" / CELL
+    # one result, one metric log, one checkpoint series: rank 0's
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("result.json")) == [
+        f"cells/{CELL}/result.json", "pretrain/scratch__s0/result.json"]
+    assert sorted(p.name for p in (job / "ckpt").iterdir()) == ["finetune-last.pt"]
+    steps = [json.loads(line)["step"] for line in (job / "metrics-finetune.jsonl").read_text().splitlines()
+             if "step" in line]
+    assert steps[:6] == [1, 2, 3, 4, 5, 6]
+    logs = "".join(p.read_text() for p in (run / "logs").rglob("*") if p.is_file() and p.suffix in (".err", ".out"))
+    for r in range(2):  # both processes of the job took part
+        assert f"job.start id={CELL} kind=finetune rank={r} world=2" in logs, logs[-2000:]
+    return cell
+
+
+@pytest.fixture(scope="module")
+def local_two_process_job(tmp_path_factory, cache_dir, small_scannet):
+    tmp = tmp_path_factory.mktemp("ddp-local")
+    env = pytest.MonkeyPatch()
+    env.setenv("HARNESS_CONFIGS", str(Path(__file__).resolve().parent.parent / "configs"))
+    try:
+        return _ddp_sweep(tmp, cache_dir, "local")
+    finally:
+        env.undo()
+
+
+def test_local_launcher_runs_a_job_as_two_processes(local_two_process_job):
+    _check_one_job_of_two_processes(local_two_process_job)
+
+
+def test_slurm_runs_a_two_task_job_on_one_node(local_two_process_job, tmp_path, cache_dir, monkeypatch):
+    from tests._sweeps import result, slurm_problem
+
+    problem = slurm_problem()
+    if problem:
+        pytest.skip(f"no SLURM cluster: {problem}")
+    monkeypatch.setenv("HARNESS_CONFIGS", str(Path(__file__).resolve().parent.parent / "configs"))
+    run = _ddp_sweep(tmp_path, cache_dir, "slurm")
+    cell = _check_one_job_of_two_processes(run)
+    assert cell["slurm_job_id"]
+    # srun's 2 tasks and the local executor's 2 processes train identically (gloo, one thread each)
+    assert cell["value"] == result(local_two_process_job, "finetune", CELL)["value"]
