@@ -253,6 +253,50 @@ def test_two_ranks_batch_b_give_the_gradients_of_one_process_batch_2b(case, tmp_
     assert _max_diffs(apart, want)[1] > 1e-2
 
 
+def _contrastive_inputs():
+    g = torch.Generator().manual_seed(11)
+    anchors = [torch.randn(4, 5, generator=g), torch.randn(7, 5, generator=g)]  # pixels matched per rank
+    positives = [torch.randn(4, 5, generator=g), torch.randn(7, 5, generator=g)]
+    keys = [torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)]  # DepthContrast keys per rank
+    return anchors, positives, keys
+
+
+def _contrastive_worker(out: Path) -> None:
+    from baselines.depthcontrast import enqueue_from_all_ranks_
+    from methods.image_guided.losses import pixel_info_nce
+
+    r = dist.rank()
+    anchors, positives, keys = _contrastive_inputs()
+    a, p = anchors[r].clone().requires_grad_(True), positives[r].clone().requires_grad_(True)
+    loss = pixel_info_nce(a, p, 0.3, chunk=3)  # chunked: logits recomputed in the backward pass
+    loss.backward()
+    queue, ptr = torch.zeros(8, 5), torch.tensor(5)
+    enqueue_from_all_ranks_(queue, ptr, keys[r])
+    torch.save({"loss": loss.detach(), "da": a.grad, "dp": p.grad, "queue": queue, "ptr": ptr}, out / f"c{r}.pt")
+
+
+def test_contrastive_gathers_image_pixels_and_depthcontrast_keys_of_all_ranks(tmp_path):
+    from methods.image_guided.losses import pixel_info_nce
+
+    run_ranks(_contrastive_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"c{r}.pt") for r in range(2)]
+    anchors, positives, keys = _contrastive_inputs()
+    a, p = torch.cat(anchors).requires_grad_(True), torch.cat(positives).requires_grad_(True)
+    loss = pixel_info_nce(a, p, 0.3)  # one process holding the pixels of both images
+    loss.backward()
+    # DDP averages: the ranks' losses and gradients, averaged, are those of the global batch
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
+    # each rank's rows get the sum of every rank's loss gradients (divided by 2 for DDP's average)
+    torch.testing.assert_close(torch.cat([ranks[0]["da"], ranks[1]["da"]]) / 2, a.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([ranks[0]["dp"], ranks[1]["dp"]]) / 2, p.grad, rtol=1e-5, atol=1e-6)
+    # the queue (8 rows, pointer at 5) gets the 6 keys of both ranks in rank order, wrapping round
+    want = torch.zeros(8, 5)
+    both = torch.cat(keys)
+    want[5:8], want[0:3] = both[:3], both[3:]
+    for r in range(2):
+        assert torch.equal(ranks[r]["queue"], want) and int(ranks[r]["ptr"]) == 3
+
+
 # ----------------------------------------------------------------------------------------------
 # Kill and resume with 2 ranks
 
