@@ -138,8 +138,15 @@ def shutdown() -> None:
 # Model wrapping
 
 
-def wrap(model: nn.Module, device: torch.device, find_unused_parameters: bool = True) -> nn.Module:
+def wrap(model: nn.Module, device: torch.device, find_unused_parameters: bool = True,
+         broadcast_buffers: bool = True) -> nn.Module:
     """DistributedDataParallel around ``model`` when several processes train (else the model).
+
+    ``broadcast_buffers``: True copies rank 0's buffers to every rank before each forward (safe
+    for any model). The trainer passes False: after ``convert_sync_batchnorm`` every buffer it
+    trains with is updated identically on all ranks (global BatchNorm statistics, DepthContrast's
+    queue of keys gathered from all ranks), and DDP already copies rank 0's buffers once at
+    construction; skipping the per-step copy matters for large buffers (a 131072-key queue).
 
     ``find_unused_parameters``: True (the default) lets a forward leave parameters without a
     gradient (a head used only on some steps, a branch of the loss); DDP then walks the autograd
@@ -152,7 +159,8 @@ def wrap(model: nn.Module, device: torch.device, find_unused_parameters: bool = 
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=bool(find_unused_parameters))
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=bool(find_unused_parameters),
+                                   broadcast_buffers=bool(broadcast_buffers))
 
 
 # ----------------------------------------------------------------------------------------------

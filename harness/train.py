@@ -257,7 +257,9 @@ class Trainer:
             # BatchNorm statistics of the global batch, as one device holding all of it would compute
             model = dist.convert_sync_batchnorm(model)
         self.model = model.to(device)
-        self.module = dist.wrap(self.model, device, bool(getattr(trainer_cfg, "find_unused_parameters", True)))
+        # buffers are not re-broadcast each step: the synchronised BatchNorms keep them equal
+        self.module = dist.wrap(self.model, device, bool(getattr(trainer_cfg, "find_unused_parameters", True)),
+                                broadcast_buffers=False)
         self.batches = batches
         self.steps = steps
         self.device = device

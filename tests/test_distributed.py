@@ -137,6 +137,23 @@ def test_sync_batchnorm_with_one_process_is_plain_batchnorm():
     assert list(plain.state_dict()) == list(sync.state_dict())
 
 
+@pytest.mark.parametrize("backend", ["torch", "minkowski"])
+def test_both_backbone_backends_get_every_batchnorm_synchronised(backend):
+    from harness.backbones import build_backbone, resolve_backend
+
+    if backend == "minkowski":
+        pytest.importorskip("MinkowskiEngine")
+    assert resolve_backend(backend) == backend
+    model = build_backbone("Res16UNet14A", 3, 5, backend=backend, planes=[8] * 8)
+    keys = list(model.state_dict())
+    plain = [n for n, m in model.named_modules() if type(m) is nn.BatchNorm1d]
+    assert len(plain) == 30  # bn0, bn1..4, bntr4..7 and two per block (8 blocks), inside the sparse BN wrappers
+    dist.convert_sync_batchnorm(model)
+    mods = dict(model.named_modules())
+    assert all(type(mods[n]) is dist.SyncBatchNorm1d for n in plain)
+    assert list(model.state_dict()) == keys  # checkpoints of either kind load into the other
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradients: 2 ranks x batch B == 1 process x batch 2B
 
