@@ -328,6 +328,11 @@ def plugin_config(kind: str, name: str, overrides: Any = None, root: Optional[Pa
     base = {kind: name}
     cfg = structured(cls.Config, base, file_cfg, overrides, *layers,
                      where=("", str(path), source, *where), prefix=prefix)
+    try:  # interpolations (e.g. ${oc.env:SCANNET_ROOT}) fail here, not deep inside a job
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        key = ".".join(x for x in (prefix, str(getattr(exc, "full_key", "") or "")) if x)
+        raise ConfigError(f"{source}: {key}: {str(exc).splitlines()[0]}") from exc
     return cfg
 
 

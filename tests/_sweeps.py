@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-SWEEP = REPO / "configs" / "sweeps" / "table1.yaml"
+SWEEP = REPO / "tests" / "sweeps" / "tiny.yaml"
 EXAMPLE = REPO / "examples" / "colorization_plugin"
 PARTITION = os.environ.get("HARNESS_SLURM_PARTITION", "debug")
 

@@ -134,11 +134,24 @@ def test_names_and_backends():
 
 
 def test_minkowski_backend_without_me_says_how_to_install(monkeypatch):
+    monkeypatch.delenv("HARNESS_AUTO_BACKEND", raising=False)
     monkeypatch.setattr(hb, "_ME_STATUS", (False, "ModuleNotFoundError: No module named 'MinkowskiEngine'"))
     assert resolve_backend("auto") == "torch"
     assert available_backends() == ["torch"]
     with pytest.raises(ValueError, match="make minkowski"):
         resolve_backend("minkowski")
+
+
+def test_auto_follows_the_environment_switch(monkeypatch):
+    monkeypatch.setattr(hb, "_ME_STATUS", (True, ""))
+    monkeypatch.delenv("HARNESS_AUTO_BACKEND", raising=False)
+    assert resolve_backend("auto") == "minkowski"
+    monkeypatch.setenv("HARNESS_AUTO_BACKEND", "torch")
+    assert resolve_backend("auto") == "torch"
+    assert resolve_backend("minkowski") == "minkowski"  # a named backend is not overridden
+    monkeypatch.setenv("HARNESS_AUTO_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="HARNESS_AUTO_BACKEND='cuda'"):
+        resolve_backend("auto")
 
 
 def test_deepcopy_for_momentum_encoders(scene):

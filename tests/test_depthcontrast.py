@@ -148,28 +148,14 @@ def tiny_model(queue_size: int = 4, momentum: float = 0.9, backend: str = "torch
     return DepthContrastModel(backbone, key_backbone, hidden=16, dim=8, queue_size=queue_size, momentum=momentum, temperature=0.1)
 
 
-BACKENDS = ["torch", pytest.param("minkowski", marks=pytest.mark.skipif(
+BACKENDS = ["torch", pytest.param("minkowski", marks=[pytest.mark.minkowski, pytest.mark.skipif(
     "minkowski" not in __import__("harness.backbones", fromlist=["x"]).available_backends(),
-    reason="MinkowskiEngine does not import here"))]
-
-
-def _in_forked_process(fn, *args) -> int:
-    """Exit code of ``fn(*args)`` run in a forked child (0 = it returned). MinkowskiEngine's
-    OpenMP threads, once started, keep spinning and slow every later torch test of the process."""
-    import multiprocessing
-
-    proc = multiprocessing.get_context("fork").Process(target=fn, args=args)
-    proc.start()
-    proc.join()
-    return proc.exitcode
+    reason="MinkowskiEngine does not import here")])]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_updates_key_encoder_then_enqueues_and_keeps_keys_gradient_free(backend):
-    if backend == "minkowski":
-        assert _in_forked_process(_check_training_forward, backend) == 0, "see the child's traceback above"
-    else:
-        _check_training_forward(backend)
+    _check_training_forward(backend)
 
 
 def _check_training_forward(backend: str) -> None:

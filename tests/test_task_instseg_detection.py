@@ -52,7 +52,7 @@ def test_instseg_learns_the_training_scene(small_scannet, tmp_path):
 def test_detection_learns_the_training_scene(small_scannet, tmp_path):
     torch.manual_seed(0)
     # the first scene's bookshelf and two desks (its door, window and picture are a voxel thin here)
-    cfg = plugin_config("task", "detection", {**QUICK, "steps": 80, "optimizer": {"lr": 0.003},
+    cfg = plugin_config("task", "detection", {**QUICK, "steps": 100, "voxel_size": 0.1, "optimizer": {"lr": 0.003},
                                                "schedule": {"name": "constant"}, "classes": [9, 12],
                                                "num_seeds": 512, "num_proposals": 256, "feature_dim": 64,
                                                "vote_position_gradient": False})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
@@ -45,13 +46,25 @@ def available_backends() -> List[str]:
     return ["torch"] + (["minkowski"] if _minkowski_status()[0] else [])
 
 
+# What ``auto`` resolves to when set (``torch`` or ``minkowski``): one switch for a machine
+# where ME is installed but every config should train on the torch backend (the test suite
+# sets it, so that only the tests written for ME run on ME).
+AUTO_BACKEND_ENV = "HARNESS_AUTO_BACKEND"
+
+
 def resolve_backend(name: str = "auto") -> str:
-    """``auto`` -> ``minkowski`` when MinkowskiEngine imports, else ``torch``; a named backend
-    is checked (``minkowski`` without ME is an error that says how to install it)."""
+    """``auto`` -> ``$HARNESS_AUTO_BACKEND`` if set, else ``minkowski`` when MinkowskiEngine
+    imports, else ``torch``; a named backend is checked (``minkowski`` without ME is an error
+    that says how to install it)."""
     key = str(name).lower()
     if key not in BACKENDS:
         raise ValueError(f"Unknown backbone backend {name!r}. Known: {', '.join(BACKENDS)}")
     if key == "auto":
+        forced = os.environ.get(AUTO_BACKEND_ENV, "").strip().lower()
+        if forced:
+            if forced == "auto" or forced not in BACKENDS:
+                raise ValueError(f"{AUTO_BACKEND_ENV}={forced!r}: use torch or minkowski")
+            return resolve_backend(forced)
         return "minkowski" if _minkowski_status()[0] else "torch"
     if key == "minkowski":
         ok, why = _minkowski_status()
