@@ -137,7 +137,7 @@ def test_sync_batchnorm_with_one_process_is_plain_batchnorm():
     assert list(plain.state_dict()) == list(sync.state_dict())
 
 
-@pytest.mark.parametrize("backend", ["torch", "minkowski"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("minkowski", marks=pytest.mark.minkowski)])
 def test_both_backbone_backends_get_every_batchnorm_synchronised(backend):
     from harness.backbones import build_backbone, resolve_backend
 
