@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import submitit
 
@@ -103,6 +103,37 @@ def validate_inputs(plan: Plan, sweep: Any) -> None:
                 raise ConfigError(f"{where}: datasets.{name}.{key}: data directory {value} {what}")
 
 
+def _batch_sizes(cfg: Any, prefix: str = "") -> List[tuple]:
+    """(dotted key, value) of every ``batch_size`` in a job's plain config (nested stages too)."""
+    out: List[tuple] = []
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            if key == "batch_size" and isinstance(value, int):
+                out.append((f"{prefix}{key}", value))
+            elif isinstance(value, dict):
+                out += _batch_sizes(value, f"{prefix}{key}.")
+    return out
+
+
+def validate_batch_split(plan: Plan, processes: Callable[[JobSpec], int], layout: Callable[[JobSpec], str],
+                         where: str) -> None:
+    """Every batch size is global (all processes of a job together): each must divide evenly
+    over the job's processes. Checked before anything runs (the trainer checks again)."""
+    from harness.config import ConfigError
+
+    for spec in plan.jobs:
+        n = processes(spec)
+        if n <= 1:
+            continue
+        cfg, section = (spec.method_cfg, f"methods.{spec.method}") if spec.kind == PRETRAIN else \
+            (spec.task_cfg or {}, f"columns.{spec.column} ({spec.task})")
+        for key, value in _batch_sizes(cfg):
+            if value % n:
+                raise ConfigError(f"{where}: {section}.{key}={value} (the global batch of job {spec.id}) does not "
+                                  f"divide evenly over its {n} processes ({layout(spec)}); use a multiple of {n} "
+                                  "or another process count")
+
+
 class LocalLauncher:
     def __init__(self, cfg: Any, console: Any = None):
         self.cfg = cfg
@@ -119,6 +150,7 @@ class LocalLauncher:
         if tasks > 1 and _cfg_get(self.cfg, "executor") == "debug":
             raise ConfigError(f"{where}: launcher.local.tasks_per_node={tasks} needs launcher.local.executor: local "
                               "(the debug executor runs each job in this one process)")
+        validate_batch_split(plan, lambda spec: tasks, lambda spec: f"launcher.local.tasks_per_node={tasks}", where)
 
     def run(self, plan: Plan, store: Store) -> SweepOutcome:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -519,6 +551,16 @@ class SlurmLauncher:
             if test is None or test.returncode != 0:
                 msg = test.stderr.strip().replace("\n", "; ") if test is not None else "no answer within 30 s"
                 raise ConfigError(f"{where}: launcher.slurm ({stage} jobs): sbatch rejects {' '.join(flags)}: {msg}")
+
+        def processes(spec: JobSpec) -> int:
+            res = stage_resources(self.cfg, spec.kind)
+            return int(res["nodes"]) * int(res["tasks_per_node"])
+
+        def layout(spec: JobSpec) -> str:
+            res = stage_resources(self.cfg, spec.kind)
+            return f"{res['source']['nodes']}={res['nodes']} x {res['source']['tasks_per_node']}={res['tasks_per_node']}"
+
+        validate_batch_split(plan, processes, layout, where)
 
     @staticmethod
     def _stages(plan: Plan) -> List[str]:

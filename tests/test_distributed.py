@@ -499,3 +499,16 @@ def test_slurm_runs_a_two_task_job_on_one_node(local_two_process_job, tmp_path, 
     assert cell["slurm_job_id"]
     # srun's 2 tasks and the local executor's 2 processes train identically (gloo, one thread each)
     assert cell["value"] == result(local_two_process_job, "finetune", CELL)["value"]
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_stops_the_sweep_before_it_runs(tmp_path, monkeypatch):
+    from tests._sweeps import cli
+
+    monkeypatch.setenv("HARNESS_CONFIGS", str(Path(__file__).resolve().parent.parent / "configs"))
+    sweep = tmp_path / "ddp.yaml"
+    sweep.write_text(DDP_SWEEP)
+    rc, text, err = cli("sweep", sweep, f"output_dir={tmp_path / 'runs'}", "tasks.semseg.batch_size=3")
+    assert rc == 2, text + err
+    assert (f"{sweep}: columns.scannet-semseg (semseg).batch_size=3 (the global batch of job {CELL}) does not "
+            "divide evenly over its 2 processes (launcher.local.tasks_per_node=2)") in text + err
+    assert not list((tmp_path / "runs").rglob("result.json"))
