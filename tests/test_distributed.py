@@ -512,3 +512,25 @@ def test_a_global_batch_that_does_not_split_over_the_processes_stops_the_sweep_b
     assert (f"{sweep}: columns.scannet-semseg (semseg).batch_size=3 (the global batch of job {CELL}) does not "
             "divide evenly over its 2 processes (launcher.local.tasks_per_node=2)") in text + err
     assert not list((tmp_path / "runs").rglob("result.json"))
+
+
+def test_each_rank_takes_its_contiguous_share_of_every_global_batch(monkeypatch):
+    from harness.train import BatchStream, item_rng
+
+    def stream():
+        return BatchStream(5, 4, 3, lambda items, rngs: (items, [r.integers(1 << 30) for r in rngs]))
+
+    one = stream()
+    batches = [one.next() for _ in range(4)]  # 16 items: 5 per epoch, reshuffled every epoch
+    items = [i for b, _ in batches for i in b]
+    assert [sorted(i for i, e in items if e == ep) for ep in range(3)] == [list(range(5))] * 3
+    assert [i for i, e in items if e == 0] != [i for i, e in items if e == 1]  # the epochs differ in order
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    for r in range(2):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        mine = stream()
+        for its, draws in batches:
+            got, got_draws = mine.next()
+            assert got == its[2 * r:2 * r + 2]  # rank r: items 2r and 2r+1 of the global batch
+            # augmentations drawn from the same per-item RNG as in the one-process run
+            assert got_draws == draws[2 * r:2 * r + 2] == [item_rng(3, e, i).integers(1 << 30) for i, e in got]
