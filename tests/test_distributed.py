@@ -423,6 +423,46 @@ def test_a_rank_that_leaves_fails_the_others_instead_of_hanging(tmp_path):
     assert rank0["seconds"] < 5, rank0
 
 
+def _runner_failing_on_rank_1(spec) -> dict:
+    if dist.rank() == 1:
+        raise ValueError("rank 1: scene0042_00 has no points")
+    dist.barrier()  # rank 0 waits for rank 1, which never comes
+    return {}
+
+
+def _job_worker(run_dir: Path) -> None:
+    import time
+
+    import harness.launch as launch
+    from harness.sweep import JobSpec
+
+    launch.RUNNERS["pretrain"] = _runner_failing_on_rank_1
+    spec = JobSpec(kind="pretrain", id="m__s0", method="m", seed=0, run_dir=str(run_dir), method_cfg={}, backbone={},
+                   trainer={}, device="cpu", dataset="scannet", dataset_cfg={})
+    try:
+        launch.Job()(spec)
+    except ValueError:
+        assert dist.rank() == 1
+        dist.shutdown()  # the process leaves (its sockets close), as a crashed rank does
+        deadline = time.time() + 30  # stay alive until rank 0 has recorded the failure
+        while time.time() < deadline and not (run_dir / "pretrain" / "m__s0" / "result.json").is_file():
+            time.sleep(0.2)
+    except Exception:
+        assert dist.rank() == 0  # a peer went away: the backend's error
+
+
+def test_a_job_whose_rank_fails_records_that_ranks_error_not_the_peers_connection_error(tmp_path):
+    import time
+
+    start = time.time()
+    run_ranks(_job_worker, tmp_path)
+    res = json.loads((tmp_path / "pretrain" / "m__s0" / "result.json").read_text())
+    assert res["status"] == "failed" and res["failed_rank"] == 1, res
+    assert res["error"] == "ValueError: rank 1: scene0042_00 has no points"
+    assert [e["rank"] for e in res["rank_errors"]] == [1, 0]  # rank 0's own error (the lost peer) comes second
+    assert time.time() - start < 40  # well before the collective timeout would have ended a hang
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole jobs of 2 processes: the local launcher (submitit's local executor) and SLURM (srun)
 
