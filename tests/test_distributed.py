@@ -208,13 +208,16 @@ def _pair(i: int):
     xb, fb = _points(400 + i, 80 + 20 * i)
     g = np.random.default_rng(500 + i)
     m = 15 + 10 * i  # different numbers of matches per pair
-    return xa, fa, xb, fb, g.choice(len(xa), m, replace=False), g.choice(len(xb), m, replace=False)
+    anchor = (g.random((m, 3)) * 30).astype(np.float32)  # CSC's shape-context frame (voxel units)
+    return xa, fa, xb, fb, g.choice(len(xa), m, replace=False), g.choice(len(xb), m, replace=False), anchor
 
 
 def _pair_batch(pairs):
-    coords, feats, ma, mb = [], [], [], []
+    coords, feats, ma, mb, item, anchors = [], [], [], [], [], []
     offset = 0
-    for b, (xa, fa, xb, fb, ia, ib) in enumerate(pairs):
+    for b, (xa, fa, xb, fb, ia, ib, anchor) in enumerate(pairs):
+        item.append(np.full(len(ia), b, np.int64))
+        anchors.append(anchor)
         coords += [np.concatenate([np.full((len(xa), 1), 2 * b, np.int32), xa], 1),
                    np.concatenate([np.full((len(xb), 1), 2 * b + 1, np.int32), xb], 1)]
         feats += [fa, fb]
@@ -223,10 +226,19 @@ def _pair_batch(pairs):
         offset += len(xa) + len(xb)
     return {"coords": torch.from_numpy(np.concatenate(coords)), "feats": torch.from_numpy(np.concatenate(feats)),
             "match_a": torch.from_numpy(np.concatenate(ma).astype(np.int64)),
-            "match_b": torch.from_numpy(np.concatenate(mb).astype(np.int64))}
+            "match_b": torch.from_numpy(np.concatenate(mb).astype(np.int64)),
+            "match_item": torch.from_numpy(np.concatenate(item)), "anchor": torch.from_numpy(np.concatenate(anchors))}
 
 
-CASES = {"semseg": (_seg_model, _seg_scene, _seg_batch), "pointcontrast": (_pc_model, _pair, _pair_batch)}
+def _csc_model():
+    from baselines.csc import CSCModel
+
+    return CSCModel(_backbone(), types.SimpleNamespace(tau=0.4, num_matches=10 ** 6, r1=2.0, r2=20.0,
+                                                       partition_reduction="sum"))
+
+
+CASES = {"semseg": (_seg_model, _seg_scene, _seg_batch), "pointcontrast": (_pc_model, _pair, _pair_batch),
+         "csc": (_csc_model, _pair, _pair_batch)}
 
 
 def _grads(model: nn.Module) -> dict:
