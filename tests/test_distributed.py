@@ -165,11 +165,11 @@ def _points(seed: int, n: int):
     return xyz, g.normal(size=(n, 3)).astype(np.float32)
 
 
-def _backbone():
+def _backbone(backend: str = "torch"):
     from harness.backbones import build_backbone
 
     torch.manual_seed(0)
-    return build_backbone("Res16UNet14A", 3, 6, backend="torch", planes=[8, 8, 8, 8, 8, 8, 8, 8])
+    return build_backbone("Res16UNet14A", 3, 6, backend=backend, planes=[8, 8, 8, 8, 8, 8, 8, 8])
 
 
 def _seg_scene(i: int):
@@ -194,6 +194,12 @@ def _seg_model():
     from harness.tasks.semseg import SegModel
 
     return SegModel(_backbone(), IGNORE)
+
+
+def _seg_model_me():
+    from harness.tasks.semseg import SegModel
+
+    return SegModel(_backbone("minkowski"), IGNORE)
 
 
 def _pc_model():
@@ -238,7 +244,7 @@ def _csc_model():
 
 
 CASES = {"semseg": (_seg_model, _seg_scene, _seg_batch), "pointcontrast": (_pc_model, _pair, _pair_batch),
-         "csc": (_csc_model, _pair, _pair_batch)}
+         "csc": (_csc_model, _pair, _pair_batch), "semseg-minkowski": (_seg_model_me, _seg_scene, _seg_batch)}
 
 
 def _grads(model: nn.Module) -> dict:
@@ -256,8 +262,11 @@ def _grad_worker(case: str, out: Path) -> None:
                out / f"{case}{dist.rank()}.pt")
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if "minkowski" not in c else pytest.param(c, marks=pytest.mark.minkowski)
+                                  for c in CASES])
 def test_two_ranks_batch_b_give_the_gradients_of_one_process_batch_2b(case, tmp_path):
+    if "minkowski" in case:
+        pytest.importorskip("MinkowskiEngine")
     run_ranks(_grad_worker, case, tmp_path)
     make_model, item, collate = CASES[case]
     model = make_model()  # plain BatchNorm, no process group
