@@ -20,7 +20,7 @@ import importlib
 import inspect
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, Type, TypeVar
+from typing import Any, Dict, Generic, Iterator, List, Optional, Type, TypeVar
 
 T = TypeVar("T")
 
@@ -249,21 +249,11 @@ _BUILTIN: Dict[Registry, Dict[str, str]] = {
 }
 
 
-def register_builtins(available: Callable[[str], bool] = lambda spec: True) -> None:
-    """Register the built-in plugins lazily (only those whose module exists)."""
+def _register_builtins() -> None:
+    """Register the built-in plugins lazily: their modules are imported on first use."""
     for registry, entries in _BUILTIN.items():
         for name, spec in entries.items():
-            if name not in registry._entries and available(spec):
-                registry._entries[name] = _Entry(spec, spec)
+            registry._entries.setdefault(name, _Entry(spec, spec))
 
 
-def _module_exists(spec: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(spec.partition(":")[0]) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-register_builtins(_module_exists)
+_register_builtins()

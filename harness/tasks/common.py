@@ -205,6 +205,20 @@ def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return (np.abs(lx) <= b[:, 3] / 2) & (np.abs(ly) <= b[:, 4] / 2) & (np.abs(d[..., 2]) <= b[:, 5] / 2)
 
 
+def thing_classes(ds: Any, configured: Optional[Sequence[int]], key: str) -> List[int]:
+    """Class ids with instances (``configured``, else the dataset's ``instance_classes``), checked
+    against the dataset's classes; ``key`` names the config key in errors."""
+    classes = configured if configured is not None else getattr(ds, "instance_classes", None)
+    if classes is None:
+        raise ValueError(f"{key} is null and {type(ds).__name__} has no instance_classes")
+    classes = [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c < ds.num_classes]
+    if bad:
+        raise ValueError(f"{key} {bad} are outside 0..{ds.num_classes - 1} ({type(ds).__name__} has "
+                         f"{ds.num_classes} classes)")
+    return classes
+
+
 def collate(samples: Sequence[Dict[str, Any]], keys: Sequence[str] = ("semantic",)) -> Dict[str, Any]:
     """Concatenate samples into backbone input: coords (sum M, 4) int32 with the batch index first."""
     coords = [np.concatenate([np.full((len(s["coords"]), 1), b, np.int32), s["coords"]], 1)

@@ -42,7 +42,8 @@ from harness.config import OptimizerConfig, ScheduleConfig
 from harness.data import augment as aug
 from harness.metrics import box3d_iou, detection_ap
 from harness.registry import TASKS
-from harness.tasks.common import FinetuneConfig, SceneData, collate, load_pretrained, points_in_boxes
+from harness.tasks.common import (FinetuneConfig, SceneData, collate, load_pretrained, points_in_boxes,
+                                   thing_classes)
 from harness.train import BatchStream, Trainer
 
 log = logging.getLogger(__name__)
@@ -412,12 +413,7 @@ class Detection(Task):
     metric = "map50"
 
     def classes(self, ds: Any) -> List[int]:
-        classes = self.cfg.classes
-        if classes is None:
-            classes = getattr(ds, "instance_classes", None)
-            if classes is None:
-                raise ValueError(f"detection.classes is null and {type(ds).__name__} has no instance_classes")
-        return [int(c) for c in classes]
+        return thing_classes(ds, self.cfg.classes, "detection.classes")
 
     @staticmethod
     def mean_sizes(data: SceneData, classes: Sequence[int], use_heading: bool = True) -> np.ndarray:

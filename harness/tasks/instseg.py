@@ -26,7 +26,7 @@ from harness.api import Task
 from harness.config import OptimizerConfig
 from harness.metrics import instance_ap
 from harness.registry import TASKS
-from harness.tasks.common import FinetuneConfig, SceneData, collate, load_pretrained
+from harness.tasks.common import FinetuneConfig, SceneData, collate, load_pretrained, thing_classes
 from harness.train import BatchStream, Trainer
 
 log = logging.getLogger(__name__)
@@ -155,17 +155,7 @@ class InstanceSegmentation(Task):
     metric = "ap50"
 
     def thing_classes(self, ds: Any) -> List[int]:
-        classes = self.cfg.instance_classes
-        if classes is None:
-            classes = getattr(ds, "instance_classes", None)
-            if classes is None:
-                raise ValueError(f"instseg.instance_classes is null and {type(ds).__name__} has no instance_classes")
-        classes = [int(c) for c in classes]
-        bad = [c for c in classes if not 0 <= c < ds.num_classes]
-        if bad:
-            raise ValueError(f"instseg.instance_classes {bad} are outside 0..{ds.num_classes - 1} "
-                             f"({type(ds).__name__} has {ds.num_classes} classes)")
-        return classes
+        return thing_classes(ds, self.cfg.instance_classes, "instseg.instance_classes")
 
     def run(self, ctx: Any) -> Dict[str, Any]:
         cfg, ds = self.cfg, ctx.dataset
