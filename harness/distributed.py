@@ -134,6 +134,16 @@ def shutdown() -> None:
         tdist.destroy_process_group()
 
 
+def finish() -> None:
+    """End of work that succeeded on every rank: wait for the others, then leave the group.
+    Without the barrier a rank that tears its connections down while a peer still flushes its
+    last collective can make gloo abort that peer ("terminate called without an active exception")."""
+    if tdist.is_initialized():
+        if tdist.get_world_size() > 1:
+            tdist.barrier()
+        tdist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------
 # Model wrapping
 

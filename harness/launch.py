@@ -281,7 +281,9 @@ class Job(submitit.helpers.Checkpointable):
         log.info("job.start id=%s kind=%s rank=%d world=%d threads=%d %s", spec.id, spec.kind, dist.rank(),
                  dist.world_size(), job_threads(spec), " ".join(f"{k}={v}" for k, v in _slurm_info().items()))
         try:
-            return RUNNERS[spec.kind](spec)
+            result = RUNNERS[spec.kind](spec)
+            dist.finish()
+            return result
         except (Preempted, SystemExit):
             # Checkpoint saved; submitit's handler requeued the job and exits (SystemExit), or
             # SLURM itself requeues/cancels it (TERM). Not a failure of the job.
