@@ -104,7 +104,7 @@ def test_queue_takes_the_keys_of_all_ranks_in_rank_order(tmp_path):
     mp.start_processes(_enqueue_on_rank, args=(2, init, out), nprocs=2, join=True, start_method="fork")
     # step 1: rank 0's two keys (1), rank 1's key (2) -> slots 0..2; step 2: (3, 3, 4) -> 3, 4, 0
     for rank in (0, 1):
-        got = torch.load(f"{out}.{rank}")
+        got = torch.load(f"{out}.{rank}", weights_only=True)
         assert got["queue"][:, 0].tolist() == [4.0, 1.0, 2.0, 3.0, 3.0] and int(got["ptr"]) == 1
 
 

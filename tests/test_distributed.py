@@ -108,7 +108,7 @@ def _bn_worker(out: Path) -> None:
 
 def test_sync_batchnorm_on_two_ranks_equals_batchnorm_of_the_concatenated_batch(tmp_path):
     run_ranks(_bn_worker, tmp_path)
-    ranks = [torch.load(tmp_path / f"bn{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in range(2)]
     xs, ws, xs2, ws2 = _bn_inputs()
     for tag, cls, x_parts, w_parts in (("1d", nn.BatchNorm1d, xs, ws), ("2d", nn.BatchNorm2d, xs2, ws2)):
         bn = _bn(cls)
@@ -274,7 +274,7 @@ def test_two_ranks_batch_b_give_the_gradients_of_one_process_batch_2b(case, tmp_
     res = model(collate([item(0), item(1)]))
     res["loss"].backward()
     want = _grads(model)
-    ranks = [torch.load(tmp_path / f"{case}{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"{case}{r}.pt", weights_only=True) for r in range(2)]
     assert set(ranks[0]["grads"]) == set(want) and len(want) > 10
     for r in range(2):
         ab, rel, per = _max_diffs(ranks[r]["grads"], want)
@@ -318,7 +318,7 @@ def test_contrastive_gathers_image_pixels_and_depthcontrast_keys_of_all_ranks(tm
     from methods.image_guided.losses import pixel_info_nce
 
     run_ranks(_contrastive_worker, tmp_path)
-    ranks = [torch.load(tmp_path / f"c{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"c{r}.pt", weights_only=True) for r in range(2)]
     anchors, positives, keys = _contrastive_inputs()
     a, p = torch.cat(anchors).requires_grad_(True), torch.cat(positives).requires_grad_(True)
     loss = pixel_info_nce(a, p, 0.3)  # one process holding the pixels of both images
@@ -391,7 +391,7 @@ def test_two_rank_run_stopped_on_one_rank_and_resumed_equals_an_uninterrupted_on
     run_ranks(_train_worker, full, 0, tmp_path / "o1")
     if how == "signal":
         run_ranks(_train_worker, cut, 5, tmp_path / "o2", how)
-        stopped = [torch.load(tmp_path / "o2" / f"rank{r}.pt") for r in range(2)]
+        stopped = [torch.load(tmp_path / "o2" / f"rank{r}.pt", weights_only=True) for r in range(2)]
         # rank 1 got the signal during step 5; the ranks agree on it and both stop after that step
         assert [s["status"] for s in stopped] == ["preempted at 5", "preempted at 5"]
     else:
@@ -399,10 +399,10 @@ def test_two_rank_run_stopped_on_one_rank_and_resumed_equals_an_uninterrupted_on
         # error, whichever the parent sees first); the last checkpoint is step 3's
         with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
             run_ranks(_train_worker, cut, 5, tmp_path / "o2", how)
-        assert torch.load(cut / "ckpt" / "train-last.pt")["step"] == 3
+        assert torch.load(cut / "ckpt" / "train-last.pt", weights_only=True)["step"] == 3
     run_ranks(_train_worker, cut, 0, tmp_path / "o3")
-    ends = [torch.load(tmp_path / "o3" / f"rank{r}.pt") for r in range(2)]
-    refs = [torch.load(tmp_path / "o1" / f"rank{r}.pt") for r in range(2)]
+    ends = [torch.load(tmp_path / "o3" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    refs = [torch.load(tmp_path / "o1" / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in range(2):
         assert ends[r]["status"] == refs[r]["status"] == "done"
         for k, v in refs[r]["model"].items():

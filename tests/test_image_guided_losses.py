@@ -141,6 +141,6 @@ def test_negatives_come_from_every_rank(tmp_path):
     mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     expect = math.log(1 + 2 * math.exp(-2) + math.exp(-4))
     for rank in (0, 1):
-        out = torch.load(tmp_path / f"rank{rank}.pt")
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert math.isclose(out["loss"], expect, rel_tol=1e-6)
         assert out["grad"] is not None and torch.isfinite(out["grad"]).all()

@@ -3,14 +3,15 @@
 One pipeline serves semantic segmentation, instance segmentation and detection (no forked
 copies per task): ``SceneData`` loads a split once, and per item augments, crops and voxelises
 a scene; ``collate`` batches samples for the backbone; ``load_pretrained`` builds the backbone and
-loads the method's exported checkpoint through the one checkpoint loader.
+loads the method's exported checkpoint through the one checkpoint loader; ``fit`` trains a task's
+model through the one training loop.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ import torch
 from harness.api import TaskConfig
 from harness.config import OptimizerConfig, ScheduleConfig
 from harness.data import augment as aug
+from harness.train import BatchStream, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,18 @@ def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     lx = d[..., 0] * c + d[..., 1] * s  # into the box frame (rotate by -heading)
     ly = -d[..., 0] * s + d[..., 1] * c
     return (np.abs(lx) <= b[:, 3] / 2) & (np.abs(ly) <= b[:, 4] / 2) & (np.abs(d[..., 2]) <= b[:, 5] / 2)
+
+
+def fit(ctx: Any, cfg: Any, model: torch.nn.Module, train: "SceneData",
+        make_batch: Callable[[List[tuple], List[np.random.Generator]], Dict[str, Any]],
+        head_prefixes: Sequence[str], evaluate: Callable[[torch.nn.Module], Dict[str, float]]) -> Dict[str, Any]:
+    """Fine-tune ``model`` on global batches of ``train`` with the task's recipe (``cfg``) in the
+    shared ``Trainer``; returns the training summary every task result carries."""
+    stream = BatchStream(len(train), cfg.batch_size, ctx.seed, make_batch)
+    result = Trainer(model, stream, cfg.steps, cfg.optimizer, cfg.schedule, ctx.workdir, ctx.device, ctx.trainer,
+                     name="finetune", head_prefixes=tuple(head_prefixes), evaluate=evaluate,
+                     progress=ctx.progress).fit()
+    return {"train_loss": result.last.get("loss"), "steps": result.steps, "train_seconds": round(result.seconds, 2)}
 
 
 def thing_classes(ds: Any, configured: Optional[Sequence[int]], key: str) -> List[int]:

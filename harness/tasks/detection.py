@@ -42,9 +42,8 @@ from harness.config import OptimizerConfig, ScheduleConfig
 from harness.data import augment as aug
 from harness.metrics import box3d_iou, detection_ap
 from harness.registry import TASKS
-from harness.tasks.common import (FinetuneConfig, SceneData, collate, load_pretrained, points_in_boxes,
+from harness.tasks.common import (FinetuneConfig, SceneData, collate, fit, load_pretrained, points_in_boxes,
                                    thing_classes)
-from harness.train import BatchStream, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -465,12 +464,8 @@ class Detection(Task):
             samples = [train.sample(i, r) for (i, _), r in zip(items, rngs)]
             return detection_batch(samples, classes, mean_sizes, nh, cfg.max_votes)
 
-        stream = BatchStream(len(train), cfg.batch_size, ctx.seed, make_batch)
-        trainer = Trainer(model, stream, cfg.steps, cfg.optimizer, cfg.schedule, ctx.workdir, ctx.device, ctx.trainer,
-                          name="finetune", head_prefixes=("vote.", "proposal."),
-                          evaluate=lambda m: {"map50": self.evaluate(m, val, classes, ctx.device)["map50"]},
-                          progress=ctx.progress)
-        fit = trainer.fit()
+        summary = fit(ctx, cfg, model, train, make_batch, ("vote.", "proposal."),
+                      lambda m: {"map50": self.evaluate(m, val, classes, ctx.device)["map50"]})
         metrics = self.evaluate(model, val, classes, ctx.device)
         names = list(getattr(ds, "class_names", []))
         name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
@@ -484,9 +479,7 @@ class Detection(Task):
             "mean_sizes": {name(c): [round(float(v), 4) for v in m] for c, m in zip(classes, mean_sizes)},
             "eval_split": cfg.eval_split,
             "eval_scenes": len(val),
-            "train_loss": fit.last.get("loss"),
-            "steps": fit.steps,
-            "train_seconds": round(fit.seconds, 2),
+            **summary,
         }
 
     def predict(self, model: VoteNetModel, sample: Dict[str, Any], device: torch.device

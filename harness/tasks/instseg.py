@@ -26,8 +26,7 @@ from harness.api import Task
 from harness.config import OptimizerConfig
 from harness.metrics import instance_ap
 from harness.registry import TASKS
-from harness.tasks.common import FinetuneConfig, SceneData, collate, load_pretrained, thing_classes
-from harness.train import BatchStream, Trainer
+from harness.tasks.common import FinetuneConfig, SceneData, collate, fit, load_pretrained, thing_classes
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +169,8 @@ class InstanceSegmentation(Task):
         def make_batch(items: List[tuple], rngs: List[np.random.Generator]) -> Dict[str, Any]:
             return collate([train.sample(i, r) for (i, _), r in zip(items, rngs)], keys)
 
-        stream = BatchStream(len(train), cfg.batch_size, ctx.seed, make_batch)
-        trainer = Trainer(model, stream, cfg.steps, cfg.optimizer, cfg.schedule, ctx.workdir, ctx.device, ctx.trainer,
-                          name="finetune", head_prefixes=("semantic.", "offset."),
-                          evaluate=lambda m: {"ap50": self.evaluate(m, val, things, ctx.device)["ap50"]},
-                          progress=ctx.progress)
-        fit = trainer.fit()
+        summary = fit(ctx, cfg, model, train, make_batch, ("semantic.", "offset."),
+                      lambda m: {"ap50": self.evaluate(m, val, things, ctx.device)["ap50"]})
         metrics = self.evaluate(model, val, things, ctx.device)
         names = list(getattr(ds, "class_names", []))
         return {
@@ -190,9 +185,7 @@ class InstanceSegmentation(Task):
             "instance_classes": things,
             "eval_split": cfg.eval_split,
             "eval_scenes": len(val),
-            "train_loss": fit.last.get("loss"),
-            "steps": fit.steps,
-            "train_seconds": round(fit.seconds, 2),
+            **summary,
         }
 
     def evaluate(self, model: InstSegModel, data: SceneData, things: Sequence[int],

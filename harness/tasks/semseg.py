@@ -21,8 +21,7 @@ from harness.api import Task
 from harness.config import OptimizerConfig
 from harness.metrics import confusion_matrix, iou_from_confusion
 from harness.registry import TASKS
-from harness.tasks.common import FinetuneConfig, SceneData, collate, load_pretrained
-from harness.train import BatchStream, Trainer
+from harness.tasks.common import FinetuneConfig, SceneData, collate, fit, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +69,8 @@ class SemanticSegmentation(Task):
         def make_batch(items: List[tuple], rngs: List[np.random.Generator]) -> Dict[str, Any]:
             return collate([train.sample(i, r) for (i, _), r in zip(items, rngs)])
 
-        stream = BatchStream(len(train), cfg.batch_size, ctx.seed, make_batch)
-        trainer = Trainer(model, stream, cfg.steps, cfg.optimizer, cfg.schedule, ctx.workdir, ctx.device, ctx.trainer,
-                          name="finetune", head_prefixes=("backbone.final.",),
-                          evaluate=lambda m: {"miou": self.evaluate(m, val, ctx.device)["miou"]}, progress=ctx.progress)
-        fit = trainer.fit()
+        summary = fit(ctx, cfg, model, train, make_batch, ("backbone.final.",),
+                      lambda m: {"miou": self.evaluate(m, val, ctx.device)["miou"]})
         model.eval()
         with torch.no_grad():
             metrics = self.evaluate(model, val, ctx.device)
@@ -84,9 +80,7 @@ class SemanticSegmentation(Task):
             "evaluated_on": cfg.evaluate_on,
             "eval_split": cfg.eval_split,
             "eval_scenes": len(val),
-            "train_loss": fit.last.get("loss"),
-            "steps": fit.steps,
-            "train_seconds": round(fit.seconds, 2),
+            **summary,
         }
 
     def evaluate(self, model: SegModel, data: SceneData, device: torch.device) -> Dict[str, Any]:
