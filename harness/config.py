@@ -388,6 +388,8 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
         if name not in datasets:
             raise ConfigError(f"{path}: datasets.{name} is configured but no column or pre-training uses it")
 
+    for task, over in cfg.tasks.items():  # checked alone first, so that an error names tasks.<task>.<key>
+        plugin_config("task", task, over, root, prefix=f"tasks.{task}", source=str(path))
     columns: Dict[str, DictConfig] = {}
     for cid, col in cfg.columns.items():
         for key in ("dataset", "task"):

@@ -51,7 +51,12 @@ def test_misspelt_task_key_names_dotted_path(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_sweep(p)
     msg = str(e.value)
-    assert str(p) in msg and "columns.scannet-semseg.optimizer.lrr" in msg
+    assert str(p) in msg and "'tasks.semseg.optimizer.lrr'" in msg
+    # the same key misspelt in one column's recipe names that column
+    p = write(tmp_path / "recipe", BASE.replace("task: semseg}", "task: semseg, recipe: {optimizer: {lrr: 0.1}}}"))
+    with pytest.raises(ConfigError) as e:
+        load_sweep(p)
+    assert "(columns.scannet-semseg.recipe)" in str(e.value) and "optimizer.lrr" in str(e.value)
 
 
 def test_wrong_type_is_refused(tmp_path):
