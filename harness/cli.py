@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 
@@ -49,7 +49,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     from harness.config import load_sweep
 
-    return load_sweep(args.config, args.overrides)
+    return load_sweep(args.config, args.overrides, methods=_names(args.methods), columns=_names(args.columns))
+
+
+def _names(value: Optional[str]) -> Optional[List[str]]:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -192,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show each cell's state from the store and, for SLURM jobs, squeue/sacct")
     s.add_argument("--no-wait", action="store_true",
                    help="SLURM: submit and return without following the jobs (then use --status)")
+    s.add_argument("--methods", metavar="A,B", help="only these methods (rows) of the sweep, e.g. scratch,csc")
+    s.add_argument("--columns", metavar="X,Y", help="only these columns, e.g. scannet-semseg,s3dis-semseg")
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("data", help="dataset utilities")

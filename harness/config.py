@@ -359,13 +359,23 @@ class ResolvedSweep:
         return Path(self.cfg.output_dir) / self.name
 
 
-def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_root: Optional[Path] = None
-               ) -> ResolvedSweep:
-    """Load a sweep YAML, apply overrides and resolve every method, dataset and task config."""
+def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_root: Optional[Path] = None,
+               methods: Optional[Sequence[str]] = None, columns: Optional[Sequence[str]] = None) -> ResolvedSweep:
+    """Load a sweep YAML, apply overrides and resolve every method, dataset and task config.
+    ``methods`` / ``columns`` keep only those rows / columns of the sweep (a quick partial run)."""
     path = Path(path)
     file_cfg = load_yaml(path)
     over = parse_overrides(overrides)
     cfg = structured(SweepConfig, file_cfg, over, where=(str(path), "command-line override"))
+    _select(cfg, "methods", methods, path)
+    if columns is not None:
+        _select(cfg, "columns", columns, path)
+        used_datasets = {cfg.pretrain_dataset, *(c.dataset for c in cfg.columns.values())}
+        used_tasks = {c.task for c in cfg.columns.values()}
+        for name in [n for n in cfg.datasets if n not in used_datasets]:
+            del cfg.datasets[name]
+        for name in [n for n in cfg.tasks if n not in used_tasks]:
+            del cfg.tasks[name]
     root = Path(config_root) if config_root is not None else _config_root_for(path)
     for key in ("name",):
         if OmegaConf.is_missing(cfg, key):
@@ -404,6 +414,20 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
                               f"'{col.task}' (it supports {', '.join(ds_cls.tasks)})")
         columns[cid] = task_cfg
     return ResolvedSweep(path=path, cfg=cfg, methods=methods, datasets=datasets, columns=columns)
+
+
+def _select(cfg: DictConfig, key: str, names: Optional[Sequence[str]], path: Path) -> None:
+    """Keep only ``names`` of the sweep's ``key`` (methods or columns), in the sweep's order."""
+    if names is None:
+        return
+    known = list(cfg[key])
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError(f"{path}: --{key} {','.join(names)}: " + (f"{', '.join(unknown)} not in" if unknown else
+                          "name at least one of") + f" the sweep's {key} ({', '.join(known)})")
+    for name in known:
+        if name not in names:
+            del cfg[key][name]
 
 
 REPORT_FORMATS = ("md", "csv", "tex", "html", "png")

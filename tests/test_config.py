@@ -108,3 +108,20 @@ def test_paper_sweep_resolves_and_names_a_missing_data_root(monkeypatch):
     monkeypatch.delenv("SCANNET_ROOT", raising=False)
     with pytest.raises(ConfigError, match=r"table1-paper.yaml: datasets.scannet.root: .*SCANNET_ROOT"):
         load_sweep(paper)
+
+
+def test_a_subset_of_rows_and_columns_plans_the_same_cells():
+    """--methods/--columns keep only those rows and columns; the kept cells are the full sweep's
+    own (same ids and config hashes), so a partial run and the full run share their results."""
+    from harness.sweep import make_plan
+
+    full = {j.id: j.config_hash for j in make_plan(load_sweep(TABLE1)).jobs}
+    part = load_sweep(TABLE1, methods=["scratch", "csc"], columns=["scannet-semseg", "sunrgbd-detection"])
+    assert list(part.methods) == ["scratch", "csc"] and list(part.columns) == ["scannet-semseg", "sunrgbd-detection"]
+    assert sorted(part.datasets) == ["scannet", "sunrgbd"] and sorted(part.cfg.tasks) == ["detection", "semseg"]
+    jobs = {j.id: j.config_hash for j in make_plan(part).jobs}
+    assert sorted(jobs) == sorted(["csc__s0", "scratch__scannet-semseg__s0", "scratch__sunrgbd-detection__s0",
+                                   "csc__scannet-semseg__s0", "csc__sunrgbd-detection__s0"])
+    assert all(full[k] == h for k, h in jobs.items())
+    with pytest.raises(ConfigError, match=r"--methods scratch,cs: cs not in the sweep's methods"):
+        load_sweep(TABLE1, methods=["scratch", "cs"])
