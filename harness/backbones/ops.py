@@ -10,6 +10,9 @@ allocated here, by the calling thread.
 
 from __future__ import annotations
 
+import itertools
+import queue
+import threading
 from typing import Optional
 
 import torch
@@ -93,21 +96,61 @@ def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, acc_numel: int, body, cols
     accumulator, seen through ``view_of(k, acc)`` as (k, C_in, C_out), into a (K, C_in,
     C_out) gradient at rows ``cols_of(bucket)``.
 
-    Pieces run in batches of a few per worker, so that only that many accumulators exist
-    at once; they are slots allocated here (by the calling thread) and reused."""
+    Accumulators are a few slots allocated here (by the calling thread) and reused: a worker
+    takes a free slot, then the next piece, computes it, and whichever worker is free adds
+    the finished pieces into the gradient in piece order (the same sums in the same order on
+    any number of workers; no barrier between pieces). The adds run on the single-threaded
+    workers: on the calling thread each was an OpenMP region whose idle partner thread then
+    spun for a while, taking CPU from the workers."""
     n_workers = worker_count(ref.device)
-    n_slots = max(1, min(len(plan.pieces), 4 * n_workers))
+    n_pieces = len(plan.pieces)
+    n_slots = max(1, min(n_pieces, 2 * n_workers))
     slots = [ref.new_empty(acc_numel) for _ in range(n_slots)]
-    acc_all = None
-    for start in range(0, len(plan.pieces), n_slots):
-        batch = list(range(start, min(len(plan.pieces), start + n_slots)))
-        run_tasks(lambda j, w: body(batch[j], w, slots[j]), len(batch), ref.device)
-        for j, t in enumerate(batch):
-            b = plan.buckets[plan.pieces[t][0]]
-            part = view_of(b.k, slots[j])
-            if acc_all is None:
-                acc_all = ref.new_zeros((plan.K,) + tuple(part.shape[1:]))
-            acc_all.index_add_(0, cols_of(b), part)
+    k0 = plan.buckets[plan.pieces[0][0]].k if n_pieces else 1
+    acc_all = ref.new_zeros((plan.K,) + tuple(view_of(k0, slots[0]).shape[1:]))
+    free: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+    for i in range(n_slots):
+        free.put(i)
+    counter = itertools.count()
+    pending: dict = {}  # finished piece -> its slot
+    nxt = [0]  # next piece to add
+    add_lock = threading.Lock()
+    failed = []
+
+    def drain() -> None:
+        # Only one thread adds at a time; a thread that finds the lock taken leaves its piece
+        # to the holder, which looks again after releasing.
+        while add_lock.acquire(blocking=False):
+            try:
+                while nxt[0] in pending:
+                    t = nxt[0]
+                    slot = pending.pop(t)
+                    b = plan.buckets[plan.pieces[t][0]]
+                    acc_all.index_add_(0, cols_of(b), view_of(b.k, slots[slot]))
+                    nxt[0] = t + 1
+                    free.put(slot)
+            finally:
+                add_lock.release()
+            if nxt[0] not in pending:
+                return
+
+    def loop(_: int, w: int) -> None:
+        while True:
+            slot = free.get()  # a slot first, then a piece: the lowest unfinished piece always has a slot
+            t = next(counter)
+            if failed or t >= n_pieces:
+                free.put(slot)
+                return
+            try:
+                body(t, w, slots[slot])
+            except BaseException:
+                failed.append(True)
+                free.put(slot)  # lets a worker waiting for a slot see the failure and stop
+                raise
+            pending[t] = slot
+            drain()
+
+    run_tasks(loop, min(n_workers, max(n_pieces, 1)), ref.device)
     return acc_all
 
 
