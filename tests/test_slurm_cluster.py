@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,38 +32,17 @@ import pytest
 submitit = pytest.importorskip("submitit")
 import cloudpickle  # noqa: E402  (a dependency of submitit)
 
+from tests._sweeps import PARTITION, slurm_problem  # noqa: E402
+
 pytestmark = pytest.mark.slurm
 
-PARTITION = os.environ.get("HARNESS_SLURM_PARTITION", "debug")
 
 # The jobs unpickle these callables in a fresh interpreter where this test module
 # is not importable: ship them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def _cluster_problem() -> str | None:
-    """None if the cluster answers and PARTITION has a usable node, else why not."""
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "SLURM client tools (sinfo/sbatch) not found; run `make slurm-up` (scripts/slurm_local.sh up)"
-    # With slurmctld down, sinfo retries for ~9 s before failing: cut it short.
-    timeout_s = float(os.environ.get("HARNESS_SLURM_PROBE_TIMEOUT_S", "4"))
-    try:
-        out = subprocess.run(
-            ["sinfo", "-h", "-p", PARTITION, "-o", "%T"], capture_output=True, text=True, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired:
-        return f"sinfo got no answer from slurmctld within {timeout_s:g}s; run `make slurm-up`"
-    if out.returncode != 0:
-        return f"sinfo failed ({out.stderr.strip()}); run `make slurm-up`"
-    states = out.stdout.split()
-    if not states:
-        return f"partition {PARTITION!r} not found (set HARNESS_SLURM_PARTITION)"
-    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
-        return f"no usable node in partition {PARTITION!r} (states: {states})"
-    return None
-
-
-_PROBLEM = _cluster_problem()
+_PROBLEM = slurm_problem()
 if _PROBLEM:
     pytestmark = [pytestmark, pytest.mark.skip(reason=f"no SLURM cluster: {_PROBLEM}")]
 
