@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -413,44 +413,11 @@ def comparison_legend(table: Table) -> str:
 # Console, Markdown, CSV
 
 
-def render_rich(table: Table) -> Any:
-    from rich.table import Table as RTable
-    from rich.text import Text
-
-    t = RTable(title=f"Table 1 — {table.sweep}", show_lines=False, header_style="bold")
-    t.add_column("Group")
-    t.add_column("Pre-training")
-    for c in table.columns:
-        t.add_column(f"{c.group}\n{c.label}", justify="right")
-    last_group = None
-    for m in table.methods:
-        g = table.groups[m]
-        if last_group is not None and g != last_group:
-            t.add_section()
-        cells = []
-        for c in table.columns:
-            view = cell_view(table, m, c.id)
-            if view.empty:
-                cells.append(Text("—", style="dim"))
-                continue
-            text = Text(view.value, style="bold" if view.bold else "")
-            if view.std:
-                text.append(f"±{view.std}", style="dim")
-            if view.delta:
-                text.append(f" ({view.delta}{SIG_MARK if view.significant else ''})",
-                            style="green" if view.sign > 0 else "red" if view.sign < 0 else "")
-            if view.n_note:
-                text.append(f" {view.n_note}", style="dim")
-            cells.append(text)
-        t.add_row(g if g != last_group else "", m, *cells)
-        last_group = g
-    return t
-
-
-def render_rich_comparison(table: Table) -> Any:
+def _rich_table(table: Table, title: str, row_cells: Callable[[str], List[Any]]) -> Any:
+    """The paper's layout in rich: column groups over labels, a section per row group."""
     from rich.table import Table as RTable
 
-    t = RTable(title=f"Reproduced vs published — {table.sweep}", header_style="bold")
+    t = RTable(title=title, header_style="bold")
     t.add_column("Group")
     t.add_column("Pre-training")
     for c in table.columns:
@@ -460,9 +427,34 @@ def render_rich_comparison(table: Table) -> Any:
         g = table.groups[m]
         if last is not None and g != last:
             t.add_section()
-        t.add_row(g if g != last else "", m, *[compare_text(table, m, c.id) for c in table.columns])
+        t.add_row(g if g != last else "", m, *row_cells(m))
         last = g
     return t
+
+
+def render_rich(table: Table) -> Any:
+    from rich.text import Text
+
+    def cell(m: str, cid: str) -> Any:
+        view = cell_view(table, m, cid)
+        if view.empty:
+            return Text("—", style="dim")
+        text = Text(view.value, style="bold" if view.bold else "")
+        if view.std:
+            text.append(f"±{view.std}", style="dim")
+        if view.delta:
+            text.append(f" ({view.delta}{SIG_MARK if view.significant else ''})",
+                        style="green" if view.sign > 0 else "red" if view.sign < 0 else "")
+        if view.n_note:
+            text.append(f" {view.n_note}", style="dim")
+        return text
+
+    return _rich_table(table, f"Table 1 — {table.sweep}", lambda m: [cell(m, c.id) for c in table.columns])
+
+
+def render_rich_comparison(table: Table) -> Any:
+    return _rich_table(table, f"Reproduced vs published — {table.sweep}",
+                       lambda m: [compare_text(table, m, c.id) for c in table.columns])
 
 
 def _md_escape(s: str) -> str:
