@@ -10,7 +10,7 @@ rendered pixels, so a point and the pixel it projects to agree, as in a real rec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -89,10 +89,8 @@ def shade(albedo: np.ndarray, normals: np.ndarray, points: np.ndarray) -> np.nda
 # Meshes
 
 
-def box_mesh(scene: BoxScene, spacing: float) -> Dict[str, np.ndarray]:
-    """Grid-triangulated visible faces: vertices, faces, colours, part id and face id per vertex."""
-    verts, faces, part_ids, face_ids, normals = [], [], [], [], []
-    base = 0
+def _visible_faces(scene: BoxScene) -> Iterator[Tuple[int, int, np.ndarray, np.ndarray, int, int, int, int]]:
+    """(part, face, lo, hi, axis, side, u axis, v axis) of every face not marked hidden, in order."""
     for p in range(len(scene.lo)):
         lo, hi = scene.lo[p], scene.hi[p]
         for f in range(6):
@@ -100,32 +98,45 @@ def box_mesh(scene: BoxScene, spacing: float) -> Dict[str, np.ndarray]:
                 continue
             axis, side = divmod(f, 2)
             u_ax, v_ax = [a for a in range(3) if a != axis]
-            nu = max(1, int(np.ceil((hi[u_ax] - lo[u_ax]) / spacing)))
-            nv = max(1, int(np.ceil((hi[v_ax] - lo[v_ax]) / spacing)))
-            us = np.linspace(lo[u_ax], hi[u_ax], nu + 1)
-            vs = np.linspace(lo[v_ax], hi[v_ax], nv + 1)
-            uu, vv = np.meshgrid(us, vs, indexing="ij")
-            v = np.empty((uu.size, 3))
-            v[:, axis] = hi[axis] if side else lo[axis]
-            v[:, u_ax] = uu.ravel()
-            v[:, v_ax] = vv.ravel()
-            i = np.arange(nu)[:, None] * (nv + 1) + np.arange(nv)[None, :]
-            a, b, c, d = i, i + (nv + 1), i + (nv + 1) + 1, i + 1
-            tri = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)])
-            if side == 0:  # outward winding
-                tri = tri[:, ::-1]
-            normal = FACE_NORMALS[f]
-            if scene.yaw is not None and scene.yaw[p] != 0.0:
-                rot = _yaw_matrix(scene.yaw[p])
-                centre = (lo + hi) / 2.0
-                v = rows_times(v - centre, rot) + centre
-                normal = rot @ normal
-            verts.append(v)
-            faces.append(tri + base)
-            part_ids.append(np.full(len(v), p))
-            face_ids.append(np.full(len(v), f))
-            normals.append(np.repeat(normal[None], len(v), 0))
-            base += len(v)
+            yield p, f, lo, hi, axis, side, u_ax, v_ax
+
+
+def _placed(scene: BoxScene, p: int, v: np.ndarray, normal: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Points and normal of part ``p``'s axis-aligned box turned by its yaw about the box centre."""
+    if scene.yaw is None or scene.yaw[p] == 0.0:
+        return v, normal
+    rot = _yaw_matrix(scene.yaw[p])
+    centre = (scene.lo[p] + scene.hi[p]) / 2.0
+    return rows_times(v - centre, rot) + centre, rot @ normal
+
+
+def box_mesh(scene: BoxScene, spacing: float) -> Dict[str, np.ndarray]:
+    """Grid-triangulated visible faces: vertices, faces, colours, part id and face id per vertex."""
+    verts, faces, part_ids, face_ids, normals = [], [], [], [], []
+    base = 0
+    for p, f, lo, hi, axis, side, u_ax, v_ax in _visible_faces(scene):
+        nu = max(1, int(np.ceil((hi[u_ax] - lo[u_ax]) / spacing)))
+        nv = max(1, int(np.ceil((hi[v_ax] - lo[v_ax]) / spacing)))
+        us = np.linspace(lo[u_ax], hi[u_ax], nu + 1)
+        vs = np.linspace(lo[v_ax], hi[v_ax], nv + 1)
+        uu, vv = np.meshgrid(us, vs, indexing="ij")
+        v = np.empty((uu.size, 3))
+        v[:, axis] = hi[axis] if side else lo[axis]
+        v[:, u_ax] = uu.ravel()
+        v[:, v_ax] = vv.ravel()
+        i = np.arange(nu)[:, None] * (nv + 1) + np.arange(nv)[None, :]
+        a, b, c, d = i, i + (nv + 1), i + (nv + 1) + 1, i + 1
+        tri = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)])
+        if side == 0:  # outward winding
+            tri = tri[:, ::-1]
+        normal = FACE_NORMALS[f]
+        v, normal = _placed(scene, p, v, normal)
+        verts.append(v)
+        faces.append(tri + base)
+        part_ids.append(np.full(len(v), p))
+        face_ids.append(np.full(len(v), f))
+        normals.append(np.repeat(normal[None], len(v), 0))
+        base += len(v)
     verts_a = np.concatenate(verts)
     parts = np.concatenate(part_ids)
     normals_a = np.concatenate(normals)
@@ -149,33 +160,23 @@ def sample_surface(scene: BoxScene, density: float, rng: np.random.Generator, no
     as a scanner's range noise.
     """
     pts, part_ids, face_ids, normals = [], [], [], []
-    for p in range(len(scene.lo)):
-        lo, hi = scene.lo[p], scene.hi[p]
-        for f in range(6):
-            if scene.hidden[p, f]:
-                continue
-            axis, side = divmod(f, 2)
-            u_ax, v_ax = [a for a in range(3) if a != axis]
-            area = (hi[u_ax] - lo[u_ax]) * (hi[v_ax] - lo[v_ax])
-            n = int(rng.poisson(area * density))
-            if n == 0:
-                continue
-            v = np.empty((n, 3))
-            v[:, axis] = hi[axis] if side else lo[axis]
-            v[:, u_ax] = rng.uniform(lo[u_ax], hi[u_ax], n)
-            v[:, v_ax] = rng.uniform(lo[v_ax], hi[v_ax], n)
-            normal = FACE_NORMALS[f]
-            if noise > 0:
-                v += rng.normal(0.0, noise, (n, 1)) * normal
-            if scene.yaw is not None and scene.yaw[p] != 0.0:
-                rot = _yaw_matrix(scene.yaw[p])
-                centre = (lo + hi) / 2.0
-                v = rows_times(v - centre, rot) + centre
-                normal = rot @ normal
-            pts.append(v)
-            part_ids.append(np.full(n, p))
-            face_ids.append(np.full(n, f))
-            normals.append(np.repeat(normal[None], n, 0))
+    for p, f, lo, hi, axis, side, u_ax, v_ax in _visible_faces(scene):
+        area = (hi[u_ax] - lo[u_ax]) * (hi[v_ax] - lo[v_ax])
+        n = int(rng.poisson(area * density))
+        if n == 0:
+            continue
+        v = np.empty((n, 3))
+        v[:, axis] = hi[axis] if side else lo[axis]
+        v[:, u_ax] = rng.uniform(lo[u_ax], hi[u_ax], n)
+        v[:, v_ax] = rng.uniform(lo[v_ax], hi[v_ax], n)
+        normal = FACE_NORMALS[f]
+        if noise > 0:
+            v += rng.normal(0.0, noise, (n, 1)) * normal
+        v, normal = _placed(scene, p, v, normal)
+        pts.append(v)
+        part_ids.append(np.full(n, p))
+        face_ids.append(np.full(n, f))
+        normals.append(np.repeat(normal[None], n, 0))
     if not pts:
         z = np.zeros((0, 3))
         return {"points": z, "colors": np.zeros((0, 3), np.uint8), "part": np.zeros(0, np.int64),
