@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones.kernel_map import KERNEL2, KERNEL3, CoordinateManager, choose_buckets
+from harness.backbones import kernel_map
+from harness.backbones.kernel_map import KERNEL2, KERNEL3, CoordinateManager, OffsetPlan, Plan, choose_buckets
 from harness.backbones.ops import global_pool
 from harness.backbones.sparse import SparseTensor
 from harness.backbones.torch_backend import SparseBatchNorm, SparseConv, SparseConvTranspose, TorchOps
@@ -50,6 +51,13 @@ def dense_weight(kernel, k):
     return w.permute(4, 3, 2, 1, 0)  # (out, in, x, y, z)
 
 
+@pytest.fixture(params=["buckets", "offsets"])
+def scheme(request, monkeypatch):
+    """Every 3x3x3 convolution in buckets, or every one offset by offset."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 0 if request.param == "buckets" else 10**9)
+    return request.param
+
+
 def test_offset_tables_match_me_order():
     for i in range(27):
         assert KERNEL3[i].tolist() == [i % 3 - 1, (i // 3) % 3 - 1, i // 9 - 1]
@@ -58,7 +66,7 @@ def test_offset_tables_match_me_order():
 
 
 @pytest.mark.parametrize("stride", [1, 4])
-def test_stride1_conv_matches_dense_conv3d(stride):
+def test_stride1_conv_matches_dense_conv3d(stride, scheme):
     torch.manual_seed(0)
     coords = random_sites(1, stride=stride)
     feats = torch.randn(len(coords), 5, dtype=DT, requires_grad=True)
@@ -78,7 +86,7 @@ def test_stride1_conv_matches_dense_conv3d(stride):
     assert torch.allclose(gw, rw, atol=1e-12, rtol=1e-10)
 
 
-def test_stride1_conv_keeps_input_order_without_reorder():
+def test_stride1_conv_keeps_input_order_without_reorder(scheme):
     coords = random_sites(2)
     feats = torch.randn(len(coords), 3, dtype=DT)
     conv = SparseConv(3, 4, 3).to(DT)
@@ -216,7 +224,7 @@ def test_global_pool_refuses_empty_items_and_bad_input():
     assert global_pool(f, torch.tensor([0, 0, 0]), "avg", batch_size=1).shape == (1, 2)
 
 
-def test_bf16_autocast_runs_and_stays_close():
+def test_bf16_autocast_runs_and_stays_close(scheme):
     torch.manual_seed(5)
     coords = random_sites(8)
     feats = torch.randn(len(coords), 16)
@@ -227,3 +235,39 @@ def test_bf16_autocast_runs_and_stays_close():
         out = conv(x).F
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() / ref.abs().max() < 3e-2
+
+
+def test_scheme_follows_the_site_count_of_each_level(monkeypatch):
+    coords = random_sites(9, extent=8)  # about 2 x 1800 sites at stride 1, a quarter of that at 2
+    n1 = len(coords)
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", n1 - 1)
+    cm = CoordinateManager(coords)
+    assert isinstance(cm.level(1).plan, Plan)
+    assert isinstance(cm.level(2).plan, OffsetPlan) and cm.level(2).n < n1 - 1
+    # offset by offset nothing is padded: one entry per (site, neighbour) pair
+    assert cm.level(2).plan.n_entries == cm.level(2).n_pairs
+    assert cm.level(2).stats()["padding"] == 0.0
+
+
+def test_offset_scheme_is_the_same_on_one_and_two_workers(monkeypatch):
+    """The per-offset products are added in one fixed order after all tasks, so the result
+    and both gradients are bit-identical whichever worker ran which offset."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
+    torch.manual_seed(6)
+    coords = random_sites(10)
+    feats = torch.randn(len(coords), 8)
+    conv = SparseConv(8, 8, 3)
+    g = torch.randn(len(coords), 8)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            f = feats.clone().requires_grad_()
+            out = conv(SparseTensor(f, coords)).F
+            gx, gw = torch.autograd.grad((out * g).sum(), (f, conv.kernel))
+            results.append((out, gx, gw))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

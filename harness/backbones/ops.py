@@ -17,10 +17,11 @@ from typing import Optional
 
 import torch
 
-from .kernel_map import Plan
+from .kernel_map import OffsetPlan, Plan
 from .workers import run_tasks, worker_count
 
-__all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "symmetric_backward", "sparse_conv", "global_pool"]
+__all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "symmetric_backward", "offset_matmul",
+           "offset_backward", "sparse_conv", "global_pool"]
 
 
 class _Scratch:
@@ -255,11 +256,79 @@ def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: 
     return gx, gw
 
 
+def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, weight: Optional[torch.Tensor],
+                  centre, after=None) -> Optional[torch.Tensor]:
+    """Per offset i (a task each, most pairs first): gather ``src[src_rows[pairs of i]]``,
+    write its product with ``weight[i]`` into that offset's rows of the returned (P, C_out)
+    matrix (none when ``weight`` is None), then ``after(i, a, b, gathered, worker)``; one more
+    task, run first, calls ``centre()`` (the centre offset needs no gather)."""
+    n_workers = worker_count(src.device)
+    c_in = src.shape[1]
+    prods = None if weight is None else src.new_empty((plan.seg[-1], weight.shape[2]))
+    scratch = _Scratch(src, n_workers, g=plan.max_pairs * c_in)
+
+    def task(t: int, w: int) -> None:
+        if t == 0:
+            centre()
+            return
+        i, a, b = plan.offsets[t - 1], plan.seg[t - 1], plan.seg[t]
+        g = torch.index_select(src, 0, src_rows[a:b], out=scratch.get(w, "g", (b - a, c_in)))
+        if prods is not None:
+            torch.mm(g, weight[i], out=prods[a:b])
+        if after is not None:
+            after(i, a, b, g, w)
+
+    run_tasks(task, len(plan.offsets) + 1, src.device)
+    return prods
+
+
+def _scatter_sum(base: torch.Tensor, rows: torch.Tensor, prods: torch.Tensor) -> torch.Tensor:
+    """``base`` plus the rows of ``prods`` added at ``rows``: one ``index_add_`` in a fixed
+    order, after all tasks, so the sum does not depend on which worker ran what. Half
+    precision adds in float32."""
+    dt = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
+    return base.to(dt).index_add_(0, rows, prods.to(dt)).to(base.dtype)
+
+
+def offset_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``out = x @ W[centre] + sum_i scatter(x[in_i] @ W[i], out_i)``."""
+    out = []
+    prods = _offset_tasks(plan, x, plan.in_rows, weight, lambda: out.append(torch.mm(x, weight[plan.centre])))
+    return _scatter_sum(out[0], plan.out_rows, prods)
+
+
+def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_x: bool,
+                    need_w: bool):
+    """Both gradients of an offset-major convolution: per offset one gather of the output
+    gradient serves the input gradient (``grad[out_i] @ W[i]^T``, added at ``in_i``) and the
+    weight gradient (``x[in_i]^T grad[out_i]``, a block of its own: nothing to accumulate)."""
+    c_in = weight.shape[1]
+    wt = weight.transpose(1, 2).contiguous() if need_x else None
+    gw = torch.zeros_like(weight) if need_w else None
+    scratch = _Scratch(x, worker_count(grad.device), xi=plan.max_pairs * c_in) if need_w else None
+    gx_centre = []
+
+    def centre() -> None:
+        if need_x:
+            gx_centre.append(torch.mm(grad, wt[plan.centre]))
+        if need_w:
+            torch.mm(x.t(), grad, out=gw[plan.centre])
+
+    def weight_grad(i: int, a: int, b: int, g: torch.Tensor, w: int) -> None:
+        xi = torch.index_select(x, 0, plan.in_rows[a:b], out=scratch.get(w, "xi", (b - a, c_in)))
+        torch.mm(xi.t(), g, out=gw[i])
+
+    prods = _offset_tasks(plan, grad, plan.out_rows, wt, centre, weight_grad if need_w else None)
+    return (_scatter_sum(gx_centre[0], plan.in_rows, prods) if need_x else None), gw
+
+
 class _SparseConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, fwd: Plan, bwd: Optional[Plan], wgrad_side: str):
         ctx.save_for_backward(x, weight)
         ctx.plans = (fwd, bwd, wgrad_side)
+        if isinstance(fwd, OffsetPlan):
+            return offset_matmul(fwd, x, weight)
         return plan_matmul(fwd, x, weight)
 
     @staticmethod
@@ -268,6 +337,9 @@ class _SparseConvFunction(torch.autograd.Function):
         fwd, bwd, wgrad_side = ctx.plans
         grad = grad.to(weight.dtype).contiguous()
         gx = gw = None
+        if isinstance(fwd, OffsetPlan):
+            return offset_backward(fwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
+                None, None, None)
         if bwd is None:
             return symmetric_backward(fwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
                 None, None, None)
