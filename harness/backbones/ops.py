@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -92,10 +92,12 @@ def _piece_chunks(b, r0: int, r1: int):
         yield c0, min(r1, c0 + b.step)
 
 
-def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, acc_numel: int, body, cols_of, view_of) -> torch.Tensor:
-    """Run ``body(piece, worker, acc)`` for every piece of ``plan`` and add each piece's
-    accumulator, seen through ``view_of(k, acc)`` as (k, C_in, C_out), into a (K, C_in,
-    C_out) gradient at rows ``cols_of(bucket)``.
+def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, block: Tuple[int, int], body, cols_of) -> torch.Tensor:
+    """Run ``body(piece, worker, acc)`` for every piece of ``plan``, ``acc`` being a (k *
+    block[0], block[1]) matrix for the piece's bucket of k offsets, and add each accumulator
+    into a (K, *block) gradient at rows ``cols_of(bucket)``: one contiguous block per offset,
+    so the add is a plain row-wise ``index_add_`` (on a transposed view it was ten times
+    slower).
 
     Accumulators are a few slots allocated here (by the calling thread) and reused: a worker
     takes a free slot, then the next piece, computes it, and whichever worker is free adds
@@ -106,9 +108,10 @@ def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, acc_numel: int, body, cols
     n_workers = worker_count(ref.device)
     n_pieces = len(plan.pieces)
     n_slots = max(1, min(n_pieces, 2 * n_workers))
-    slots = [ref.new_empty(acc_numel) for _ in range(n_slots)]
-    k0 = plan.buckets[plan.pieces[0][0]].k if n_pieces else 1
-    acc_all = ref.new_zeros((plan.K,) + tuple(view_of(k0, slots[0]).shape[1:]))
+    kmax = max((b.k for b in plan.buckets), default=1)
+    per_offset = block[0] * block[1]
+    slots = [ref.new_empty(kmax * per_offset) for _ in range(n_slots)]
+    acc_all = ref.new_zeros((plan.K,) + tuple(block))
     free: "queue.SimpleQueue[int]" = queue.SimpleQueue()
     for i in range(n_slots):
         free.put(i)
@@ -127,7 +130,7 @@ def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, acc_numel: int, body, cols
                     t = nxt[0]
                     slot = pending.pop(t)
                     b = plan.buckets[plan.pieces[t][0]]
-                    acc_all.index_add_(0, cols_of(b), view_of(b.k, slots[slot]))
+                    acc_all.view(plan.K, per_offset).index_add_(0, cols_of(b), slots[slot][:b.k * per_offset].view(b.k, per_offset))
                     nxt[0] = t + 1
                     free.put(slot)
             finally:
@@ -143,7 +146,8 @@ def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, acc_numel: int, body, cols
                 free.put(slot)
                 return
             try:
-                body(t, w, slots[slot])
+                k = plan.buckets[plan.pieces[t][0]].k
+                body(t, w, slots[slot][:k * per_offset].view(k * block[0], block[1]))
             except BaseException:
                 failed.append(True)
                 free.put(slot)  # lets a worker waiting for a slot see the failure and stop
@@ -181,18 +185,15 @@ def plan_wgrad_out(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Ten
     """Weight gradient from the output side: ``dW[i] = sum_r x[table[r, i]]^T grad[r]``."""
     c_in, c_out = x.shape[1], grad.shape[1]
     scratch = _Scratch(x, worker_count(x.device), g=plan.max_entries * c_in, go=plan.max_rows * c_out)
-    kmax = max((b.k for b in plan.buckets), default=1)
 
-    def body(t: int, w: int, slot: torch.Tensor) -> None:
+    def body(t: int, w: int, acc: torch.Tensor) -> None:  # acc (k * C_in, C_out)
         bi, p0, p1 = plan.pieces[t]
         b = plan.buckets[bi]
-        acc = slot[:b.k * c_in * c_out].view(b.k * c_in, c_out)
         for r0, r1 in _piece_chunks(b, p0, p1):
             g = _gather(x, b, r0, r1, scratch.bufs[w]["g"])
             _accumulate(acc, r0 == p0, g.t(), _rows(grad, b, r0, r1, scratch, w, "go"))
 
-    return _weight_grad_tasks(plan, grad, kmax * c_in * c_out, body, lambda b: b.cols,
-                              lambda k, slot: slot[:k * c_in * c_out].view(k, c_in, c_out))
+    return _weight_grad_tasks(plan, grad, (c_in, c_out), body, lambda b: b.cols)
 
 
 def plan_wgrad_in(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -200,18 +201,15 @@ def plan_wgrad_in(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Tens
     ``dW[i] = sum_r x[r]^T grad[table[r, i]]``."""
     c_in, c_out = x.shape[1], grad.shape[1]
     scratch = _Scratch(x, worker_count(x.device), g=plan.max_entries * c_out, xi=plan.max_rows * c_in)
-    kmax = max((b.k for b in plan.buckets), default=1)
 
-    def body(t: int, w: int, slot: torch.Tensor) -> None:
+    def body(t: int, w: int, acc: torch.Tensor) -> None:  # acc (k * C_out, C_in): dW^T per offset
         bi, p0, p1 = plan.pieces[t]
         b = plan.buckets[bi]
-        acc = slot[:c_in * b.k * c_out].view(c_in, b.k * c_out)
         for r0, r1 in _piece_chunks(b, p0, p1):
             g = _gather(grad, b, r0, r1, scratch.bufs[w]["g"])
-            _accumulate(acc, r0 == p0, _rows(x, b, r0, r1, scratch, w, "xi").t(), g)
+            _accumulate(acc, r0 == p0, g.t(), _rows(x, b, r0, r1, scratch, w, "xi"))
 
-    return _weight_grad_tasks(plan, grad, kmax * c_in * c_out, body, lambda b: b.cols,
-                              lambda k, slot: slot[:c_in * k * c_out].view(c_in, k, c_out).transpose(0, 1))
+    return _weight_grad_tasks(plan, grad, (c_out, c_in), body, lambda b: b.cols).transpose(1, 2).contiguous()
 
 
 def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_x: bool,
@@ -220,7 +218,7 @@ def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: 
 
     The transposed map of offset i is offset K-1-i of the same table, so per chunk the
     gathered output gradient ``G[q] = [grad[table[q, j]]]_j`` serves the input gradient
-    (``G @ W[K-1-j]^T``) and the weight gradient (``x[q]^T G`` is ``dW[K-1-j]``); x is never
+    (``G @ W[K-1-j]^T``) and the weight gradient (``G^T x[q]`` is ``dW[K-1-j]^T``); x is never
     gathered again. Tasks are the plan's pieces (whole chunks of one bucket).
     """
     K, c_in, c_out = weight.shape
@@ -229,14 +227,11 @@ def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: 
     wt = weight.flip(0).transpose(1, 2).contiguous() if need_x else None  # wt[j] = W[K-1-j]^T
     slices = _WeightSlices(wt, n_workers) if need_x else None
     scratch = _Scratch(grad, n_workers, g=plan.max_entries * c_out, y=plan.max_rows * c_in, xi=plan.max_rows * c_in)
-    kmax = max((b.k for b in plan.buckets), default=1)
 
-    def body(t: int, w: int, slot: Optional[torch.Tensor]) -> None:
+    def body(t: int, w: int, acc: Optional[torch.Tensor]) -> None:  # acc (k * C_out, C_in): dW^T per offset
         bi, p0, p1 = plan.pieces[t]
         b = plan.buckets[bi]
-        k = b.k
         wb = slices.get(w, bi, b) if need_x else None
-        acc = slot[:c_in * k * c_out].view(c_in, k * c_out) if need_w else None
         for r0, r1 in _piece_chunks(b, p0, p1):
             g = _gather(grad, b, r0, r1, scratch.bufs[w]["g"])
             if need_x:
@@ -246,14 +241,13 @@ def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: 
                     y = scratch.get(w, "y", (r1 - r0, c_in))
                     gx.index_copy_(0, b.rows[r0:r1], torch.mm(g, wb, out=y))
             if need_w:
-                _accumulate(acc, r0 == p0, _rows(x, b, r0, r1, scratch, w, "xi").t(), g)
+                _accumulate(acc, r0 == p0, g.t(), _rows(x, b, r0, r1, scratch, w, "xi"))
 
     if not need_w:
         run_tasks(lambda t, w: body(t, w, None), len(plan.pieces), grad.device)
         return gx, None
-    gw = _weight_grad_tasks(plan, grad, kmax * c_in * c_out, body, lambda b: K - 1 - b.cols,
-                            lambda k, slot: slot[:c_in * k * c_out].view(c_in, k, c_out).transpose(0, 1))
-    return gx, gw
+    gw = _weight_grad_tasks(plan, grad, (c_out, c_in), body, lambda b: K - 1 - b.cols)
+    return gx, gw.transpose(1, 2).contiguous()
 
 
 def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, weight: Optional[torch.Tensor],
