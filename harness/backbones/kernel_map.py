@@ -352,35 +352,45 @@ class Level:
             row = int(sorder[dup[0] + 1])
             raise ValueError(f"duplicate coordinate {coords[row].tolist()} (row {row}); sites must be unique "
                              "(voxelize the points first)")
-        table = np.full((n, 27), -1, dtype=np.int64)
-        table[:, 13] = np.arange(n)
+        # Neighbour table and offset masks over sorted positions first; rows move once at the end.
+        tab = np.full((n, 27), -1, dtype=np.int64)
+        tab[:, 13] = np.arange(n)
+        masks = np.full(n, 1 << 13, dtype=np.int64)
+        n_pairs = n
         for i in range(13):
             q = skeys + packer.delta(_KERNEL3_NP[i])
             pos = np.minimum(np.searchsorted(skeys, q), n - 1)
-            hit = skeys[pos] == q
-            src = sorder[hit]
-            dst = sorder[pos[hit]]
-            table[src, i] = dst  # src + d_i = dst
-            table[dst, 26 - i] = src  # dst - d_i = src
+            src = np.flatnonzero(skeys[pos] == q)
+            dst = pos[src]
+            tab[src, i] = dst  # src + d_i = dst
+            tab[dst, 26 - i] = src  # dst - d_i = src
+            masks[src] |= 1 << i
+            masks[dst] |= 1 << (26 - i)
+            n_pairs += 2 * len(src)
         offset_major = n <= offset_major_sites
         if not offset_major:
-            masks = ((table >= 0).astype(np.int64) << np.arange(27)).sum(axis=1)
             bucket_of_row, bucket_masks = choose_buckets(masks, 27, overhead=overhead)
         self.perm: Optional[np.ndarray] = None  # new row r was old row perm[r]
-        if not order_fixed:
-            # Coordinate order (neighbours stay close in memory), bucket by bucket.
-            perm = sorder if offset_major else sorder[np.argsort(bucket_of_row[sorder], kind="stable")]
-            inv = np.empty_like(perm)
-            inv[perm] = np.arange(n)
-            table = table[perm]
-            table = np.where(table >= 0, inv[np.maximum(table, 0)], -1)
-            coords = coords[perm]
+        if order_fixed:  # back to the input's row order
+            table = np.empty_like(tab)
+            table[sorder] = np.where(tab >= 0, sorder[tab], -1)
             if not offset_major:
-                bucket_of_row = bucket_of_row[perm]
-            self.perm = perm
+                bucket_of_row = bucket_of_row[np.argsort(sorder)]
+        elif offset_major:  # coordinate order: neighbours stay close in memory
+            table, self.perm = tab, sorder
+        else:  # bucket by bucket, coordinate order inside a bucket
+            by_bucket = np.argsort(bucket_of_row, kind="stable")
+            inv = np.empty_like(by_bucket)
+            inv[by_bucket] = np.arange(n)
+            table = tab[by_bucket]
+            table = np.where(table >= 0, inv[table], -1)
+            bucket_of_row = bucket_of_row[by_bucket]
+            self.perm = sorder[by_bucket]
+        if self.perm is not None:
+            coords = coords[self.perm]
         self.coords = coords
         self.n = n
-        self.n_pairs = int((table >= 0).sum())  # (site, neighbour) pairs, the centre included
+        self.n_pairs = n_pairs  # (site, neighbour) pairs, the centre included
         self.table: Optional[np.ndarray] = table if keep_table else None  # (n, 27) neighbour rows, -1 absent
         self.plan: "Plan | OffsetPlan" = (
             OffsetPlan.from_table(table, device) if offset_major else
