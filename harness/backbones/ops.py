@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -251,29 +251,39 @@ def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: 
 
 
 def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, weight: Optional[torch.Tensor],
-                  centre, after=None) -> Optional[torch.Tensor]:
-    """Per offset i (a task each, most pairs first): gather ``src[src_rows[pairs of i]]``,
-    write its product with ``weight[i]`` into that offset's rows of the returned (P, C_out)
-    matrix (none when ``weight`` is None), then ``after(i, a, b, gathered, worker)``; one more
-    task, run first, calls ``centre()`` (the centre offset needs no gather)."""
+                  first: List[Callable[[], None]], after=None) -> Optional[torch.Tensor]:
+    """Tasks ``first`` (the centre offset's products: no gather), then one task per offset i,
+    most pairs first: gather ``src[src_rows[pairs of i]]``, write its product with
+    ``weight[i]`` into that offset's rows of the returned (P, C_out) matrix (none when
+    ``weight`` is None), then ``after(i, a, b, gathered, worker)``."""
     n_workers = worker_count(src.device)
     c_in = src.shape[1]
     prods = None if weight is None else src.new_empty((plan.seg[-1], weight.shape[2]))
     scratch = _Scratch(src, n_workers, g=plan.max_pairs * c_in)
+    n_first = len(first)
 
     def task(t: int, w: int) -> None:
-        if t == 0:
-            centre()
+        if t < n_first:
+            first[t]()
             return
-        i, a, b = plan.offsets[t - 1], plan.seg[t - 1], plan.seg[t]
+        j = t - n_first
+        i, a, b = plan.offsets[j], plan.seg[j], plan.seg[j + 1]
         g = torch.index_select(src, 0, src_rows[a:b], out=scratch.get(w, "g", (b - a, c_in)))
         if prods is not None:
             torch.mm(g, weight[i], out=prods[a:b])
         if after is not None:
             after(i, a, b, g, w)
 
-    run_tasks(task, len(plan.offsets) + 1, src.device)
+    run_tasks(task, n_first + len(plan.offsets), src.device)
     return prods
+
+
+def _centre_parts(plan: OffsetPlan, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> List[Callable[[], None]]:
+    """``out = a @ w`` as tasks of about as many rows as the largest other offset has pairs,
+    so that no single task holds the workers up at the end."""
+    rows = max(plan.max_pairs, 256)
+    return [lambda r0=r0, r1=min(plan.n, r0 + rows): torch.mm(a[r0:r1], w, out=out[r0:r1])
+            for r0 in range(0, plan.n, rows)]
 
 
 def _scatter_sum(base: torch.Tensor, rows: torch.Tensor, prods: torch.Tensor) -> torch.Tensor:
@@ -286,9 +296,9 @@ def _scatter_sum(base: torch.Tensor, rows: torch.Tensor, prods: torch.Tensor) ->
 
 def offset_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``out = x @ W[centre] + sum_i scatter(x[in_i] @ W[i], out_i)``."""
-    out = []
-    prods = _offset_tasks(plan, x, plan.in_rows, weight, lambda: out.append(torch.mm(x, weight[plan.centre])))
-    return _scatter_sum(out[0], plan.out_rows, prods)
+    out = x.new_empty((plan.n, weight.shape[2]))
+    prods = _offset_tasks(plan, x, plan.in_rows, weight, _centre_parts(plan, x, weight[plan.centre], out))
+    return _scatter_sum(out, plan.out_rows, prods)
 
 
 def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_x: bool,
@@ -298,22 +308,19 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, gra
     weight gradient (``x[in_i]^T grad[out_i]``, a block of its own: nothing to accumulate)."""
     c_in = weight.shape[1]
     wt = weight.transpose(1, 2).contiguous() if need_x else None
+    gx = grad.new_empty((plan.n, c_in)) if need_x else None
     gw = torch.zeros_like(weight) if need_w else None
     scratch = _Scratch(x, worker_count(grad.device), xi=plan.max_pairs * c_in) if need_w else None
-    gx_centre = []
-
-    def centre() -> None:
-        if need_x:
-            gx_centre.append(torch.mm(grad, wt[plan.centre]))
-        if need_w:
-            torch.mm(x.t(), grad, out=gw[plan.centre])
+    first = _centre_parts(plan, grad, wt[plan.centre], gx) if need_x else []
+    if need_w:
+        first.append(lambda: torch.mm(x.t(), grad, out=gw[plan.centre]))
 
     def weight_grad(i: int, a: int, b: int, g: torch.Tensor, w: int) -> None:
         xi = torch.index_select(x, 0, plan.in_rows[a:b], out=scratch.get(w, "xi", (b - a, c_in)))
         torch.mm(xi.t(), g, out=gw[i])
 
-    prods = _offset_tasks(plan, grad, plan.out_rows, wt, centre, weight_grad if need_w else None)
-    return (_scatter_sum(gx_centre[0], plan.in_rows, prods) if need_x else None), gw
+    prods = _offset_tasks(plan, grad, plan.out_rows, wt, first, weight_grad if need_w else None)
+    return (_scatter_sum(gx, plan.in_rows, prods) if need_x else None), gw
 
 
 class _SparseConvFunction(torch.autograd.Function):
