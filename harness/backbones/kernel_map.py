@@ -17,6 +17,8 @@ plan        a table cut into buckets of rows that share a set of active offsets 
             zeros. Merging rare masks into
             supersets trades a few multiplications by zero for fewer, fatter GEMMs (the cost
             model is in :func:`choose_buckets`).
+offset plan the same table run offset by offset, unpadded (:class:`OffsetPlan`); small
+            coordinate sets (the coarse levels) use it instead of buckets.
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
@@ -439,7 +441,8 @@ class CoordinateManager:
     perm[r]); callers then permute features with :meth:`to_internal` and restore the input
     order with :meth:`to_input_order`. ``widths`` (tensor stride -> typical channel count of
     the layers there) sets the per-bucket overhead of the bucketing cost model: wide layers
-    afford more, smaller buckets.
+    afford more, smaller buckets. Sets of at most ``offset_major_sites`` sites (default
+    ``OFFSET_MAJOR_SITES``) get an :class:`OffsetPlan` instead of buckets.
     """
 
     def __init__(self, coords: torch.Tensor, reorder: bool = True, widths: Optional[Dict[int, int]] = None,
