@@ -295,7 +295,8 @@ def render(results: Dict) -> str:
     lines = ["# Backbone benchmark: Res16UNet34C forward+backward", "",
              f"Command: `{results['command']}`  ",
              f"Machine: {env['cpu']}, {env['threads']} threads, device {env['device']}; torch {env['torch']}, "
-             f"MinkowskiEngine {env['minkowski'] or 'not installed'}; {env['date']}.  ",
+             f"MinkowskiEngine {env['minkowski'] or 'not installed'}; {env['date']}; "
+             f"OpenMP wait policy {env.get('omp_wait_policy', 'default')} for both backends.  ",
              f"fp32 matmul peak measured in this run: {env['peak_fp32']:.0f} GFLOP/s (bf16: {env['peak_bf16']:.0f}).  ",
              f"Other jobs kept {results['other_cores']:.2f} of the {env['ncpu']} cores busy on average during the "
              "timing (a shared machine: compare the ratio, not the seconds).", "",
@@ -303,18 +304,22 @@ def render(results: Dict) -> str:
              "(`harness.backbones.synthetic.room_batch`), train mode, one step = sparse input from "
              "(coords, feats) + forward + backward, kernel maps built inside the step on both backends; "
              "the backends alternate step by step; median of the timed steps (min in brackets).", "",
-             "| voxels | neighbours/site | useful GFLOP/step | backend | seconds | ME / torch | GFLOP/s | of fp32 peak | peak memory (MB) |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "`ME / torch` is the ratio of the medians; `per pair` is the median (and range) of the ratios of "
+             "the steps run back to back (load from other jobs that drifts during the run cancels in each pair).", "",
+             "| voxels | neighbours/site | useful GFLOP/step | backend | seconds | ME / torch | per pair | GFLOP/s | of fp32 peak | peak memory (MB) |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in results["rows"]:
         n, fl = row["sites"], row["flops"]
         me = row["times"].get("minkowski")
         for b, ts in row["times"].items():
             med, mn = statistics.median(ts), min(ts)
             ratio = f"{statistics.median(me) / med:.2f}x" if me and b != "minkowski" else ("1.00x" if b == "minkowski" else "")
+            pairs = [m / t for m, t in zip(me, ts)] if me and b != "minkowski" else []
+            per_pair = (f"{statistics.median(pairs):.2f}x ({min(pairs):.2f}-{max(pairs):.2f})" if pairs else "")
             gfs = fl["step_gflop"] / med
             mem = row["memory"].get(b)
             mem_s = f"{mem['step_mb']:.0f}" if mem else "n/a"
-            lines.append(f"| {n} | {row['neighbours']:.1f} | {fl['step_gflop']:.0f} | {b} | {med:.2f} ({mn:.2f}) | {ratio} | "
+            lines.append(f"| {n} | {row['neighbours']:.1f} | {fl['step_gflop']:.0f} | {b} | {med:.2f} ({mn:.2f}) | {ratio} | {per_pair} | "
                          f"{gfs:.0f} | {gfs / env['peak_fp32']:.0%} | {mem_s} |")
     lines += ["", "Peak memory = peak RSS during two steps minus RSS before the first, each backend and size in a "
               "fresh process (CPU). `torch+bf16` = torch backend under `torch.autocast('cpu', bfloat16)`; its "
@@ -359,6 +364,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     _set_threads(args.threads)
+    import harness  # noqa: F401  (before torch: its OpenMP wait policy, see harness/__init__.py)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -382,6 +388,7 @@ def main(argv=None) -> int:
     bf16 = not args.no_bf16 and (device != "cpu" or torch.backends.mkldnn.is_available())
     env = {"cpu": cpu_name(), "threads": args.threads, "ncpu": os.cpu_count(), "device": device,
            "torch": torch.__version__, "minkowski": me_version, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
            "peak_fp32": matmul_peak("float32"), "peak_bf16": matmul_peak("bfloat16")}
     results = {"command": "python bench/backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "env": env, "rows": [], "padding": {}}

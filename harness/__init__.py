@@ -1,3 +1,16 @@
 """Benchmark harness for self-supervised pre-training of 3D point-cloud networks."""
 
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+# The torch backend runs its sparse convolutions on its own worker threads
+# (harness.backbones.workers). By default GNU OpenMP keeps the threads of torch's intra-op
+# pool spinning for milliseconds after every parallel op (a batch norm, a ReLU), on the very
+# cores those workers need: at 100k voxels on 2 cores that cost about 10% of a training step.
+# Waiting passively costs a wake-up of microseconds instead. OpenMP reads the setting once,
+# when torch loads, so this takes effect where harness is imported first (the CLI, SLURM jobs,
+# the benchmark); an explicit OMP_WAIT_POLICY wins.
+TORCH_LOADED_FIRST = "torch" in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

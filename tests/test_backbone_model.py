@@ -161,3 +161,23 @@ def test_deepcopy_for_momentum_encoders(scene):
     m = build_backbone("Res16UNet14A", out_channels=4, backend="torch", **SMALL).eval()
     m2 = copy.deepcopy(m)
     assert torch.equal(m(coords, feats), m2(coords, feats))
+
+
+def _fresh_python(code: str, **env):
+    import os
+    import subprocess
+    import sys
+
+    e = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    e.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_harness_asks_openmp_to_wait_passively_unless_told_otherwise():
+    """OpenMP reads OMP_WAIT_POLICY when torch loads: harness imported first sets PASSIVE (and
+    knows it was in time), torch imported first is recorded so that the worker pool can say
+    so, and an explicit setting is kept."""
+    show = "import os, harness; print(os.environ['OMP_WAIT_POLICY'], harness.TORCH_LOADED_FIRST)"
+    assert _fresh_python(show) == ["PASSIVE", "False"]
+    assert _fresh_python("import torch; " + show) == ["PASSIVE", "True"]
+    assert _fresh_python("import torch; " + show, OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "False"]
