@@ -52,7 +52,9 @@ def test_instseg_learns_the_training_scene(small_scannet, tmp_path):
 def test_detection_learns_the_training_scene(small_scannet, tmp_path):
     torch.manual_seed(0)
     # the first scene's bookshelf and two desks (its door, window and picture are a voxel thin here)
-    cfg = plugin_config("task", "detection", {**QUICK, "steps": 100, "voxel_size": 0.1, "optimizer": {"lr": 0.003},
+    # 300 steps: at 100-150 the boxes reached IoU 0.25 but AP@0.5 was 0 or not, depending on
+    # the rounding order of the backbone's sums; at 300 both APs reach 1.0.
+    cfg = plugin_config("task", "detection", {**QUICK, "steps": 300, "voxel_size": 0.1, "optimizer": {"lr": 0.003},
                                                "schedule": {"name": "constant"}, "classes": [9, 12],
                                                "num_seeds": 512, "num_proposals": 256, "feature_dim": 64,
                                                "vote_position_gradient": False})
@@ -60,5 +62,5 @@ def test_detection_learns_the_training_scene(small_scannet, tmp_path):
     losses, votes = _losses(tmp_path), _losses(tmp_path, "vote_loss")
     assert losses[-1] < 0.5 * losses[0], losses
     assert votes[-1] < 0.5 * votes[0], votes
-    assert result["map25"] > 0 and result["map50"] > 0, result
+    assert result["map25"] >= 0.5 and result["map50"] >= 0.5, result
     assert not result["use_heading"] and result["classes"] == [9, 12]
