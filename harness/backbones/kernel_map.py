@@ -61,7 +61,7 @@ MAX_BUCKETS = 256
 # Coordinate sets with at most this many sites run their 3x3x3 convolutions offset by offset
 # (:class:`OffsetPlan`): there the buckets' padding and weight handling cost more than the
 # per-offset GEMMs and the scatter of their results. Measured on the 2-core CPU (Res16UNet34C
-# widths, fwd+bwd per convolution): offset-major 1.3-2.7x faster at 360-6k sites, even at 18k,
+# widths, fwd+bwd per convolution): offset-major 1.3-2.7x faster at 360-6k sites, about as fast at 18k,
 # 0.6-0.8x at 25k-300k.
 OFFSET_MAJOR_SITES = 12000
 
