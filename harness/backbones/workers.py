@@ -42,7 +42,7 @@ def _hint_wait_policy() -> None:
     if harness.TORCH_LOADED_FIRST:
         logger.info("torch was imported before harness, so OpenMP threads spin after every parallel op and "
                     "take CPU from the sparse-convolution workers; import harness first or set "
-                    "OMP_WAIT_POLICY=PASSIVE (about 10%% faster steps on 2 cores)")
+                    "OMP_WAIT_POLICY=PASSIVE (about 10% faster steps on 2 cores)")
 
 
 class _Pool:
