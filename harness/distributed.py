@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import logging
 import os
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
 import numpy as np
@@ -134,14 +135,34 @@ def shutdown() -> None:
         tdist.destroy_process_group()
 
 
-def finish() -> None:
-    """End of work that succeeded on every rank: wait for the others, then leave the group.
-    Without the barrier a rank that tears its connections down while a peer still flushes its
-    last collective can make gloo abort that peer ("terminate called without an active exception")."""
-    if tdist.is_initialized():
-        if tdist.get_world_size() > 1:
-            tdist.barrier()
+def finish(timeout_s: float = 60.0) -> None:
+    """End of work that succeeded on every rank: wait for the others, then leave the group,
+    rank 0 last.
+
+    Rank 0 hosts the group's store. When it tore its connections down while a peer was still
+    leaving, gloo now and then aborted it ("terminate called without an active exception",
+    SIGABRT after the job's work was done; a barrier alone made this rarer, not impossible).
+    So the other ranks leave first and say so through the store, which rank 0 keeps alive
+    until all of them have; rank 0 gives up waiting after ``timeout_s`` and leaves anyway."""
+    if not tdist.is_initialized():
+        return
+    world = tdist.get_world_size()
+    if world <= 1:
         tdist.destroy_process_group()
+        return
+    tdist.barrier()
+    store = tdist.distributed_c10d._get_default_store()  # held: outlives the group
+    if tdist.get_rank() != 0:
+        tdist.destroy_process_group()
+        store.add(_LEFT_KEY, 1)
+        return
+    deadline = time.monotonic() + timeout_s
+    while store.add(_LEFT_KEY, 0) < world - 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    tdist.destroy_process_group()
+
+
+_LEFT_KEY = "harness/ranks_left"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -337,6 +337,34 @@ def test_contrastive_gathers_image_pixels_and_depthcontrast_keys_of_all_ranks(tm
 
 
 # ----------------------------------------------------------------------------------------------
+# Leaving the group
+
+
+def _leave_worker(out: Path) -> None:
+    """Records when this rank's ``destroy_process_group`` starts and ends; rank 1's is slow."""
+    import time
+
+    r = dist.rank()
+    destroy = dist.tdist.destroy_process_group
+
+    def timed(*a, **k):
+        t0 = time.time()
+        if r == 1:
+            time.sleep(1.0)
+        destroy(*a, **k)
+        (out / f"left{r}.json").write_text(json.dumps({"start": t0, "end": time.time()}))
+
+    dist.tdist.destroy_process_group = timed
+
+
+def test_rank_zero_leaves_the_group_after_the_others(tmp_path):
+    # rank 0 hosts the store: it must not tear down while another rank is still leaving
+    run_ranks(_leave_worker, tmp_path)
+    t = [json.loads((tmp_path / f"left{r}.json").read_text()) for r in range(2)]
+    assert t[0]["start"] >= t[1]["end"], t
+
+
+# ----------------------------------------------------------------------------------------------
 # Kill and resume with 2 ranks
 
 
