@@ -53,7 +53,7 @@ def dense_weight(kernel, k):
 
 @pytest.fixture(params=["buckets", "offsets"])
 def scheme(request, monkeypatch):
-    """Every 3x3x3 convolution in buckets, or every one offset by offset."""
+    """Every convolution in buckets, or every one offset by offset (the GPU's scheme)."""
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 0 if request.param == "buckets" else 10**9)
     return request.param
 
@@ -98,7 +98,7 @@ def test_stride1_conv_keeps_input_order_without_reorder(scheme):
     assert torch.allclose(out.F, ref, atol=1e-12)
 
 
-def test_downsample_conv_matches_dense_strided_conv3d_and_floors_negative_coords():
+def test_downsample_conv_matches_dense_strided_conv3d_and_floors_negative_coords(scheme):
     torch.manual_seed(1)
     coords = random_sites(3)
     feats = torch.randn(len(coords), 4, dtype=DT, requires_grad=True)
@@ -122,7 +122,7 @@ def test_downsample_conv_matches_dense_strided_conv3d_and_floors_negative_coords
     assert torch.allclose(gw, rw, atol=1e-12)
 
 
-def test_transposed_conv_matches_dense_conv_transpose3d_on_recorded_sites():
+def test_transposed_conv_matches_dense_conv_transpose3d_on_recorded_sites(scheme):
     torch.manual_seed(2)
     coords = random_sites(4)
     feats = torch.randn(len(coords), 3, dtype=DT)
@@ -247,6 +247,17 @@ def test_scheme_follows_the_site_count_of_each_level(monkeypatch):
     # offset by offset nothing is padded: one entry per (site, neighbour) pair
     assert cm.level(2).plan.n_entries == cm.level(2).n_pairs
     assert cm.level(2).stats()["padding"] == 0.0
+    # the stride-2 maps follow their fine set: from stride 1 in buckets, from stride 2 by offsets
+    assert isinstance(cm.down_map(1).down, Plan) and isinstance(cm.down_map(1).up, Plan)
+    dm = cm.down_map(2)
+    assert isinstance(dm.down, OffsetPlan) and isinstance(dm.up, OffsetPlan)
+    assert dm.down.n_entries == dm.up.n_entries == cm.level(2).n  # one pair per fine site
+
+
+def test_every_set_runs_offset_by_offset_off_the_cpu():
+    assert kernel_map.default_offset_major_sites(torch.device("cpu")) == kernel_map.OFFSET_MAJOR_SITES < 10**6
+    assert kernel_map.default_offset_major_sites(torch.device("cuda")) >= 2**62
+    assert CoordinateManager(random_sites(9, extent=8)).offset_major_sites == kernel_map.OFFSET_MAJOR_SITES
 
 
 def test_offset_scheme_is_the_same_on_one_and_two_workers(monkeypatch):

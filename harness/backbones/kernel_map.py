@@ -18,7 +18,8 @@ plan        a table cut into buckets of rows that share a set of active offsets 
             supersets trades a few multiplications by zero for fewer, fatter GEMMs (the cost
             model is in :func:`choose_buckets`).
 offset plan the same table run offset by offset, unpadded (:class:`OffsetPlan`); small
-            coordinate sets (the coarse levels) use it instead of buckets.
+            coordinate sets (the coarse levels) use it instead of buckets, and so does every
+            set on a GPU (no worker threads there; one GEMM per offset, as MinkowskiEngine).
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -123,41 +125,43 @@ class Plan:
 
 @dataclass
 class OffsetPlan:
-    """A symmetric 3x3x3 table run offset by offset (MinkowskiEngine's scheme):
-    ``out = x @ W[centre]`` plus, for each other offset i, ``x[in_rows] @ W[i]`` added at
-    ``out_rows`` (the positions ``seg[j]..seg[j + 1]`` hold the pairs of ``offsets[j]``).
-    Nothing is padded; the transposed map of offset i is offset K-1-i with the rows swapped,
-    so the input gradient uses the same pairs."""
+    """A table run offset by offset, unpadded (MinkowskiEngine's scheme): for each offset i
+    with pairs, ``x[in_rows] @ W[i]`` added at ``out_rows`` (positions ``seg[j]..seg[j + 1]``
+    hold the pairs of ``offsets[j]``, most pairs first). When the ``centre`` offset reads every
+    output row's own input row (3x3x3, stride 1) it runs as one plain product, no gather. The
+    input gradient uses the same pairs with the rows swapped."""
 
-    n: int
+    n_out: int
+    n_in: int
     K: int
-    centre: int
-    offsets: List[int]  # offsets other than the centre that have pairs, most pairs first
+    centre: Optional[int]
+    offsets: List[int]
     seg: List[int]
     out_rows: torch.Tensor  # (P,) int64
     in_rows: torch.Tensor  # (P,) int64
 
     @classmethod
-    def from_table(cls, table: np.ndarray, device: torch.device) -> "OffsetPlan":
-        n, K = table.shape
-        centre = K // 2
+    def from_table(cls, table: torch.Tensor, n_in: int, centre: Optional[int] = None) -> "OffsetPlan":
+        """From a (n_out, K) int64 table (-1 = absent), on the table's device; ``centre`` must
+        read row r at row r."""
+        n_out, K = table.shape
         present = table >= 0
-        counts = present.sum(axis=0)
-        offsets = [i for i in np.argsort(-counts, kind="stable").tolist() if i != centre and counts[i] > 0]
-        outs = [np.flatnonzero(present[:, i]) for i in offsets]
-        ins = [table[rows, i] for rows, i in zip(outs, offsets)]
-        seg = np.concatenate([[0], np.cumsum([len(r) for r in outs], dtype=np.int64)]).tolist()
-
-        def cat(parts: List[np.ndarray]) -> torch.Tensor:
-            a = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-            return torch.from_numpy(a.astype(np.int64)).to(device)
-
-        return cls(n, K, centre, offsets, seg, cat(outs), cat(ins))
+        if centre is not None:
+            present[:, centre] = False
+        counts = present.sum(dim=0).tolist()
+        offsets = sorted((i for i in range(K) if counts[i] > 0), key=lambda i: -counts[i])  # stable
+        seg = [0]
+        for i in offsets:
+            seg.append(seg[-1] + counts[i])
+        pair = torch.nonzero(present.t()[offsets]) if offsets else table.new_zeros((0, 2))  # (offset, row), by offset
+        out_rows = pair[:, 1].contiguous()
+        in_rows = table[out_rows, torch.tensor(offsets, dtype=torch.int64, device=table.device)[pair[:, 0]]]
+        return cls(int(n_out), int(n_in), int(K), centre, offsets, seg, out_rows, in_rows.contiguous())
 
     @property
     def n_entries(self) -> int:
         """Row-offsets multiplied (all of them useful)."""
-        return self.n + int(self.seg[-1])
+        return (self.n_out if self.centre is not None else 0) + int(self.seg[-1])
 
     @property
     def max_pairs(self) -> int:
@@ -395,7 +399,7 @@ class Level:
         self.n_pairs = n_pairs  # (site, neighbour) pairs, the centre included
         self.table: Optional[np.ndarray] = table if keep_table else None  # (n, 27) neighbour rows, -1 absent
         self.plan: "Plan | OffsetPlan" = (
-            OffsetPlan.from_table(table, device) if offset_major else
+            OffsetPlan.from_table(torch.from_numpy(table).to(device), n, centre=13) if offset_major else
             build_plan(torch.from_numpy(table), n, bucket_of_row, bucket_masks, contiguous=not order_fixed,
                        device=device))
 
@@ -413,24 +417,37 @@ class DownMap:
     """Kernel-2 stride-2 map from a fine level (stride t) to the coarse level (stride 2t).
 
     ``down`` is over coarse rows (``out[c] = sum_i fine[table[c, i]] @ W[i]``), ``up`` over
-    fine rows, exactly one entry each (``out[p] = coarse[parent[p]] @ W[offset[p]]``).
+    fine rows, exactly one entry each (``out[p] = coarse[parent[p]] @ W[offset[p]]``). Both run
+    offset by offset when ``offsets`` (the scheme of the fine set's size), else in buckets.
     """
 
     def __init__(self, fine: Level, coarse: Level, parent: np.ndarray, child_offset: np.ndarray,
-                 device: torch.device, overhead: float = BUCKET_OVERHEAD):
+                 device: torch.device, overhead: float = BUCKET_OVERHEAD, offsets: bool = False):
         nf, nc = fine.n, coarse.n
         table = np.full((nc, 8), -1, dtype=np.int64)
         table[parent, child_offset] = np.arange(nf)
+        self.parent = parent
+        self.child_offset = child_offset
+        up_table = np.full((nf, 8), -1, dtype=np.int64)
+        up_table[np.arange(nf), child_offset] = parent
+        self.down: "Plan | OffsetPlan"
+        self.up: "Plan | OffsetPlan"
+        if offsets:
+            self.down = OffsetPlan.from_table(torch.from_numpy(table).to(device), nf)
+            self.up = OffsetPlan.from_table(torch.from_numpy(up_table).to(device), nc)
+            return
         masks = ((table >= 0).astype(np.int64) << np.arange(8)).sum(axis=1)
         bucket_of_row, bucket_masks = choose_buckets(masks, 8, overhead=overhead)
         self.down = build_plan(torch.from_numpy(table), nf, bucket_of_row, bucket_masks, contiguous=False,
                                device=device)
-        up_table = np.full((nf, 8), -1, dtype=np.int64)
-        up_table[np.arange(nf), child_offset] = parent
         self.up = build_plan(torch.from_numpy(up_table), nc, child_offset, np.ones(8, dtype=np.int64) << np.arange(8),
                              contiguous=False, device=device)
-        self.parent = parent
-        self.child_offset = child_offset
+
+
+def default_offset_major_sites(device: torch.device) -> int:
+    """Largest coordinate set that runs offset by offset on ``device``: buckets pay off only
+    with the CPU's worker threads; elsewhere each chunk would be a few small kernel launches."""
+    return OFFSET_MAJOR_SITES if torch.device(device).type == "cpu" else sys.maxsize
 
 
 class CoordinateManager:
@@ -442,15 +459,17 @@ class CoordinateManager:
     order with :meth:`to_input_order`. ``widths`` (tensor stride -> typical channel count of
     the layers there) sets the per-bucket overhead of the bucketing cost model: wide layers
     afford more, smaller buckets. Sets of at most ``offset_major_sites`` sites (default
-    ``OFFSET_MAJOR_SITES``) get an :class:`OffsetPlan` instead of buckets.
+    ``OFFSET_MAJOR_SITES`` on the CPU, every set elsewhere) get an :class:`OffsetPlan` instead of
+    buckets, and so do the stride-2 maps from them.
     """
 
     def __init__(self, coords: torch.Tensor, reorder: bool = True, widths: Optional[Dict[int, int]] = None,
                  stride: int = 1, keep_tables: bool = False, offset_major_sites: Optional[int] = None):
         self.widths = dict(widths or {})
-        self.offset_major_sites = OFFSET_MAJOR_SITES if offset_major_sites is None else int(offset_major_sites)
-        self.keep_tables = keep_tables
         self.device = coords.device
+        self.offset_major_sites = int(default_offset_major_sites(self.device) if offset_major_sites is None
+                                      else offset_major_sites)
+        self.keep_tables = keep_tables
         self.base_stride = int(stride)
         c = coords.detach().to("cpu", torch.int64).numpy()
         if self.base_stride < 1:
@@ -507,7 +526,8 @@ class CoordinateManager:
             inv[coarse.perm] = np.arange(len(inv))
             parent = inv[parent]
         self.levels[t2] = coarse
-        dm = DownMap(fine, coarse, parent, child_offset, device=self.device, overhead=self.overhead(stride))
+        dm = DownMap(fine, coarse, parent, child_offset, device=self.device, overhead=self.overhead(stride),
+                     offsets=fine.n <= self.offset_major_sites)
         self.down_maps[stride] = dm
         return dm
 

@@ -279,11 +279,13 @@ def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, w
 
 
 def _centre_parts(plan: OffsetPlan, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> List[Callable[[], None]]:
-    """``out = a @ w`` as tasks of about as many rows as the largest other offset has pairs,
-    so that no single task holds the workers up at the end."""
+    """``out = a @ w[centre]`` as tasks of about as many rows as the largest other offset has
+    pairs, so that no single task holds the workers up at the end (none without a centre)."""
+    if plan.centre is None:
+        return []
     rows = max(plan.max_pairs, 256)
-    return [lambda r0=r0, r1=min(plan.n, r0 + rows): torch.mm(a[r0:r1], w, out=out[r0:r1])
-            for r0 in range(0, plan.n, rows)]
+    return [lambda r0=r0, r1=min(plan.n_out, r0 + rows): torch.mm(a[r0:r1], w[plan.centre], out=out[r0:r1])
+            for r0 in range(0, plan.n_out, rows)]
 
 
 def _scatter_sum(base: torch.Tensor, rows: torch.Tensor, prods: torch.Tensor) -> torch.Tensor:
@@ -296,8 +298,9 @@ def _scatter_sum(base: torch.Tensor, rows: torch.Tensor, prods: torch.Tensor) ->
 
 def offset_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``out = x @ W[centre] + sum_i scatter(x[in_i] @ W[i], out_i)``."""
-    out = x.new_empty((plan.n, weight.shape[2]))
-    prods = _offset_tasks(plan, x, plan.in_rows, weight, _centre_parts(plan, x, weight[plan.centre], out))
+    shape = (plan.n_out, weight.shape[2])
+    out = x.new_empty(shape) if plan.centre is not None else x.new_zeros(shape)
+    prods = _offset_tasks(plan, x, plan.in_rows, weight, _centre_parts(plan, x, weight, out))
     return _scatter_sum(out, plan.out_rows, prods)
 
 
@@ -308,11 +311,13 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, gra
     weight gradient (``x[in_i]^T grad[out_i]``, a block of its own: nothing to accumulate)."""
     c_in = weight.shape[1]
     wt = weight.transpose(1, 2).contiguous() if need_x else None
-    gx = grad.new_empty((plan.n, c_in)) if need_x else None
+    gx = None
+    if need_x:
+        gx = grad.new_empty((plan.n_in, c_in)) if plan.centre is not None else grad.new_zeros((plan.n_in, c_in))
     gw = torch.zeros_like(weight) if need_w else None
     scratch = _Scratch(x, worker_count(grad.device), xi=plan.max_pairs * c_in) if need_w else None
-    first = _centre_parts(plan, grad, wt[plan.centre], gx) if need_x else []
-    if need_w:
+    first = _centre_parts(plan, grad, wt, gx) if need_x else []
+    if need_w and plan.centre is not None:
         first.append(lambda: torch.mm(x.t(), grad, out=gw[plan.centre]))
 
     def weight_grad(i: int, a: int, b: int, g: torch.Tensor, w: int) -> None:
