@@ -311,79 +311,103 @@ class _Packer:
     """Packs lattice coordinates ``(b, u, v, w)`` into sortable int64 keys with a margin of one
     lattice step on every side, so that a neighbour's key is the site's key plus a constant."""
 
-    def __init__(self, lattice: np.ndarray):
-        self.lo = lattice.min(axis=0).copy()
-        self.lo[1:] -= 1
-        ext = lattice.max(axis=0) - self.lo + 1
-        ext[1:] += 1
-        self.ext = [int(e) for e in ext]
+    def __init__(self, lattice: torch.Tensor):
+        lo_hi = torch.stack([lattice.min(dim=0).values, lattice.max(dim=0).values]).tolist()
+        lo = lo_hi[0]
+        lo[1:] = [v - 1 for v in lo[1:]]
+        self.lo = lo
+        self.ext = [h - l + 1 + (1 if d else 0) for d, (l, h) in enumerate(zip(lo, lo_hi[1]))]
         if math.prod(float(e) for e in self.ext) >= 2.0**62:
             raise ValueError(f"coordinate extent {self.ext} too large to pack into int64 keys")
 
-    def keys(self, lattice: np.ndarray) -> np.ndarray:
-        s = lattice - self.lo
-        e = self.ext
-        return ((s[:, 0] * e[1] + s[:, 1]) * e[2] + s[:, 2]) * e[3] + s[:, 3]
+    def keys(self, lattice: torch.Tensor) -> torch.Tensor:
+        e, lo = self.ext, self.lo
+        s = [lattice[:, d] - lo[d] for d in range(4)]
+        return ((s[0] * e[1] + s[1]) * e[2] + s[2]) * e[3] + s[3]
 
     def delta(self, d) -> int:
         e = self.ext
         return int((int(d[0]) * e[2] + int(d[1])) * e[3] + int(d[2]))
 
 
-_KERNEL3_NP = KERNEL3.numpy()
+def _lattice(coords: torch.Tensor, step: int) -> torch.Tensor:
+    """Coordinates with the spatial part floored to multiples of ``step``, in units of ``step``
+    (floor also below zero, as MinkowskiEngine)."""
+    lat = coords.clone()
+    lat[:, 1:] = torch.div(coords[:, 1:], step, rounding_mode="floor")
+    return lat
 
 
 class Level:
     """One coordinate set at tensor stride ``stride``, with its 3x3x3 neighbour plan.
 
-    Index work runs in numpy on the CPU (sorting and binary search of packed keys); the plan's
-    tensors live on ``device``.
+    The neighbour search runs in torch on the coordinates' device (one sort and 13 binary
+    searches of packed keys, the other 13 neighbours by symmetry); choosing and cutting
+    buckets runs in numpy on the CPU.
     """
 
-    def __init__(self, coords: np.ndarray, stride: int, order_fixed: bool, device: torch.device,
+    def __init__(self, coords: torch.Tensor, stride: int, order_fixed: bool, device: torch.device,
                  overhead: float = BUCKET_OVERHEAD, keep_table: bool = False,
                  offset_major_sites: int = OFFSET_MAJOR_SITES):
-        # coords (N, 4) int64 numpy; spatial coordinates are multiples of stride.
+        # coords (N, 4) int64 on device; spatial coordinates are multiples of stride.
         self.stride = stride
         self.device = device
-        lattice = coords.copy()
-        lattice[:, 1:] = np.floor_divide(lattice[:, 1:], stride)
+        lattice = _lattice(coords, stride)
         packer = _Packer(lattice)
-        keys = packer.keys(lattice)
-        sorder = np.argsort(keys, kind="stable")
-        skeys = keys[sorder]
+        skeys, sorder = torch.sort(packer.keys(lattice), stable=True)
         n = coords.shape[0]
-        dup = np.flatnonzero(skeys[1:] == skeys[:-1])
+        dup = torch.nonzero(skeys[1:] == skeys[:-1])
         if len(dup):
-            row = int(sorder[dup[0] + 1])
+            row = int(sorder[int(dup[0, 0]) + 1])
             raise ValueError(f"duplicate coordinate {coords[row].tolist()} (row {row}); sites must be unique "
                              "(voxelize the points first)")
-        # Neighbour table and offset masks over sorted positions first; rows move once at the end.
-        tab = np.full((n, 27), -1, dtype=np.int64)
-        tab[:, 13] = np.arange(n)
-        masks = np.full(n, 1 << 13, dtype=np.int64)
+        offset_major = n <= offset_major_sites
+        # Neighbour table (and offset masks, for buckets) over sorted positions first; rows move once at the end.
+        tab = torch.full((n, 27), -1, dtype=torch.int64, device=device)
+        tab[:, 13] = torch.arange(n, device=device)
+        masks = None if offset_major else torch.full((n,), 1 << 13, dtype=torch.int64, device=device)
         n_pairs = n
         for i in range(13):
-            q = skeys + packer.delta(_KERNEL3_NP[i])
-            pos = np.minimum(np.searchsorted(skeys, q), n - 1)
-            src = np.flatnonzero(skeys[pos] == q)
+            q = skeys + packer.delta(KERNEL3[i])
+            pos = torch.searchsorted(skeys, q).clamp_(max=n - 1)
+            src = torch.nonzero(skeys[pos] == q).reshape(-1)
             dst = pos[src]
             tab[src, i] = dst  # src + d_i = dst
             tab[dst, 26 - i] = src  # dst - d_i = src
-            masks[src] |= 1 << i
-            masks[dst] |= 1 << (26 - i)
+            if masks is not None:
+                masks[src] |= 1 << i
+                masks[dst] |= 1 << (26 - i)
             n_pairs += 2 * len(src)
-        offset_major = n <= offset_major_sites
-        if not offset_major:
-            bucket_of_row, bucket_masks = choose_buckets(masks, 27, overhead=overhead)
-        self.perm: Optional[np.ndarray] = None  # new row r was old row perm[r]
+        self.perm: Optional[torch.Tensor] = None  # new row r was old row perm[r]
+        if offset_major:
+            if order_fixed:  # back to the input's row order
+                table = torch.empty_like(tab)
+                table[sorder] = torch.where(tab >= 0, sorder[tab], -1)
+            else:  # coordinate order: neighbours stay close in memory
+                table, self.perm = tab, sorder
+            plan: "Plan | OffsetPlan" = OffsetPlan.from_table(table, n, centre=13)
+        else:
+            table, plan, perm = self._bucketed(tab.cpu().numpy(), masks.cpu().numpy(), sorder.cpu().numpy(),
+                                               order_fixed, overhead, device)
+            table = torch.from_numpy(table)
+            self.perm = None if perm is None else torch.from_numpy(perm).to(device)
+        self.coords = coords if self.perm is None else coords[self.perm]
+        self.n = n
+        self.n_pairs = n_pairs  # (site, neighbour) pairs, the centre included
+        self.table: Optional[torch.Tensor] = table if keep_table else None  # (n, 27) neighbour rows, -1 absent
+        self.plan = plan
+
+    @staticmethod
+    def _bucketed(tab: np.ndarray, masks: np.ndarray, sorder: np.ndarray, order_fixed: bool, overhead: float,
+                  device: torch.device):
+        """(table, bucket plan, row permutation or None) from the table over sorted positions."""
+        n = len(tab)
+        bucket_of_row, bucket_masks = choose_buckets(masks, 27, overhead=overhead)
+        perm = None
         if order_fixed:  # back to the input's row order
             table = np.empty_like(tab)
             table[sorder] = np.where(tab >= 0, sorder[tab], -1)
-            if not offset_major:
-                bucket_of_row = bucket_of_row[np.argsort(sorder)]
-        elif offset_major:  # coordinate order: neighbours stay close in memory
-            table, self.perm = tab, sorder
+            bucket_of_row = bucket_of_row[np.argsort(sorder)]
         else:  # bucket by bucket, coordinate order inside a bucket
             by_bucket = np.argsort(bucket_of_row, kind="stable")
             inv = np.empty_like(by_bucket)
@@ -391,20 +415,13 @@ class Level:
             table = tab[by_bucket]
             table = np.where(table >= 0, inv[table], -1)
             bucket_of_row = bucket_of_row[by_bucket]
-            self.perm = sorder[by_bucket]
-        if self.perm is not None:
-            coords = coords[self.perm]
-        self.coords = coords
-        self.n = n
-        self.n_pairs = n_pairs  # (site, neighbour) pairs, the centre included
-        self.table: Optional[np.ndarray] = table if keep_table else None  # (n, 27) neighbour rows, -1 absent
-        self.plan: "Plan | OffsetPlan" = (
-            OffsetPlan.from_table(torch.from_numpy(table).to(device), n, centre=13) if offset_major else
-            build_plan(torch.from_numpy(table), n, bucket_of_row, bucket_masks, contiguous=not order_fixed,
-                       device=device))
+            perm = sorder[by_bucket]
+        plan = build_plan(torch.from_numpy(table), n, bucket_of_row, bucket_masks, contiguous=not order_fixed,
+                          device=device)
+        return table, plan, perm
 
     def coords_tensor(self) -> torch.Tensor:
-        return torch.from_numpy(self.coords.astype(np.int32)).to(self.device)
+        return self.coords.to(torch.int32)
 
     def stats(self) -> Dict[str, float]:
         active = self.n_pairs
@@ -421,26 +438,27 @@ class DownMap:
     offset by offset when ``offsets`` (the scheme of the fine set's size), else in buckets.
     """
 
-    def __init__(self, fine: Level, coarse: Level, parent: np.ndarray, child_offset: np.ndarray,
+    def __init__(self, fine: Level, coarse: Level, parent: torch.Tensor, child_offset: torch.Tensor,
                  device: torch.device, overhead: float = BUCKET_OVERHEAD, offsets: bool = False):
         nf, nc = fine.n, coarse.n
-        table = np.full((nc, 8), -1, dtype=np.int64)
-        table[parent, child_offset] = np.arange(nf)
+        fine_rows = torch.arange(nf, device=device)
+        table = torch.full((nc, 8), -1, dtype=torch.int64, device=device)
+        table[parent, child_offset] = fine_rows
+        up_table = torch.full((nf, 8), -1, dtype=torch.int64, device=device)
+        up_table[fine_rows, child_offset] = parent
         self.parent = parent
         self.child_offset = child_offset
-        up_table = np.full((nf, 8), -1, dtype=np.int64)
-        up_table[np.arange(nf), child_offset] = parent
         self.down: "Plan | OffsetPlan"
         self.up: "Plan | OffsetPlan"
         if offsets:
-            self.down = OffsetPlan.from_table(torch.from_numpy(table).to(device), nf)
-            self.up = OffsetPlan.from_table(torch.from_numpy(up_table).to(device), nc)
+            self.down = OffsetPlan.from_table(table, nf)
+            self.up = OffsetPlan.from_table(up_table, nc)
             return
-        masks = ((table >= 0).astype(np.int64) << np.arange(8)).sum(axis=1)
+        table, up_table = table.cpu(), up_table.cpu()
+        masks = ((table >= 0).to(torch.int64) << torch.arange(8)).sum(dim=1)
         bucket_of_row, bucket_masks = choose_buckets(masks, 8, overhead=overhead)
-        self.down = build_plan(torch.from_numpy(table), nf, bucket_of_row, bucket_masks, contiguous=False,
-                               device=device)
-        self.up = build_plan(torch.from_numpy(up_table), nc, child_offset, np.ones(8, dtype=np.int64) << np.arange(8),
+        self.down = build_plan(table, nf, bucket_of_row, bucket_masks, contiguous=False, device=device)
+        self.up = build_plan(up_table, nc, child_offset.cpu().numpy(), np.ones(8, dtype=np.int64) << np.arange(8),
                              contiguous=False, device=device)
 
 
@@ -471,20 +489,19 @@ class CoordinateManager:
                                       else offset_major_sites)
         self.keep_tables = keep_tables
         self.base_stride = int(stride)
-        c = coords.detach().to("cpu", torch.int64).numpy()
+        c = coords.detach().to(torch.int64)
         if self.base_stride < 1:
             raise ValueError(f"tensor stride must be >= 1, got {stride}")
-        if self.base_stride > 1 and np.any(c[:, 1:] % self.base_stride):
+        if self.base_stride > 1 and bool((c[:, 1:] % self.base_stride).any()):
             raise ValueError(f"coordinates at tensor stride {stride} must be multiples of {stride}")
         base = Level(c, self.base_stride, order_fixed=not reorder, device=self.device,
                      overhead=self.overhead(self.base_stride), keep_table=keep_tables,
                      offset_major_sites=self.offset_major_sites)
         self.perm = self.inv_perm = None
         if base.perm is not None:
-            inv = np.empty_like(base.perm)
-            inv[base.perm] = np.arange(len(inv))
-            self.perm = torch.from_numpy(base.perm).to(self.device)
-            self.inv_perm = torch.from_numpy(inv).to(self.device)
+            self.perm = base.perm
+            self.inv_perm = torch.empty_like(base.perm)
+            self.inv_perm[base.perm] = torch.arange(len(base.perm), device=self.device)
         self.levels: Dict[int, Level] = {self.base_stride: base}
         self.down_maps: Dict[int, DownMap] = {}
 
@@ -511,19 +528,19 @@ class CoordinateManager:
         fine = self.level(stride)
         t2 = 2 * stride
         fc = fine.coords
-        lat = fc.copy()
-        lat[:, 1:] = np.floor_divide(fc[:, 1:], t2)  # floor, also for negative coordinates (as ME)
-        off = np.floor_divide(fc[:, 1:] - lat[:, 1:] * t2, stride)  # in {0, 1}^3
+        lat = _lattice(fc, t2)
+        off = torch.div(fc[:, 1:] - lat[:, 1:] * t2, stride, rounding_mode="floor")  # in {0, 1}^3
         child_offset = off[:, 0] + 2 * off[:, 1] + 4 * off[:, 2]
-        ukeys, rep, parent = np.unique(_Packer(lat).keys(lat), return_index=True, return_inverse=True)
-        parent = parent.reshape(-1)
+        ukeys, parent = torch.unique(_Packer(lat).keys(lat), sorted=True, return_inverse=True)
+        rep = torch.empty(len(ukeys), dtype=torch.int64, device=fc.device)
+        rep[parent] = torch.arange(len(parent), device=fc.device)  # any fine site of each coarse one
         pc = lat[rep]
         pc[:, 1:] *= t2
         coarse = Level(pc, t2, order_fixed=False, device=self.device, overhead=self.overhead(t2),
                        keep_table=self.keep_tables, offset_major_sites=self.offset_major_sites)
         if coarse.perm is not None:
-            inv = np.empty_like(coarse.perm)
-            inv[coarse.perm] = np.arange(len(inv))
+            inv = torch.empty_like(coarse.perm)
+            inv[coarse.perm] = torch.arange(len(inv), device=inv.device)
             parent = inv[parent]
         self.levels[t2] = coarse
         dm = DownMap(fine, coarse, parent, child_offset, device=self.device, overhead=self.overhead(stride),
