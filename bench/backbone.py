@@ -12,7 +12,8 @@ kept the CPU during the run. Peak memory is measured per (backend, size) in a fr
 (peak RSS during two steps minus RSS before the first). The step's useful FLOPs are counted
 from the kernel maps (2 x pairs x C_in x C_out per convolution, x3 for forward+backward, less
 the stem's input gradient, which no backend computes), and achieved GFLOP/s are compared with
-the fp32 matmul peak measured in the same run.
+the fp32 matmul peak measured in the same run on the same device; on a GPU the report also
+gives the GPU time of the step's matrix products alone (CUDA profiler) as TFLOP/s.
 """
 
 from __future__ import annotations
@@ -73,18 +74,51 @@ class CpuMonitor:
         return self.other_cores
 
 
-def matmul_peak(dtype_name: str = "float32", n: int = 4096, reps: int = 3) -> float:
+def _sync(device: str) -> None:
     import torch
 
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype_name: str = "float32", device: str = "cpu", reps: int = 3) -> float:
+    """Best GFLOP/s of one square matmul on ``device`` (torch's own matmul settings, so no
+    TF32 unless the caller enabled it, as for the convolutions)."""
+    import torch
+
+    n = 8192 if device.startswith("cuda") else 4096
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
+
+
+def gemm_seconds(coords, feats, device: str) -> Optional[float]:
+    """GPU time of the matrix products in one torch-backend step (CUDA profiler), or None off
+    CUDA: the convolutions' GEMMs alone, against which the GPU's matmul peak is a fair yardstick."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _build("torch", device)
+    c, f = coords.to(device), feats.to(device)
+    _step(model, c, f, device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.zero_grad(set_to_none=True)
+        _step(model, c, f, device)
+    total_us = 0.0
+    for evt in prof.key_averages():
+        if evt.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
+            total_us += getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
+    return total_us / 1e6 if total_us > 0 else None
 
 
 def make_input(n_voxels: int, seed: int = 0):
@@ -96,14 +130,15 @@ def make_input(n_voxels: int, seed: int = 0):
     return torch.from_numpy(coords), torch.from_numpy(colors)
 
 
-def count_flops(coords, feats) -> Dict[str, float]:
-    """Useful and executed (with the torch backend's padding) FLOPs of one fwd+bwd step."""
+def count_flops(coords, feats, device: str = "cpu") -> Dict[str, float]:
+    """Useful and executed (with the torch backend's padding on ``device``) FLOPs of one
+    fwd+bwd step."""
     import torch
 
     from harness.backbones import build_backbone
     from harness.backbones.torch_backend import SparseConv, SparseConvTranspose
 
-    model = build_backbone("Res16UNet34C", 3, 32, backend="torch")
+    model = build_backbone("Res16UNet34C", 3, 32, backend="torch").to(device)
     recs = []
 
     def hook(mod, inp, _out):
@@ -126,7 +161,7 @@ def count_flops(coords, feats) -> Dict[str, float]:
         if isinstance(m, SparseConv):
             m.register_forward_hook(hook)
     with torch.no_grad():
-        model(coords, feats)
+        model(coords.to(device), feats.to(device))
     fwd = sum(r[1] for r in recs)
     stem = sum(r[1] for r in recs if r[0])
     ex = sum(r[2] for r in recs)
@@ -147,14 +182,13 @@ def _build(backend: str, device: str):
 def _step(model, coords, feats, device: str, autocast: bool = False) -> float:
     import torch
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
+    _sync(device)
     t0 = time.perf_counter()
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
         out = model(coords, feats)
         loss = out.float().square().mean()
     loss.backward()
-    sync()
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -206,8 +240,9 @@ def memory_child(backend: str, n_voxels: int, device: str, threads: int) -> Dict
     import torch
 
     torch.set_num_threads(threads)
-    coords, feats = make_input(n_voxels)
-    model = _build(backend, device if backend == "torch" else "cpu")
+    dev = device if backend == "torch" else "cpu"
+    coords, feats = (t.to(dev) for t in make_input(n_voxels))
+    model = _build(backend, dev)
     import gc
 
     gc.collect()
@@ -215,7 +250,7 @@ def memory_child(backend: str, n_voxels: int, device: str, threads: int) -> Dict
     rss0 = _status_mb("VmRSS")
     for _ in range(2):
         model.zero_grad(set_to_none=True)
-        _step(model, coords, feats, device if backend == "torch" else "cpu")
+        _step(model, coords, feats, dev)
     peak = _status_mb("VmHWM")
     res = {"rss_before_mb": rss0, "peak_rss_mb": peak, "step_mb": peak - rss0}
     if device.startswith("cuda") and backend == "torch":
@@ -290,11 +325,16 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _secs(t: float) -> str:
+    return f"{t * 1e3:.1f} ms" if t < 1.0 else f"{t:.2f} s"
+
+
 def render(results: Dict) -> str:
     env = results["env"]
     lines = ["# Backbone benchmark: Res16UNet34C forward+backward", "",
              f"Command: `{results['command']}`  ",
-             f"Machine: {env['cpu']}, {env['threads']} threads, device {env['device']}; torch {env['torch']}, "
+             f"Machine: {env['cpu']}, {env['threads']} threads, device {env['device']}"
+             f"{' (' + env['gpu'] + ')' if env.get('gpu') else ''}; torch {env['torch']}, "
              f"MinkowskiEngine {env['minkowski'] or 'not installed'}; {env['date']}; "
              f"OpenMP wait policy {env.get('omp_wait_policy', 'default')} for both backends.  ",
              f"fp32 matmul peak measured in this run: {env['peak_fp32']:.0f} GFLOP/s (bf16: {env['peak_bf16']:.0f}).  ",
@@ -306,7 +346,7 @@ def render(results: Dict) -> str:
              "the backends alternate step by step; median of the timed steps (min in brackets).", "",
              "`ME / torch` is the ratio of the medians; `per pair` is the median (and range) of the ratios of "
              "the steps run back to back (load from other jobs that drifts during the run cancels in each pair).", "",
-             "| voxels | neighbours/site | useful GFLOP/step | backend | seconds | ME / torch | per pair | GFLOP/s | of fp32 peak | peak memory (MB) |",
+             "| voxels | neighbours/site | useful GFLOP/step | backend | time per step | ME / torch | per pair | GFLOP/s | of fp32 peak | peak memory (MB) |",
              "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in results["rows"]:
         n, fl = row["sites"], row["flops"]
@@ -318,12 +358,17 @@ def render(results: Dict) -> str:
             per_pair = (f"{statistics.median(pairs):.2f}x ({min(pairs):.2f}-{max(pairs):.2f})" if pairs else "")
             gfs = fl["step_gflop"] / med
             mem = row["memory"].get(b)
-            mem_s = f"{mem['step_mb']:.0f}" if mem else "n/a"
-            lines.append(f"| {n} | {row['neighbours']:.1f} | {fl['step_gflop']:.0f} | {b} | {med:.2f} ({mn:.2f}) | {ratio} | {per_pair} | "
-                         f"{gfs:.0f} | {gfs / env['peak_fp32']:.0%} | {mem_s} |")
+            mem_s = f"{mem.get('cuda_peak_mb', mem['step_mb']):.0f}" if mem else "n/a"
+            lines.append(f"| {n} | {row['neighbours']:.1f} | {fl['step_gflop']:.0f} | {b} | {_secs(med)} ({_secs(mn)}) | {ratio} | "
+                         f"{per_pair} | {gfs:.0f} | {gfs / env['peak_fp32']:.0%} | {mem_s} |")
     lines += ["", "Peak memory = peak RSS during two steps minus RSS before the first, each backend and size in a "
-              "fresh process (CPU). `torch+bf16` = torch backend under `torch.autocast('cpu', bfloat16)`; its "
-              "GFLOP/s column still counts against the fp32 peak.", ""]
+              "fresh process (on a GPU: the torch backend's peak allocated GPU memory). `torch+bf16` = torch "
+              "backend under `torch.autocast(device, bfloat16)`; its GFLOP/s column still counts against the fp32 peak.", ""]
+    gemm = [(row["sites"], row["flops"]["executed_step_gflop"], row["gemm_s"]) for row in results["rows"] if row.get("gemm_s")]
+    if gemm:
+        lines += ["Convolution GEMMs alone (GPU time of the step's matrix products, CUDA profiler, fp32): " + ", ".join(
+            f"{n} voxels {g / t / 1e3:.1f} TFLOP/s in {t * 1e3:.1f} ms ({g / t / env['peak_fp32']:.0%} of the "
+            f"{env['peak_fp32'] / 1e3:.1f} TFLOP/s matmul peak)" for n, g, t in gemm) + ".", ""]
     if results.get("padding"):
         lines += ["Torch backend: multiplications executed including the zero padding of its buckets, per step: " +
                   ", ".join(f"{n} voxels {p['executed_step_gflop']:.0f} GFLOP (+{p['executed_step_gflop'] / p['step_gflop'] - 1:.0%})"
@@ -389,7 +434,8 @@ def main(argv=None) -> int:
     env = {"cpu": cpu_name(), "threads": args.threads, "ncpu": os.cpu_count(), "device": device,
            "torch": torch.__version__, "minkowski": me_version, "date": time.strftime("%Y-%m-%d %H:%M"),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-           "peak_fp32": matmul_peak("float32"), "peak_bf16": matmul_peak("bfloat16")}
+           "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+           "peak_fp32": matmul_peak("float32", device), "peak_bf16": matmul_peak("bfloat16", device)}
     results = {"command": "python bench/backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "env": env, "rows": [], "padding": {}}
     mon = CpuMonitor().start()
@@ -399,12 +445,13 @@ def main(argv=None) -> int:
 
         cm = CoordinateManager(coords)
         neigh = cm.level(1).n_pairs / len(coords)
-        flops = count_flops(coords, feats)
+        flops = count_flops(coords, feats, device)
         print(f"bench n={len(coords)} neighbours={neigh:.1f} step_gflop={flops['step_gflop']:.0f}", flush=True)
         times = time_backends(backends, coords, feats, device, args.repeats, args.warmup, bf16=bf16)
         for b, ts in times.items():
             print(f"bench n={len(coords)} backend={b} median_s={statistics.median(ts):.2f} min_s={min(ts):.2f}", flush=True)
-        results["rows"].append({"sites": len(coords), "neighbours": neigh, "flops": flops, "times": times, "memory": {}})
+        results["rows"].append({"sites": len(coords), "neighbours": neigh, "flops": flops, "times": times, "memory": {},
+                                "gemm_s": gemm_seconds(coords, feats, device)})
         results["padding"][len(coords)] = flops
     results["other_cores"] = mon.stop() or 0.0
     if not args.no_memory:
