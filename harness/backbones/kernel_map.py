@@ -23,11 +23,11 @@ offset plan the same table run offset by offset, unpadded (:class:`OffsetPlan`);
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
-Maps are built on the CPU in numpy (packed int64 keys, one sort, 13 binary searches for the 26
-neighbours, the other 13 by symmetry); plans are moved to the features' device.
-When the manager creates a coarser set it is free to choose the row order, and it orders rows
-by bucket of that level's 3x3x3 plan (then by coordinates), so the stride-1 convolutions write
-their output as contiguous slices.
+Neighbours are found in torch on the coordinates' device (packed int64 keys, one sort, 13
+binary searches for the 26 neighbours, the other 13 by symmetry); buckets are chosen and cut
+in numpy on the CPU. When the manager creates a coarser set it is free to choose the row
+order: by bucket of that level's 3x3x3 plan (then by coordinates), so the stride-1
+convolutions write their output as contiguous slices, or by coordinates for an offset plan.
 """
 
 from __future__ import annotations
