@@ -282,3 +282,30 @@ def test_offset_scheme_is_the_same_on_one_and_two_workers(monkeypatch):
         torch.set_num_threads(before)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_offsets_gathered_in_one_op_as_off_the_cpu_give_the_same_results(monkeypatch):
+    """Off the CPU an offset plan gathers the pairs of all its offsets in one op; forced here on
+    the CPU, the stride-1, stride-2 and transposed convolutions give the same values and
+    gradients as the per-offset gathers."""
+    from harness.backbones import ops
+
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
+    torch.manual_seed(7)
+    coords = random_sites(10)
+    feats = torch.randn(len(coords), 6, dtype=DT)
+    convs = [SparseConv(6, 5, 3).to(DT), SparseConv(5, 4, 2, 2).to(DT), SparseConvTranspose(4, 3, 2, 2).to(DT)]
+    weights = torch.randn(len(coords), 3, dtype=DT)
+
+    def run():
+        f = feats.clone().requires_grad_()
+        y = convs[2](convs[1](convs[0](SparseTensor(f, coords))))
+        return (y.F,) + torch.autograd.grad((y.F * weights).sum(), [f] + [c.kernel for c in convs])
+
+    per_offset = run()
+    monkeypatch.setattr(ops, "gathers_whole", lambda device: True)
+    at_once = run()
+    for a, b in zip(per_offset, at_once):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(ops, "gathers_whole", lambda device: False)
+    assert all(torch.equal(a, b) for a, b in zip(per_offset, run()))

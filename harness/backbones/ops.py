@@ -250,6 +250,13 @@ def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: 
     return gx, gw.transpose(1, 2).contiguous()
 
 
+def gathers_whole(device: torch.device) -> bool:
+    """Whether an offset plan gathers the pairs of all its offsets in one op: off the CPU, where
+    every op is a kernel launch and memory is plentiful. On the CPU each offset's task gathers
+    its own pairs into a per-worker buffer that stays in cache."""
+    return device.type != "cpu"
+
+
 def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, weight: Optional[torch.Tensor],
                   first: List[Callable[[], None]], after=None) -> Optional[torch.Tensor]:
     """Tasks ``first`` (the centre offset's products: no gather), then one task per offset i,
@@ -259,7 +266,8 @@ def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, w
     n_workers = worker_count(src.device)
     c_in = src.shape[1]
     prods = None if weight is None else src.new_empty((plan.seg[-1], weight.shape[2]))
-    scratch = _Scratch(src, n_workers, g=plan.max_pairs * c_in)
+    whole = src.index_select(0, src_rows) if gathers_whole(src.device) else None
+    scratch = None if whole is not None else _Scratch(src, n_workers, g=plan.max_pairs * c_in)
     n_first = len(first)
 
     def task(t: int, w: int) -> None:
@@ -268,7 +276,10 @@ def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, w
             return
         j = t - n_first
         i, a, b = plan.offsets[j], plan.seg[j], plan.seg[j + 1]
-        g = torch.index_select(src, 0, src_rows[a:b], out=scratch.get(w, "g", (b - a, c_in)))
+        if whole is not None:
+            g = whole[a:b]
+        else:
+            g = torch.index_select(src, 0, src_rows[a:b], out=scratch.get(w, "g", (b - a, c_in)))
         if prods is not None:
             torch.mm(g, weight[i], out=prods[a:b])
         if after is not None:
@@ -315,13 +326,17 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, gra
     if need_x:
         gx = grad.new_empty((plan.n_in, c_in)) if plan.centre is not None else grad.new_zeros((plan.n_in, c_in))
     gw = torch.zeros_like(weight) if need_w else None
-    scratch = _Scratch(x, worker_count(grad.device), xi=plan.max_pairs * c_in) if need_w else None
+    x_whole = x.index_select(0, plan.in_rows) if need_w and gathers_whole(x.device) else None
+    scratch = _Scratch(x, worker_count(grad.device), xi=plan.max_pairs * c_in) if need_w and x_whole is None else None
     first = _centre_parts(plan, grad, wt, gx) if need_x else []
     if need_w and plan.centre is not None:
         first.append(lambda: torch.mm(x.t(), grad, out=gw[plan.centre]))
 
     def weight_grad(i: int, a: int, b: int, g: torch.Tensor, w: int) -> None:
-        xi = torch.index_select(x, 0, plan.in_rows[a:b], out=scratch.get(w, "xi", (b - a, c_in)))
+        if x_whole is not None:
+            xi = x_whole[a:b]
+        else:
+            xi = torch.index_select(x, 0, plan.in_rows[a:b], out=scratch.get(w, "xi", (b - a, c_in)))
         torch.mm(xi.t(), g, out=gw[i])
 
     prods = _offset_tasks(plan, grad, plan.out_rows, wt, first, weight_grad if need_w else None)
