@@ -291,10 +291,11 @@ def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, w
 
 def _centre_parts(plan: OffsetPlan, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> List[Callable[[], None]]:
     """``out = a @ w[centre]`` as tasks of about as many rows as the largest other offset has
-    pairs, so that no single task holds the workers up at the end (none without a centre)."""
+    pairs, so that no single task holds the workers up at the end (one task without workers,
+    none without a centre)."""
     if plan.centre is None:
         return []
-    rows = max(plan.max_pairs, 256)
+    rows = max(plan.max_pairs, 256) if worker_count(a.device) > 1 else max(plan.n_out, 1)
     return [lambda r0=r0, r1=min(plan.n_out, r0 + rows): torch.mm(a[r0:r1], w[plan.centre], out=out[r0:r1])
             for r0 in range(0, plan.n_out, rows)]
 
