@@ -325,8 +325,9 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _secs(t: float) -> str:
-    return f"{t * 1e3:.1f} ms" if t < 1.0 else f"{t:.2f} s"
+def _secs(t: float, unit_of: Optional[float] = None) -> str:
+    """Seconds, or milliseconds when ``unit_of`` (default ``t``) is below a second."""
+    return f"{t * 1e3:.1f} ms" if (t if unit_of is None else unit_of) < 1.0 else f"{t:.2f} s"
 
 
 def render(results: Dict) -> str:
@@ -359,7 +360,7 @@ def render(results: Dict) -> str:
             gfs = fl["step_gflop"] / med
             mem = row["memory"].get(b)
             mem_s = f"{mem.get('cuda_peak_mb', mem['step_mb']):.0f}" if mem else "n/a"
-            lines.append(f"| {n} | {row['neighbours']:.1f} | {fl['step_gflop']:.0f} | {b} | {_secs(med)} ({_secs(mn)}) | {ratio} | "
+            lines.append(f"| {n} | {row['neighbours']:.1f} | {fl['step_gflop']:.0f} | {b} | {_secs(med)} ({_secs(mn, med)}) | {ratio} | "
                          f"{per_pair} | {gfs:.0f} | {gfs / env['peak_fp32']:.0%} | {mem_s} |")
     lines += ["", "Peak memory = peak RSS during two steps minus RSS before the first, each backend and size in a "
               "fresh process (on a GPU: the torch backend's peak allocated GPU memory). `torch+bf16` = torch "
