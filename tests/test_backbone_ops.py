@@ -86,6 +86,23 @@ def test_stride1_conv_matches_dense_conv3d(stride, scheme):
     assert torch.allclose(gw, rw, atol=1e-12, rtol=1e-10)
 
 
+def test_stride1_weight_gradient_without_input_gradient_matches_dense_conv3d(scheme):
+    # the stem: input features that need no gradient, fewer channels in than out
+    torch.manual_seed(8)
+    coords = random_sites(3)
+    feats = torch.randn(len(coords), 2, dtype=DT)
+    conv = SparseConv(2, 6, kernel_size=3).to(DT)
+    x = SparseTensor(feats, coords, reorder=True)
+    out = conv(x)
+    lo = torch.tensor([-6] * 3)
+    dense_in = _put(feats.new_zeros((2, 2, 12, 12, 12)), x.C[:, 0].long(), x.C[:, 1:].long() - lo, x.F)
+    ref = sample(F.conv3d(dense_in, dense_weight(conv.kernel, 3), padding=1), x.C, 1, lo)
+    grad = torch.randn_like(ref)
+    gw, = torch.autograd.grad((out.F * grad).sum(), (conv.kernel,))
+    rw, = torch.autograd.grad((ref * grad).sum(), (conv.kernel,))
+    assert torch.allclose(gw, rw, atol=1e-12, rtol=1e-10)
+
+
 def test_stride1_conv_keeps_input_order_without_reorder(scheme):
     coords = random_sites(2)
     feats = torch.randn(len(coords), 3, dtype=DT)

@@ -363,6 +363,10 @@ class _SparseConvFunction(torch.autograd.Function):
             return offset_backward(fwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
                 None, None, None)
         if bwd is None:
+            if ctx.needs_input_grad[1] and not ctx.needs_input_grad[0] and x.shape[1] < grad.shape[1]:
+                # the weight gradient alone (the stem, 3 input channels): gathering the narrow
+                # input beats gathering the wide output gradient (3x faster at 3 -> 32)
+                return None, plan_wgrad_out(fwd, x, grad), None, None, None
             return symmetric_backward(fwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
                 None, None, None)
         if ctx.needs_input_grad[0]:
