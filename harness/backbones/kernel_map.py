@@ -330,6 +330,13 @@ class _Packer:
         return int((int(d[0]) * e[2] + int(d[1])) * e[3] + int(d[2]))
 
 
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: ``_inverse(p)[p[i]] = i``."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm), device=perm.device)
+    return inv
+
+
 def _lattice(coords: torch.Tensor, step: int) -> torch.Tensor:
     """Coordinates with the spatial part floored to multiples of ``step``, in units of ``step``
     (floor also below zero, as MinkowskiEngine)."""
@@ -379,18 +386,21 @@ class Level:
                 masks[dst] |= 1 << (26 - i)
             n_pairs += 2 * len(src)
         self.perm: Optional[torch.Tensor] = None  # new row r was old row perm[r]
+        if order_fixed:  # back to the input's row order
+            table = torch.empty_like(tab)
+            table[sorder] = torch.where(tab >= 0, sorder[tab], -1)
+            if masks is not None:
+                masks = masks[_inverse(sorder)]
+        else:  # coordinate order (kept for an offset plan: neighbours stay close in memory)
+            table, self.perm = tab, sorder
         if offset_major:
-            if order_fixed:  # back to the input's row order
-                table = torch.empty_like(tab)
-                table[sorder] = torch.where(tab >= 0, sorder[tab], -1)
-            else:  # coordinate order: neighbours stay close in memory
-                table, self.perm = tab, sorder
             plan: "Plan | OffsetPlan" = OffsetPlan.from_table(table, n, centre=13)
         else:
-            table, plan, perm = self._bucketed(tab.cpu().numpy(), masks.cpu().numpy(), sorder.cpu().numpy(),
-                                               order_fixed, overhead, device)
+            table, plan, by_bucket = self._bucketed(table.cpu().numpy(), masks.cpu().numpy(), order_fixed, overhead,
+                                                    device)
             table = torch.from_numpy(table)
-            self.perm = None if perm is None else torch.from_numpy(perm).to(device)
+            if by_bucket is not None:
+                self.perm = self.perm[torch.from_numpy(by_bucket).to(device)]
         self.coords = coords if self.perm is None else coords[self.perm]
         self.n = n
         self.n_pairs = n_pairs  # (site, neighbour) pairs, the centre included
@@ -398,27 +408,22 @@ class Level:
         self.plan = plan
 
     @staticmethod
-    def _bucketed(tab: np.ndarray, masks: np.ndarray, sorder: np.ndarray, order_fixed: bool, overhead: float,
-                  device: torch.device):
-        """(table, bucket plan, row permutation or None) from the table over sorted positions."""
-        n = len(tab)
+    def _bucketed(table: np.ndarray, masks: np.ndarray, order_fixed: bool, overhead: float, device: torch.device):
+        """(table, bucket plan, new row order or None): unless the order is fixed, rows move to
+        bucket by bucket order, keeping their order inside a bucket."""
+        n = len(table)
         bucket_of_row, bucket_masks = choose_buckets(masks, 27, overhead=overhead)
-        perm = None
-        if order_fixed:  # back to the input's row order
-            table = np.empty_like(tab)
-            table[sorder] = np.where(tab >= 0, sorder[tab], -1)
-            bucket_of_row = bucket_of_row[np.argsort(sorder)]
-        else:  # bucket by bucket, coordinate order inside a bucket
+        by_bucket = None
+        if not order_fixed:
             by_bucket = np.argsort(bucket_of_row, kind="stable")
             inv = np.empty_like(by_bucket)
             inv[by_bucket] = np.arange(n)
-            table = tab[by_bucket]
+            table = table[by_bucket]
             table = np.where(table >= 0, inv[table], -1)
             bucket_of_row = bucket_of_row[by_bucket]
-            perm = sorder[by_bucket]
         plan = build_plan(torch.from_numpy(table), n, bucket_of_row, bucket_masks, contiguous=not order_fixed,
                           device=device)
-        return table, plan, perm
+        return table, plan, by_bucket
 
     def coords_tensor(self) -> torch.Tensor:
         return self.coords.to(torch.int32)
@@ -499,9 +504,7 @@ class CoordinateManager:
                      offset_major_sites=self.offset_major_sites)
         self.perm = self.inv_perm = None
         if base.perm is not None:
-            self.perm = base.perm
-            self.inv_perm = torch.empty_like(base.perm)
-            self.inv_perm[base.perm] = torch.arange(len(base.perm), device=self.device)
+            self.perm, self.inv_perm = base.perm, _inverse(base.perm)
         self.levels: Dict[int, Level] = {self.base_stride: base}
         self.down_maps: Dict[int, DownMap] = {}
 
@@ -539,9 +542,7 @@ class CoordinateManager:
         coarse = Level(pc, t2, order_fixed=False, device=self.device, overhead=self.overhead(t2),
                        keep_table=self.keep_tables, offset_major_sites=self.offset_major_sites)
         if coarse.perm is not None:
-            inv = torch.empty_like(coarse.perm)
-            inv[coarse.perm] = torch.arange(len(inv), device=inv.device)
-            parent = inv[parent]
+            parent = _inverse(coarse.perm)[parent]
         self.levels[t2] = coarse
         dm = DownMap(fine, coarse, parent, child_offset, device=self.device, overhead=self.overhead(stride),
                      offsets=fine.n <= self.offset_major_sites)
