@@ -105,7 +105,6 @@ def gemm_seconds(coords, feats, device: str) -> Optional[float]:
     CUDA: the convolutions' GEMMs alone, against which the GPU's matmul peak is a fair yardstick."""
     if not device.startswith("cuda"):
         return None
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     model = _build("torch", device)

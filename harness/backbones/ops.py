@@ -257,6 +257,15 @@ def gathers_whole(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def _pair_rows(src: torch.Tensor, rows: torch.Tensor, whole: Optional[torch.Tensor], scratch: Optional[_Scratch],
+               w: int, name: str, a: int, b: int) -> torch.Tensor:
+    """Pairs a..b of ``src[rows]``: a slice of the whole gather when there is one, else
+    gathered now into worker ``w``'s scratch buffer ``name``."""
+    if whole is not None:
+        return whole[a:b]
+    return torch.index_select(src, 0, rows[a:b], out=scratch.get(w, name, (b - a, src.shape[1])))
+
+
 def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, weight: Optional[torch.Tensor],
                   first: List[Callable[[], None]], after=None) -> Optional[torch.Tensor]:
     """Tasks ``first`` (the centre offset's products: no gather), then one task per offset i,
@@ -276,10 +285,7 @@ def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, w
             return
         j = t - n_first
         i, a, b = plan.offsets[j], plan.seg[j], plan.seg[j + 1]
-        if whole is not None:
-            g = whole[a:b]
-        else:
-            g = torch.index_select(src, 0, src_rows[a:b], out=scratch.get(w, "g", (b - a, c_in)))
+        g = _pair_rows(src, src_rows, whole, scratch, w, "g", a, b)
         if prods is not None:
             torch.mm(g, weight[i], out=prods[a:b])
         if after is not None:
@@ -334,10 +340,7 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, gra
         first.append(lambda: torch.mm(x.t(), grad, out=gw[plan.centre]))
 
     def weight_grad(i: int, a: int, b: int, g: torch.Tensor, w: int) -> None:
-        if x_whole is not None:
-            xi = x_whole[a:b]
-        else:
-            xi = torch.index_select(x, 0, plan.in_rows[a:b], out=scratch.get(w, "xi", (b - a, c_in)))
+        xi = _pair_rows(x, plan.in_rows, x_whole, scratch, w, "xi", a, b)
         torch.mm(xi.t(), g, out=gw[i])
 
     prods = _offset_tasks(plan, grad, plan.out_rows, wt, first, weight_grad if need_w else None)
