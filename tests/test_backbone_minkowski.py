@@ -54,14 +54,18 @@ def _step(model, coords, feats, dtype, mode, sd):
 
 
 @pytest.mark.minkowski
-@pytest.mark.parametrize("mode,offset_major_sites", [("train", 1000), ("eval", 1000), ("train", 0), ("train", 10**9)])
-def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode, offset_major_sites, monkeypatch):
+@pytest.mark.parametrize("mode,offset_major_sites,spill_below", [
+    ("train", 1000, kernel_map.SPILL_BELOW), ("eval", 1000, kernel_map.SPILL_BELOW), ("train", 0, kernel_map.SPILL_BELOW),
+    ("train", 0, 0.0), ("train", 10**9, kernel_map.SPILL_BELOW)])
+def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode, offset_major_sites, spill_below,
+                                                     monkeypatch):
     """Same state_dict and input: outputs, input and weight gradients (and in train mode the
     updated running statistics) agree to 1e-5 relative (in fact to rounding, ~1e-12).
     With 1000 the stride-1 level (about 2500 sites) runs in buckets and the coarser ones
-    offset by offset; with 0 every level runs in buckets, with 10**9 every level and every
-    stride-2 map offset by offset (as on a GPU)."""
+    offset by offset; with 0 every level runs in buckets (rare offsets spilled, or none), with
+    10**9 every level and every stride-2 map offset by offset (as on a GPU)."""
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", offset_major_sites)
+    monkeypatch.setattr(kernel_map, "SPILL_BELOW", spill_below)
     coords, feats = scene
     mt, mm = models
     sd = {k: v.clone() for k, v in mt.state_dict().items()}

@@ -51,10 +51,13 @@ def dense_weight(kernel, k):
     return w.permute(4, 3, 2, 1, 0)  # (out, in, x, y, z)
 
 
-@pytest.fixture(params=["buckets", "offsets"])
+@pytest.fixture(params=["buckets", "spill", "offsets"])
 def scheme(request, monkeypatch):
-    """Every convolution in buckets, or every one offset by offset (the GPU's scheme)."""
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 0 if request.param == "buckets" else 10**9)
+    """Every convolution in buckets (none spilled, or on these 35%-dense sites the offsets that
+    are rarer near the border, most edges and corners, spilled), or every one offset by offset
+    (the GPU's scheme)."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if request.param == "offsets" else 0)
+    monkeypatch.setattr(kernel_map, "SPILL_BELOW", 0.3 if request.param == "spill" else 0.0)
     return request.param
 
 
@@ -200,6 +203,30 @@ def test_bucketing_covers_each_row_with_a_superset_mask():
         assert np.all((masks & ~bm[b]) == 0)
     b, bm = choose_buckets(torch.from_numpy(masks), 27, overhead=1e9)
     assert len(bm) == 1
+
+
+def test_spilled_pairs_and_bucket_entries_are_the_table_once_each(monkeypatch):
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 0)
+    monkeypatch.setattr(kernel_map, "SPILL_BELOW", 0.3)
+    level = CoordinateManager(random_sites(1), keep_tables=True).level(1)
+    table, plan = level.table, level.plan
+    assert plan.spill is not None and max(b.k for b in plan.buckets) > 1  # both parts in use
+    seen = torch.zeros_like(table, dtype=torch.int64)
+    for b in plan.buckets:
+        rows = torch.arange(b.start, b.start + b.n) if b.rows is None else b.rows
+        sub = table[rows][:, b.cols]
+        present = sub >= 0
+        assert torch.equal(b.idx.view(b.n, b.k)[present], sub[present])
+        seen[rows[:, None].expand_as(sub)[present], b.cols.expand_as(sub)[present]] += 1
+    offs = torch.repeat_interleave(torch.tensor(plan.spill.offsets), torch.tensor(plan.spill.seg).diff())
+    assert torch.equal(table[plan.spill.out_rows, offs], plan.spill.in_rows)
+    seen[plan.spill.out_rows, offs] += 1
+    assert torch.equal(seen, (table >= 0).long())  # every neighbour entry exactly once
+    offs_t = torch.repeat_interleave(torch.tensor(plan.spill_t.offsets), torch.tensor(plan.spill_t.seg).diff())
+    assert torch.equal(table[plan.spill_t.out_rows, offs_t], plan.spill_t.in_rows)  # q = s - d_j: offset 26 - j
+    assert sorted(zip(plan.spill_t.in_rows.tolist(), (26 - offs_t).tolist())) == \
+        sorted(zip(plan.spill.out_rows.tolist(), offs.tolist()))
+    assert plan.n_entries == sum(b.n * b.k for b in plan.buckets) + len(plan.spill.out_rows)
 
 
 def test_kernel_map_neighbours_match_brute_force(scheme):

@@ -84,6 +84,8 @@ def plan_matmul(plan: Plan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
             out.index_copy_(0, b.rows[r0:r1], torch.mm(g, wb, out=y))
 
     run_tasks(task, len(plan.chunks), x.device)
+    if plan.spill is not None:
+        out = _scatter_sum(out, plan.spill.out_rows, _offset_tasks(plan.spill, x, plan.spill.in_rows, weight, []))
     return out
 
 
@@ -193,7 +195,10 @@ def plan_wgrad_out(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Ten
             g = _gather(x, b, r0, r1, scratch.bufs[w]["g"])
             _accumulate(acc, r0 == p0, g.t(), _rows(grad, b, r0, r1, scratch, w, "go"))
 
-    return _weight_grad_tasks(plan, grad, (c_in, c_out), body, lambda b: b.cols)
+    gw = _weight_grad_tasks(plan, grad, (c_in, c_out), body, lambda b: b.cols)
+    if plan.spill is not None:
+        offset_backward(plan.spill, x, None, grad, False, True, gw_base=gw)
+    return gw
 
 
 def plan_wgrad_in(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -243,11 +248,16 @@ def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: 
             if need_w:
                 _accumulate(acc, r0 == p0, g.t(), _rows(x, b, r0, r1, scratch, w, "xi"))
 
-    if not need_w:
+    gw = None
+    if need_w:
+        gw = _weight_grad_tasks(plan, grad, (c_out, c_in), body, lambda b: K - 1 - b.cols).transpose(1, 2).contiguous()
+    else:
         run_tasks(lambda t, w: body(t, w, None), len(plan.pieces), grad.device)
-        return gx, None
-    gw = _weight_grad_tasks(plan, grad, (c_out, c_in), body, lambda b: K - 1 - b.cols)
-    return gx, gw.transpose(1, 2).contiguous()
+    if plan.spill_t is not None:
+        # a spilled pair (q, j) is the entry the buckets lack for row q's input gradient and
+        # offset K-1-j's weight gradient: the offset backward of the transposed pairs adds both
+        gx, gw = offset_backward(plan.spill_t, x, weight, grad, need_x, need_w, gx_base=gx, gw_base=gw)
+    return gx, gw
 
 
 def gathers_whole(device: torch.device) -> bool:
@@ -322,17 +332,21 @@ def offset_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> to
     return _scatter_sum(out, plan.out_rows, prods)
 
 
-def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_x: bool,
-                    need_w: bool):
+def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Tensor], grad: torch.Tensor,
+                    need_x: bool, need_w: bool, gx_base: Optional[torch.Tensor] = None,
+                    gw_base: Optional[torch.Tensor] = None):
     """Both gradients of an offset-major convolution: per offset one gather of the output
     gradient serves the input gradient (``grad[out_i] @ W[i]^T``, added at ``in_i``) and the
-    weight gradient (``x[in_i]^T grad[out_i]``, a block of its own: nothing to accumulate)."""
-    c_in = weight.shape[1]
+    weight gradient (``x[in_i]^T grad[out_i]``, a block of its own: nothing to accumulate).
+    With ``gx_base`` / ``gw_base`` (a bucket plan's gradients, for its spilled pairs; no
+    centre) both are added into those tensors instead; ``weight`` is needed only for the
+    input gradient."""
+    c_in = x.shape[1]
     wt = weight.transpose(1, 2).contiguous() if need_x else None
-    gx = None
-    if need_x:
+    gx = gx_base
+    if need_x and gx is None:
         gx = grad.new_empty((plan.n_in, c_in)) if plan.centre is not None else grad.new_zeros((plan.n_in, c_in))
-    gw = torch.zeros_like(weight) if need_w else None
+    gw = gw_base if gw_base is not None or not need_w else torch.zeros_like(weight)
     x_whole = x.index_select(0, plan.in_rows) if need_w and gathers_whole(x.device) else None
     scratch = _Scratch(x, worker_count(grad.device), xi=plan.max_pairs * c_in) if need_w and x_whole is None else None
     first = _centre_parts(plan, grad, wt, gx) if need_x else []
@@ -341,7 +355,10 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, gra
 
     def weight_grad(i: int, a: int, b: int, g: torch.Tensor, w: int) -> None:
         xi = _pair_rows(x, plan.in_rows, x_whole, scratch, w, "xi", a, b)
-        torch.mm(xi.t(), g, out=gw[i])
+        if gw_base is None:
+            torch.mm(xi.t(), g, out=gw[i])
+        else:
+            gw[i].addmm_(xi.t(), g)
 
     prods = _offset_tasks(plan, grad, plan.out_rows, wt, first, weight_grad if need_w else None)
     return (_scatter_sum(gx, plan.in_rows, prods) if need_x else None), gw
