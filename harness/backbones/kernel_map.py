@@ -161,15 +161,23 @@ class OffsetPlan:
         present = table >= 0
         if centre is not None:
             present[:, centre] = False
-        counts = present.sum(dim=0).tolist()
+        rows, offs = torch.nonzero(present).unbind(1)
+        return cls.from_pairs(int(n_out), int(n_in), int(K), rows, offs, table[rows, offs], centre)
+
+    @classmethod
+    def from_pairs(cls, n_out: int, n_in: int, K: int, out_rows: torch.Tensor, offs: torch.Tensor,
+                   in_rows: torch.Tensor, centre: Optional[int] = None) -> "OffsetPlan":
+        """From pairs in any order: output row ``out_rows[p]`` reads input row ``in_rows[p]``
+        through offset ``offs[p]`` (int64 tensors on one device; the centre's are not pairs)."""
+        counts = torch.bincount(offs, minlength=K).tolist()
         offsets = sorted((i for i in range(K) if counts[i] > 0), key=lambda i: -counts[i])  # stable
         seg = [0]
         for i in offsets:
             seg.append(seg[-1] + counts[i])
-        pair = torch.nonzero(present.t()[offsets]) if offsets else table.new_zeros((0, 2))  # (offset, row), by offset
-        out_rows = pair[:, 1].contiguous()
-        in_rows = table[out_rows, torch.tensor(offsets, dtype=torch.int64, device=table.device)[pair[:, 0]]]
-        return cls(int(n_out), int(n_in), int(K), centre, offsets, seg, out_rows, in_rows.contiguous())
+        rank = torch.zeros(K, dtype=torch.int64, device=offs.device)
+        rank[offsets] = torch.arange(len(offsets), device=offs.device)
+        order = torch.argsort(rank[offs] * max(n_out, 1) + out_rows)  # by offset, then output row
+        return cls(n_out, n_in, K, centre, offsets, seg, out_rows[order].contiguous(), in_rows[order].contiguous())
 
     @property
     def n_entries(self) -> int:
@@ -298,7 +306,7 @@ def build_plan(table: torch.Tensor, n_in: int, bucket_of_row: np.ndarray, bucket
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
     buckets: List[Bucket] = []
-    spilled = np.zeros((n_out, K), dtype=bool)
+    spilled: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (out rows, offsets, in rows)
     for b, m in enumerate(bucket_masks.tolist()):
         n, start = int(counts[b]), int(starts[b])
         if n == 0:
@@ -310,7 +318,9 @@ def build_plan(table: torch.Tensor, n_in: int, bucket_of_row: np.ndarray, bucket
         if spill_below > 0:
             rare = ((sub[:, cols] >= 0).mean(axis=0) < spill_below) & (cols != centre)
             if rare.any() and not rare.all():
-                spilled[where] |= np.isin(np.arange(K), cols[rare])
+                r, c = np.nonzero(sub[:, cols[rare]] >= 0)
+                spilled.append((np.arange(start, start + n)[r] if contiguous else rows[r], cols[rare][c],
+                                sub[r, cols[rare][c]]))
                 cols = cols[~rare]
         k = len(cols)
         sub = sub[:, cols]
@@ -325,16 +335,10 @@ def build_plan(table: torch.Tensor, n_in: int, bucket_of_row: np.ndarray, bucket
         buckets.append(Bucket(to_dev(cols), start if contiguous else 0, n,
                               None if rows is None else to_dev(rows), to_dev(idx), step, missing))
     plan = Plan(n_out, n_in, K, buckets, covers_all=int(counts.sum()) == n_out)
-    spilled &= tab >= 0
-    if spilled.any():
-        q, j = np.nonzero(spilled)
-        s_rows = tab[q, j]
-        spill_tab = np.full((n_out, K), -1, dtype=np.int64)
-        spill_tab[q, j] = s_rows
-        spill_t_tab = np.full((n_in, K), -1, dtype=np.int64)
-        spill_t_tab[s_rows, K - 1 - j] = q
-        plan.spill = OffsetPlan.from_table(to_dev(spill_tab), n_in)
-        plan.spill_t = OffsetPlan.from_table(to_dev(spill_t_tab), n_out)
+    if spilled:
+        q, j, s = (to_dev(np.concatenate(parts)) for parts in zip(*spilled))
+        plan.spill = OffsetPlan.from_pairs(n_out, n_in, K, q, j, s)
+        plan.spill_t = OffsetPlan.from_pairs(n_in, n_out, K, s, K - 1 - j, q)
     return plan
 
 
