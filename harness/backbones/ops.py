@@ -342,7 +342,7 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
     centre) both are added into those tensors instead; ``weight`` is needed only for the
     input gradient."""
     c_in = x.shape[1]
-    wt = weight.transpose(1, 2).contiguous() if need_x else None
+    wt = weight.transpose(1, 2) if need_x else None  # a view: the GEMMs read it transposed, no copy
     gx = gx_base
     if need_x and gx is None:
         gx = grad.new_empty((plan.n_in, c_in)) if plan.centre is not None else grad.new_zeros((plan.n_in, c_in))
