@@ -168,7 +168,7 @@ def _fresh_python(code: str, **env):
     import subprocess
     import sys
 
-    e = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
     e.update(env)
     return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True).stdout.split()
 
@@ -181,3 +181,11 @@ def test_harness_asks_openmp_to_wait_passively_unless_told_otherwise():
     assert _fresh_python(show) == ["PASSIVE", "False"]
     assert _fresh_python("import torch; " + show) == ["PASSIVE", "True"]
     assert _fresh_python("import torch; " + show, OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "False"]
+
+
+def test_harness_enlarges_the_onednn_primitive_cache_unless_told_otherwise():
+    """bf16 GEMMs of a sparse step come in thousands of shapes; oneDNN's default cache of 1024
+    compiled primitives thrashes (a bf16 step at 100k voxels: 4.3 s against 2.7 s)."""
+    show = "import os, harness; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    assert _fresh_python(show) == ["4096"]
+    assert _fresh_python(show, ONEDNN_PRIMITIVE_CACHE_CAPACITY="100") == ["100"]

@@ -34,6 +34,7 @@ convolutions write their output as contiguous slices, or by coordinates for an o
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import math
@@ -187,6 +188,17 @@ class OffsetPlan:
     @property
     def max_pairs(self) -> int:
         return max((b - a for a, b in zip(self.seg[:-1], self.seg[1:])), default=0)
+
+    @functools.cached_property
+    def out_touched(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(distinct output rows, each pair's position among them): lets a half-precision
+        scatter add in float32 on the rows it touches only."""
+        return torch.unique(self.out_rows, return_inverse=True)
+
+    @functools.cached_property
+    def in_touched(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """As :attr:`out_touched`, for the input rows (the input gradient's scatter)."""
+        return torch.unique(self.in_rows, return_inverse=True)
 
 
 def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEAD,

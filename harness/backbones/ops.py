@@ -85,7 +85,7 @@ def plan_matmul(plan: Plan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
 
     run_tasks(task, len(plan.chunks), x.device)
     if plan.spill is not None:
-        out = _scatter_sum(out, plan.spill.out_rows, _offset_tasks(plan.spill, x, plan.spill.in_rows, weight, []))
+        out = _scatter_sum(out, plan.spill, "out", _offset_tasks(plan.spill, x, plan.spill.in_rows, weight, []))
     return out
 
 
@@ -316,12 +316,17 @@ def _centre_parts(plan: OffsetPlan, a: torch.Tensor, w: torch.Tensor, out: torch
             for r0 in range(0, plan.n_out, rows)]
 
 
-def _scatter_sum(base: torch.Tensor, rows: torch.Tensor, prods: torch.Tensor) -> torch.Tensor:
-    """``base`` plus the rows of ``prods`` added at ``rows``: one ``index_add_`` in a fixed
-    order, after all tasks, so the sum does not depend on which worker ran what. Half
-    precision adds in float32."""
-    dt = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
-    return base.to(dt).index_add_(0, rows, prods.to(dt)).to(base.dtype)
+def _scatter_sum(base: torch.Tensor, plan: OffsetPlan, side: str, prods: torch.Tensor) -> torch.Tensor:
+    """``base`` plus the rows of ``prods`` added at the plan's ``side`` ("out" or "in") rows:
+    one ``index_add_`` in a fixed order, after all tasks, so the sum does not depend on which
+    worker ran what. Half precision adds in float32 on the rows it touches (a bucket plan's
+    spill touches a third of them), rounding each once."""
+    rows = plan.out_rows if side == "out" else plan.in_rows
+    if base.dtype not in (torch.float16, torch.bfloat16):
+        return base.index_add_(0, rows, prods.to(base.dtype))
+    touched, local = plan.out_touched if side == "out" else plan.in_touched
+    acc = base.index_select(0, touched).float().index_add_(0, local, prods.float())
+    return base.index_copy_(0, touched, acc.to(base.dtype))
 
 
 def offset_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -329,7 +334,7 @@ def offset_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> to
     shape = (plan.n_out, weight.shape[2])
     out = x.new_empty(shape) if plan.centre is not None else x.new_zeros(shape)
     prods = _offset_tasks(plan, x, plan.in_rows, weight, _centre_parts(plan, x, weight, out))
-    return _scatter_sum(out, plan.out_rows, prods)
+    return _scatter_sum(out, plan, "out", prods)
 
 
 def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Tensor], grad: torch.Tensor,
@@ -361,7 +366,7 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
             gw[i].addmm_(xi.t(), g)
 
     prods = _offset_tasks(plan, grad, plan.out_rows, wt, first, weight_grad if need_w else None)
-    return (_scatter_sum(gx, plan.in_rows, prods) if need_x else None), gw
+    return (_scatter_sum(gx, plan, "in", prods) if need_x else None), gw
 
 
 class _SparseConvFunction(torch.autograd.Function):
