@@ -331,8 +331,7 @@ def build_plan(table: torch.Tensor, n_in: int, bucket_of_row: np.ndarray, bucket
             rare = ((sub[:, cols] >= 0).mean(axis=0) < spill_below) & (cols != centre)
             if rare.any() and not rare.all():
                 r, c = np.nonzero(sub[:, cols[rare]] >= 0)
-                spilled.append((np.arange(start, start + n)[r] if contiguous else rows[r], cols[rare][c],
-                                sub[r, cols[rare][c]]))
+                spilled.append((start + r if contiguous else rows[r], cols[rare][c], sub[r, cols[rare][c]]))
                 cols = cols[~rare]
         k = len(cols)
         sub = sub[:, cols]

@@ -351,7 +351,9 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
     gx = gx_base
     if need_x and gx is None:
         gx = grad.new_empty((plan.n_in, c_in)) if plan.centre is not None else grad.new_zeros((plan.n_in, c_in))
-    gw = gw_base if gw_base is not None or not need_w else torch.zeros_like(weight)
+    gw = gw_base
+    if need_w and gw is None:
+        gw = torch.zeros_like(weight)
     x_whole = x.index_select(0, plan.in_rows) if need_w and gathers_whole(x.device) else None
     scratch = _Scratch(x, worker_count(grad.device), xi=plan.max_pairs * c_in) if need_w and x_whole is None else None
     first = _centre_parts(plan, grad, wt, gx) if need_x else []
