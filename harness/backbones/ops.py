@@ -197,7 +197,7 @@ def plan_wgrad_out(plan: Plan, x: torch.Tensor, grad: torch.Tensor) -> torch.Ten
 
     gw = _weight_grad_tasks(plan, grad, (c_in, c_out), body, lambda b: b.cols)
     if plan.spill is not None:
-        offset_backward(plan.spill, x, None, grad, False, True, gw_base=gw)
+        _, gw = offset_backward(plan.spill, x, None, grad, False, True, gw_base=gw)
     return gw
 
 
