@@ -5,12 +5,15 @@ conv_transpose3d; values and gradients (features and weights) must agree. Coordi
 negative values, two batch items and tensor strides above 1.
 """
 
+import copy
+import itertools
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import kernel_map
+from harness.backbones import kernel_map, ops
 from harness.backbones.kernel_map import KERNEL2, KERNEL3, CoordinateManager, OffsetPlan, Plan, choose_buckets
 from harness.backbones.ops import global_pool
 from harness.backbones.sparse import SparseTensor
@@ -51,14 +54,23 @@ def dense_weight(kernel, k):
     return w.permute(4, 3, 2, 1, 0)  # (out, in, x, y, z)
 
 
-@pytest.fixture(params=["buckets", "spill", "offsets"])
+@pytest.fixture(params=["buckets", "spill", "offsets", "batched"])
 def scheme(request, monkeypatch):
     """Every convolution in buckets (none spilled, or on these 35%-dense sites the offsets that
     are rarer near the border, most edges and corners, spilled), or every one offset by offset
-    (the GPU's scheme)."""
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if request.param == "offsets" else 0)
+    on the worker threads, or offset by offset in padded batched groups (the GPU's scheme; the
+    group overhead is scaled to these small sets so that they have several groups, most of them
+    padded)."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if request.param in ("offsets", "batched") else 0)
     monkeypatch.setattr(kernel_map, "SPILL_BELOW", 0.3 if request.param == "spill" else 0.0)
+    if request.param == "batched":
+        monkeypatch.setattr(ops, "batches_offsets", lambda device: True)
+        monkeypatch.setattr(kernel_map, "GROUP_OVERHEAD_FLOP", SMALL_GROUP_OVERHEAD)
     return request.param
+
+
+# The batched scheme's group overhead (FLOP) for the small test sets: about 70 pairs at 5 -> 7 channels.
+SMALL_GROUP_OVERHEAD = 15000.0
 
 
 def test_offset_tables_match_me_order():
@@ -328,28 +340,63 @@ def test_offset_scheme_is_the_same_on_one_and_two_workers(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_offsets_gathered_in_one_op_as_off_the_cpu_give_the_same_results(monkeypatch):
-    """Off the CPU an offset plan gathers the pairs of all its offsets in one op; forced here on
-    the CPU, the stride-1, stride-2 and transposed convolutions give the same values and
-    gradients as the per-offset gathers."""
-    from harness.backbones import ops
+def test_group_offsets_minimises_launches_plus_padded_pairs():
+    # counts 10, 9, 2, 1 with a run costing 5: [10 9][2 1] = 5 + 2*10 + 5 + 2*2 = 34 beats
+    # one run (5 + 40 = 45), [10][9][2 1] (38) and [10 9][2][1] (38)
+    assert kernel_map.group_offsets([10, 9, 2, 1], 5.0) == [(0, 2), (2, 4)]
+    assert kernel_map.group_offsets([10, 9, 2, 1], 0.0) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert kernel_map.group_offsets([10, 9, 2, 1], 100.0) == [(0, 4)]
+    assert kernel_map.group_offsets([], 5.0) == []
 
+
+def test_offset_groups_hold_every_pair_once_and_pad_to_spare_rows(monkeypatch):
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
+    monkeypatch.setattr(kernel_map, "GROUP_OVERHEAD_FLOP", SMALL_GROUP_OVERHEAD)
+    plan = CoordinateManager(random_sites(1)).level(1).plan
+    groups = plan.groups(5, 7)
+    assert 1 < len(groups) < len(plan.offsets) and any(g.pad is not None for g in groups)
+    assert [g.first for g in groups] == list(itertools.accumulate([0] + [g.m for g in groups[:-1]]))
+    seen = set()
+    for g in groups:
+        offs = plan.offsets[g.first:g.first + g.m]
+        real = torch.ones(g.m * g.length, dtype=torch.bool)
+        if g.pad is not None:
+            real[g.pad] = False
+        assert bool((g.scatter_out[~real] == plan.n_out).all()) and bool((g.scatter_in[~real] == plan.n_in).all())
+        assert bool((g.gather_in[~real] == 0).all()) and bool((g.gather_out[~real] == 0).all())
+        assert torch.equal(g.gather_in[real], g.scatter_in[real]) and torch.equal(g.gather_out[real], g.scatter_out[real])
+        slot = torch.arange(g.m * g.length) // g.length
+        for o, r_out, r_in in zip(slot[real].tolist(), g.scatter_out[real].tolist(), g.scatter_in[real].tolist()):
+            seen.add((offs[o], r_out, r_in))
+    pairs = {(i, int(plan.out_rows[p]), int(plan.in_rows[p]))
+             for j, i in enumerate(plan.offsets) for p in range(plan.seg[j], plan.seg[j + 1])}
+    assert seen == pairs and sum(len(g.scatter_out) - (0 if g.pad is None else len(g.pad)) for g in groups) == len(pairs)
+
+
+@pytest.mark.parametrize("overhead", [SMALL_GROUP_OVERHEAD, 1e12])
+def test_batched_offsets_give_the_per_offset_results(monkeypatch, overhead):
+    """The GPU's batched scheme, forced on the CPU (several padded groups, or one group padded
+    to the longest offset), gives the per-offset scheme's values and gradients for the
+    stride-1, stride-2 and transposed convolutions, and in bf16 adds in float32 as it does."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
+    monkeypatch.setattr(kernel_map, "GROUP_OVERHEAD_FLOP", overhead)
     torch.manual_seed(7)
     coords = random_sites(10)
     feats = torch.randn(len(coords), 6, dtype=DT)
     convs = [SparseConv(6, 5, 3).to(DT), SparseConv(5, 4, 2, 2).to(DT), SparseConvTranspose(4, 3, 2, 2).to(DT)]
     weights = torch.randn(len(coords), 3, dtype=DT)
 
-    def run():
-        f = feats.clone().requires_grad_()
-        y = convs[2](convs[1](convs[0](SparseTensor(f, coords))))
-        return (y.F,) + torch.autograd.grad((y.F * weights).sum(), [f] + [c.kernel for c in convs])
+    def run(dtype=DT):
+        f = feats.clone().to(dtype).requires_grad_()
+        y, layers = SparseTensor(f, coords), [copy.deepcopy(c).to(dtype) for c in convs]
+        for c in layers:
+            y = c(y)
+        return (y.F,) + torch.autograd.grad((y.F * weights.to(dtype)).sum(), [f] + [c.kernel for c in layers])
 
-    per_offset = run()
-    monkeypatch.setattr(ops, "gathers_whole", lambda device: True)
-    at_once = run()
-    for a, b in zip(per_offset, at_once):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    monkeypatch.setattr(ops, "gathers_whole", lambda device: False)
-    assert all(torch.equal(a, b) for a, b in zip(per_offset, run()))
+    per_offset, per_offset_bf16 = run(), run(torch.bfloat16)
+    monkeypatch.setattr(ops, "batches_offsets", lambda device: True)
+    batched, batched_bf16 = run(), run(torch.bfloat16)
+    for a, b in zip(per_offset, batched):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(per_offset_bf16, batched_bf16):
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * a.float().abs().max()

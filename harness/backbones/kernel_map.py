@@ -21,7 +21,11 @@ plan        a table cut into buckets of rows that share a set of active offsets 
             (``Plan.spill``), so the GEMM does not multiply the zeros of all the other rows.
 offset plan the same table run offset by offset, unpadded (:class:`OffsetPlan`); small
             coordinate sets (the coarse levels) use it instead of buckets, and so does every
-            set on a GPU (no worker threads there; one GEMM per offset, as MinkowskiEngine).
+            set on a GPU (no worker threads there).
+group       off the CPU, consecutive offsets of an offset plan (most pairs first) whose pair
+            lists are padded to the group's longest and run as one batched GEMM
+            (:class:`OffsetGroup`): every op there is a kernel launch, and one GEMM per offset
+            made a step launch-bound (see :func:`group_offsets`).
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
@@ -76,6 +80,12 @@ OFFSET_MAJOR_SITES = 12000
 # pairs spilled, and a Res16UNet34C step from 4.52 to 4.23 s (A/B medians, 2 threads; 0.5-0.7
 # ran alike, 0.8 slower; the buckets' own cost model did not need retuning).
 SPILL_BELOW = 0.6
+
+# Off the CPU, what one group of an offset plan costs beyond its multiplications, in FLOP: its
+# dozen kernel launches over forward and backward (gathers, batched GEMMs, scatter-adds; some
+# 4 us each) at about 20 TFLOP/s of fp32 GEMM. An estimate from those figures, not a
+# measurement: no GPU was at hand when it was set (see group_offsets).
+GROUP_OVERHEAD_FLOP = 1e9
 
 
 @dataclass
@@ -189,6 +199,25 @@ class OffsetPlan:
     def max_pairs(self) -> int:
         return max((b - a for a, b in zip(self.seg[:-1], self.seg[1:])), default=0)
 
+    @property
+    def counts(self) -> List[int]:
+        """Pairs of each of ``offsets``."""
+        return [b - a for a, b in zip(self.seg[:-1], self.seg[1:])]
+
+    @functools.cached_property
+    def offset_index(self) -> torch.Tensor:
+        """``offsets`` as an int64 tensor on the plan's device."""
+        return torch.tensor(self.offsets, dtype=torch.int64, device=self.out_rows.device)
+
+    def groups(self, c_in: int, c_out: int) -> List["OffsetGroup"]:
+        """The plan's offsets in padded groups for a ``c_in`` -> ``c_out`` convolution (see
+        :func:`group_offsets`); built once per grouping and kept."""
+        cuts = tuple(group_offsets(self.counts, GROUP_OVERHEAD_FLOP / (6.0 * c_in * c_out)))
+        cache = self.__dict__.setdefault("_groups", {})
+        if cuts not in cache:
+            cache[cuts] = [OffsetGroup.of(self, a, b) for a, b in cuts]
+        return cache[cuts]
+
     @functools.cached_property
     def out_touched(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(distinct output rows, each pair's position among them): lets a half-precision
@@ -199,6 +228,63 @@ class OffsetPlan:
     def in_touched(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """As :attr:`out_touched`, for the input rows (the input gradient's scatter)."""
         return torch.unique(self.in_rows, return_inverse=True)
+
+
+@dataclass
+class OffsetGroup:
+    """Offsets ``plan.offsets[first:first + m]`` with their pairs padded to ``length`` each, as
+    (m * length,) row indices, offset-major. Padding reads row 0 (``gather_*``) and adds to the
+    spare row ``n_in`` / ``n_out`` of a result one row longer than the plan's (``scatter_*``);
+    ``pad`` lists the padded positions, for zeroing before a weight gradient (None if none)."""
+
+    first: int
+    m: int
+    length: int
+    gather_in: torch.Tensor
+    gather_out: torch.Tensor
+    scatter_in: torch.Tensor
+    scatter_out: torch.Tensor
+    pad: Optional[torch.Tensor]
+
+    @classmethod
+    def of(cls, plan: "OffsetPlan", a: int, b: int) -> "OffsetGroup":
+        dev = plan.out_rows.device
+        counts = torch.tensor(plan.counts[a:b], device=dev)
+        length = int(max(plan.counts[a:b]))
+        step = torch.arange(length, device=dev)
+        valid = step[None, :] < counts[:, None]  # (m, length)
+        pos = torch.tensor(plan.seg[a:b], device=dev)[:, None] + step[None, :]
+        pos = torch.where(valid, pos, 0).reshape(-1)
+        valid = valid.reshape(-1)
+        rows_in, rows_out = plan.in_rows[pos], plan.out_rows[pos]
+        pad = torch.nonzero(~valid).reshape(-1)
+        return cls(a, b - a, length, torch.where(valid, rows_in, 0), torch.where(valid, rows_out, 0),
+                   torch.where(valid, rows_in, plan.n_in), torch.where(valid, rows_out, plan.n_out),
+                   pad if len(pad) else None)
+
+
+def group_offsets(counts: List[int], overhead_rows: float) -> List[Tuple[int, int]]:
+    """Cut offsets sorted by pair count (most first) into runs ``[a, b)`` that minimise the sum
+    over runs of ``overhead_rows + (b - a) * counts[a]``: a run is one batched GEMM over its
+    offsets' pairs padded to its longest, and ``overhead_rows`` prices the run's kernel
+    launches in pairs of multiplications (``GROUP_OVERHEAD_FLOP`` over the layer's per-pair
+    FLOP). At 100k room voxels and 96 channels the 26 offsets fall into 6 runs, 2% padding; a
+    coarse level of 359 sites at 256 channels is one run. Exact, by dynamic programming over
+    the cut points."""
+    n = len(counts)
+    best = [0.0] + [math.inf] * n
+    prev = [0] * (n + 1)
+    for b in range(1, n + 1):
+        for a in range(b):
+            cost = best[a] + overhead_rows + (b - a) * counts[a]
+            if cost < best[b]:
+                best[b], prev[b] = cost, a
+    runs = []
+    b = n
+    while b > 0:
+        runs.append((prev[b], b))
+        b = prev[b]
+    return runs[::-1]
 
 
 def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEAD,
