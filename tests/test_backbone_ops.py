@@ -400,3 +400,25 @@ def test_batched_offsets_give_the_per_offset_results(monkeypatch, overhead):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     for a, b in zip(per_offset_bf16, batched_bf16):
         assert (a.float() - b.float()).abs().max() <= 2e-2 * a.float().abs().max()
+
+
+def test_batched_scheme_runs_a_convolution_in_one_gemm_per_group(monkeypatch):
+    """The point of the GPU's scheme: a stride-1 convolution is the centre's product plus one
+    batched GEMM per group forward, and twice that backward (input and weight gradients),
+    whatever the number of offsets."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
+    monkeypatch.setattr(ops, "batches_offsets", lambda device: True)
+    coords = random_sites(3)
+    conv = SparseConv(8, 8, 3)
+    x = SparseTensor(torch.randn(len(coords), 8, requires_grad=True), coords)
+    n_groups = len(x.manager.level(1).plan.groups(8, 8))
+    calls = []
+    real_mm, real_bmm = torch.mm, torch.bmm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append("mm") or real_mm(*a, **k))
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append("bmm") or real_bmm(*a, **k))
+    out = conv(x).F
+    assert calls == ["mm"] + ["bmm"] * n_groups
+    calls.clear()
+    out.sum().backward()
+    assert sorted(calls) == ["bmm"] * (2 * n_groups) + ["mm", "mm"]  # the centre's two gradients
+    assert len(x.manager.level(1).plan.offsets) == 26 and n_groups == 1  # default overhead, small set

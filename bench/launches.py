@@ -1,0 +1,99 @@
+"""Benchmark: host ops per Res16UNet34C step in the GPU's scheme, counted on the CPU.
+
+    python -m bench.launches [--voxels 100000] [--out reports/bench/launches.md]
+
+On a GPU every op is a kernel launch the host must issue, and a step of thousands of small
+GEMMs is bound by the host, not the GPU. This counts, with the torch profiler, the top-level
+aten ops of one forward+backward step with every coordinate set run offset by offset (the
+GPU's scheme), once with one GEMM per offset and once with the offsets in padded batched
+groups (what a GPU runs, :func:`harness.backbones.kernel_map.group_offsets`), side by side
+on the same input. It needs no GPU: the ops a step issues do not depend on the device. View
+ops (slices, selects) launch nothing but still cost the host a dispatch each; most other ops
+launch a kernel or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+VIEWS = {"aten::slice", "aten::select", "aten::view", "aten::t", "aten::transpose", "aten::unsqueeze",
+         "aten::reshape", "aten::detach", "aten::as_strided", "aten::alias", "aten::expand", "aten::lift_fresh"}
+GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_"}
+
+
+def count_ops(model, coords, feats) -> collections.Counter:
+    """Top-level aten ops of one training step (ops called inside another aten op not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(coords, feats).square().mean().backward()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    counts: collections.Counter = collections.Counter()
+
+    def walk(evt, inside: bool) -> None:
+        is_aten = evt.name.startswith("aten::")
+        if is_aten and not inside:
+            counts[evt.name] += 1
+        for child in evt.cpu_children:
+            walk(child, inside or is_aten)
+
+    for evt in prof.events():
+        if evt.cpu_parent is None:
+            walk(evt, False)
+    return counts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--voxels", type=int, default=100000)
+    p.add_argument("--out", default=None, help="also write the table as markdown here")
+    args = p.parse_args(argv)
+
+    import harness  # noqa: F401  (before torch: thread settings)
+    import torch
+
+    from bench.backbone import _build, make_input
+    from harness.backbones import kernel_map, ops
+
+    torch.set_num_threads(1)  # one worker: every task runs on the calling thread, as on a GPU
+    coords, feats = make_input(args.voxels)
+    model = _build("torch", "cpu")
+    rows = []
+    with mock.patch.object(kernel_map, "OFFSET_MAJOR_SITES", sys.maxsize):
+        for name, batched in (("one GEMM per offset", False), ("batched groups", True)):
+            with mock.patch.object(ops, "batches_offsets", lambda device, b=batched: b):
+                c = count_ops(model, coords, feats)
+            total = sum(c.values())
+            views = sum(v for k, v in c.items() if k in VIEWS)
+            rows.append((name, total, total - views, sum(v for k, v in c.items() if k in GEMMS)))
+    base = rows[0]
+    lines = [f"# Host ops per Res16UNet34C training step in the GPU's scheme ({args.voxels} voxels)", "",
+             "Command: `python -m bench.launches" + (f" --voxels {args.voxels}" if args.voxels != 100000 else "")
+             + "`. Counted with the torch profiler on the CPU (top-level aten ops; the ops a step issues do not "
+             "depend on the device).", "",
+             "| scheme | ops | of them not views | GEMMs | fewer ops than per offset |",
+             "|---|---:|---:|---:|---:|"]
+    for name, total, launching, gemms in rows:
+        lines.append(f"| {name} | {total} | {launching} | {gemms} | {base[1] / total:.1f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
