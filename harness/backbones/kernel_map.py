@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 # Offset tables in MinkowskiEngine 0.5.4's kernel order (x fastest), as (K, 3) int64.
 KERNEL3 = torch.tensor([[i % 3 - 1, (i // 3) % 3 - 1, i // 9 - 1] for i in range(27)], dtype=torch.int64)
 KERNEL2 = torch.tensor([[i % 2, (i // 2) % 2, i // 4] for i in range(8)], dtype=torch.int64)
+_KERNEL3_ROWS = KERNEL3.tolist()
 
 # Rows of a chunk times offsets of its bucket: the gathered chunk has CHUNK_ENTRIES * C floats,
 # 2 MiB at 32 channels and 8 MiB at 128, per worker (at 100k voxels, 2k to 64k ran alike).
@@ -248,19 +249,21 @@ class OffsetGroup:
 
     @classmethod
     def of(cls, plan: "OffsetPlan", a: int, b: int) -> "OffsetGroup":
+        # Index work from the plan's host-side counts: no device-to-host synchronisation.
         dev = plan.out_rows.device
-        counts = torch.tensor(plan.counts[a:b], device=dev)
-        length = int(max(plan.counts[a:b]))
+        counts = plan.counts[a:b]
+        length = max(counts)
         step = torch.arange(length, device=dev)
-        valid = step[None, :] < counts[:, None]  # (m, length)
+        valid = (step[None, :] < torch.tensor(counts, device=dev)[:, None]).reshape(-1)  # (m * length,)
         pos = torch.tensor(plan.seg[a:b], device=dev)[:, None] + step[None, :]
-        pos = torch.where(valid, pos, 0).reshape(-1)
-        valid = valid.reshape(-1)
+        pos = torch.where(valid, pos.reshape(-1), 0)
         rows_in, rows_out = plan.in_rows[pos], plan.out_rows[pos]
-        pad = torch.nonzero(~valid).reshape(-1)
+        pad = None
+        if min(counts) < length:
+            pad = torch.from_numpy(np.concatenate([np.arange(j * length + c, (j + 1) * length)
+                                                   for j, c in enumerate(counts)])).to(dev)
         return cls(a, b - a, length, torch.where(valid, rows_in, 0), torch.where(valid, rows_out, 0),
-                   torch.where(valid, rows_in, plan.n_in), torch.where(valid, rows_out, plan.n_out),
-                   pad if len(pad) else None)
+                   torch.where(valid, rows_in, plan.n_in), torch.where(valid, rows_out, plan.n_out), pad)
 
 
 def group_offsets(counts: List[int], overhead_rows: float) -> List[Tuple[int, int]]:
@@ -457,9 +460,9 @@ class _Packer:
         s = [lattice[:, d] - lo[d] for d in range(4)]
         return ((s[0] * e[1] + s[1]) * e[2] + s[2]) * e[3] + s[3]
 
-    def delta(self, d) -> int:
+    def delta(self, d: List[int]) -> int:
         e = self.ext
-        return int((int(d[0]) * e[2] + int(d[1])) * e[3] + int(d[2]))
+        return (d[0] * e[2] + d[1]) * e[3] + d[2]
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
@@ -502,21 +505,27 @@ class Level:
                              "(voxelize the points first)")
         offset_major = n <= offset_major_sites
         # Neighbour table (and offset masks, for buckets) over sorted positions first; rows move once at the end.
-        tab = torch.full((n, 27), -1, dtype=torch.int64, device=device)
-        tab[:, 13] = torch.arange(n, device=device)
-        masks = None if offset_major else torch.full((n,), 1 << 13, dtype=torch.int64, device=device)
-        n_pairs = n
+        # One spare row takes the writes of sites without the neighbour (no nonzero(): on a GPU
+        # each would wait for the device).
+        tab = torch.full((n + 1, 27), -1, dtype=torch.int64, device=device)
+        rows = torch.arange(n, device=device)
+        tab[:n, 13] = rows
+        masks = None if offset_major else torch.full((n + 1,), 1 << 13, dtype=torch.int64, device=device)
+        found = torch.zeros((), dtype=torch.int64, device=device)
         for i in range(13):
-            q = skeys + packer.delta(KERNEL3[i])
+            q = skeys + packer.delta(_KERNEL3_ROWS[i])
             pos = torch.searchsorted(skeys, q).clamp_(max=n - 1)
-            src = torch.nonzero(skeys[pos] == q).reshape(-1)
-            dst = pos[src]
-            tab[src, i] = dst  # src + d_i = dst
-            tab[dst, 26 - i] = src  # dst - d_i = src
+            hit = skeys[pos] == q
+            dst = torch.where(hit, pos, n)
+            tab[:n, i] = torch.where(hit, pos, -1)  # r + d_i = dst
+            tab[dst, 26 - i] = rows  # dst - d_i = r
             if masks is not None:
-                masks[src] |= 1 << i
+                masks[:n] |= hit.to(torch.int64) << i
                 masks[dst] |= 1 << (26 - i)
-            n_pairs += 2 * len(src)
+            found += hit.sum()
+        tab = tab[:n]
+        masks = None if masks is None else masks[:n]
+        n_pairs = n + 2 * int(found)
         self.perm: Optional[torch.Tensor] = None  # new row r was old row perm[r]
         if order_fixed:  # back to the input's row order
             table = torch.empty_like(tab)
