@@ -80,6 +80,9 @@ class Dataset(abc.ABC):
     tasks: ClassVar[Tuple[str, ...]] = ()
     # Whether it offers RGB-D frames (pre-training methods that consume frames need them).
     has_frames: ClassVar[bool] = False
+    # IoU of a class that an evaluated split lacks in gt and predictions, as the dataset's
+    # official evaluator scores it: "nan" (left out of the mIoU) or "zero" (see harness.metrics.semantic).
+    absent_class_iou: ClassVar[str] = "nan"
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

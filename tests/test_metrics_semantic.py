@@ -124,3 +124,58 @@ def test_metrics_package_is_pure_numpy():
     assert out.returncode == 0, out.stderr
     for name in ("semantic_iou", "instance_ap", "detection_ap", "box3d_iou"):
         assert name in out.stdout
+
+
+def test_absent_class_scores_zero_in_the_semantickitti_convention():
+    # semantic-kitti-api np_ioueval on ids gt = pred = [1, 1, 2] with class 0 ignored and
+    # classes 1..3 evaluated: IoU = tp / (tp + fp + fn + 1e-15) = [1, 1, 0], mean 2/3 (class 3
+    # absent from both); the ScanNet convention leaves class 3 out: mean 1
+    gt = pred = np.array([0, 0, 1])
+    kitti = semantic_iou(pred, gt, 3, -100, absent="zero")
+    np.testing.assert_array_equal(kitti["per_class"], [1.0, 1.0, 0.0])
+    assert kitti["miou"] == pytest.approx(2 / 3)
+    scannet = semantic_iou(pred, gt, 3, -100)
+    assert np.isnan(scannet["per_class"][2]) and scannet["miou"] == 1.0
+    # classes that are present score alike in both conventions
+    gt, pred = np.array([0, 0, 1, 1, 2, 2, 255]), np.array([0, 1, 1, 1, 0, 2, 2])
+    a, b = semantic_iou(pred, gt, 4, 255, absent="zero"), semantic_iou(pred, gt, 4, 255)
+    np.testing.assert_allclose(a["per_class"][:3], b["per_class"][:3])
+    assert a["per_class"][3] == 0.0 and a["miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 4)
+    with pytest.raises(ValueError, match="absent must be one of"):
+        iou_from_confusion(np.eye(2), absent="skip")
+
+
+def test_semseg_evaluation_follows_the_dataset_convention():
+    """The task scores with its dataset's official convention: SemanticKITTI's evaluator counts
+    a class the split lacks as 0, ScanNet's leaves it out."""
+    import torch
+
+    from harness.data.scannet import ScanNet
+    from harness.data.semantickitti import SemanticKITTI
+    from harness.tasks.semseg import SemanticSegmentation, SemSegConfig
+
+    class Backbone(torch.nn.Module):  # predicts class 0 at the first voxel, class 1 at the second
+        def forward(self, coords, feats):
+            return torch.tensor([[9.0, 0, 0], [0, 9.0, 0]])
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Backbone()
+
+    class Data:
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return 1
+
+        def sample(self, i):
+            return {"coords": np.zeros((2, 3), np.int32), "feats": np.zeros((2, 3), np.float32),
+                    "semantic": np.array([0, 1])}
+
+    for reader, expected in ((SemanticKITTI, 2 / 3), (ScanNet, 1.0)):
+        ds = type("Three", (), {"num_classes": 3, "ignore_index": -100,
+                                "absent_class_iou": reader.absent_class_iou})()
+        task = SemanticSegmentation(SemSegConfig(evaluate_on="voxels"))
+        assert task.evaluate(Model(), Data(ds), torch.device("cpu"))["miou"] == pytest.approx(expected)

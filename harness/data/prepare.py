@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 PREPARE_VERSION = 1
 SPLITS = ("train", "val")
-CLASS_ATTRS = ("class_names", "num_classes", "ignore_index", "instance_classes", "tasks", "has_frames", "voxel_size")
+CLASS_ATTRS = ("class_names", "num_classes", "ignore_index", "instance_classes", "tasks", "has_frames", "voxel_size",
+               "absent_class_iou")
 
 
 def dataset_name(ds: Any) -> str:

@@ -158,6 +158,7 @@ class SemanticKITTI(Dataset):
     ignore_index = IGNORE
     instance_classes = INSTANCE_CLASSES
     voxel_size = 0.05
+    absent_class_iou = "zero"  # semantic-kitti-api np_ioueval: tp / (tp + fp + fn + 1e-15) over every class
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)

@@ -10,12 +10,16 @@ all points of all scenes):
   ``FP`` = points with gt ``!= c`` predicted ``c``; ``FN`` = points with gt
   ``c`` predicted anything else.  ``IoU_c = TP / (TP + FP + FN)``.
 * A prediction outside ``[0, num_classes)`` is a false positive for no class
-  but still a false negative for the point's gt class.  (ScanNet's
-  ``evaluate_semantic_label.py`` differs here: it drops predictions of
-  non-evaluated classes from the FN count.)
-* ``IoU_c`` is NaN for a class absent from both the (non-ignored) gt and the
-  predictions at non-ignored points; ``miou`` is the mean over non-NaN classes
-  (NaN if every class is NaN).
+  but still a false negative for the point's gt class (as ScanNet's
+  ``evaluate_semantic_label.py``, which maps it to an unknown id and counts the
+  whole gt row as FN).
+* A class absent from both the (non-ignored) gt and the predictions at
+  non-ignored points has no IoU.  Two conventions (``absent``):
+  ``"nan"`` (ScanNet's ``evaluate_semantic_label.py``, S3DIS): its IoU is NaN
+  and ``miou`` is the mean over the other classes (NaN if none is left);
+  ``"zero"`` (SemanticKITTI's ``np_ioueval.py``: ``tp / (tp + fp + fn +
+  1e-15)``): its IoU is 0 and it counts in the mean.  They differ only on
+  splits that lack a class, e.g. a few scans.
 
 The confusion matrix has shape ``(num_classes, num_classes + 1)``: rows are gt
 classes, columns predicted classes, and the last column counts predictions
@@ -27,7 +31,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["confusion_matrix", "iou_from_confusion", "semantic_iou"]
+__all__ = ["confusion_matrix", "iou_from_confusion", "semantic_iou", "ABSENT_CLASS_CONVENTIONS"]
+
+ABSENT_CLASS_CONVENTIONS = ("nan", "zero")
 
 
 def confusion_matrix(pred, gt, num_classes: int, ignore_index=None) -> np.ndarray:
@@ -64,12 +70,16 @@ def confusion_matrix(pred, gt, num_classes: int, ignore_index=None) -> np.ndarra
     return cm.reshape(num_classes, width).astype(np.int64, copy=False)
 
 
-def iou_from_confusion(cm) -> dict:
+def iou_from_confusion(cm, absent: str = "nan") -> dict:
     """``{'miou': float, 'per_class': (C,) float array}`` from a confusion matrix.
 
     Accepts the ``(C, C + 1)`` matrix of :func:`confusion_matrix` (or a sum of
     them) or a plain square ``(C, C)`` matrix (rows gt, columns prediction).
+    ``absent``: the IoU of a class in neither gt nor predictions, ``"nan"``
+    (left out of the mean) or ``"zero"`` (see the module docstring).
     """
+    if absent not in ABSENT_CLASS_CONVENTIONS:
+        raise ValueError(f"absent must be one of {ABSENT_CLASS_CONVENTIONS}, got {absent!r}")
     cm = np.asarray(cm, dtype=np.float64)
     if cm.ndim != 2 or cm.shape[1] not in (cm.shape[0], cm.shape[0] + 1):
         raise ValueError(f"confusion matrix must be (C, C) or (C, C+1), got {cm.shape}")
@@ -79,17 +89,18 @@ def iou_from_confusion(cm) -> dict:
     fp = square.sum(axis=0) - tp
     fn = cm.sum(axis=1) - tp
     denom = tp + fp + fn
-    per_class = np.full(c, np.nan)
     valid = denom > 0
+    per_class = np.full(c, np.nan if absent == "nan" else 0.0)
     per_class[valid] = tp[valid] / denom[valid]
-    miou = float(per_class[valid].mean()) if valid.any() else float("nan")
+    counted = valid if absent == "nan" else np.ones(c, dtype=bool)
+    miou = float(per_class[counted].mean()) if counted.any() else float("nan")
     return {"miou": miou, "per_class": per_class}
 
 
-def semantic_iou(pred, gt, num_classes: int, ignore_index=None) -> dict:
+def semantic_iou(pred, gt, num_classes: int, ignore_index=None, absent: str = "nan") -> dict:
     """Per-class IoU and mIoU of integer predictions ``pred`` vs labels ``gt``.
 
     Returns ``{'miou': float, 'per_class': np.ndarray (num_classes,)}``; see
-    the module docstring for the exact definition.
+    the module docstring for the exact definition and ``absent``.
     """
-    return iou_from_confusion(confusion_matrix(pred, gt, num_classes, ignore_index))
+    return iou_from_confusion(confusion_matrix(pred, gt, num_classes, ignore_index), absent)

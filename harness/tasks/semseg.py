@@ -104,5 +104,5 @@ class SemanticSegmentation(Task):
                     pred, gt = voxel_pred, sample["semantic"]
                 cm = cm + confusion_matrix(pred, gt, num_classes, ignore)
         model.train(was_training)
-        out = iou_from_confusion(dist.sum_array(cm))
+        out = iou_from_confusion(dist.sum_array(cm), data.dataset.absent_class_iou)
         return {"miou": float(out["miou"]), "per_class": [float(v) for v in out["per_class"]]}
