@@ -15,7 +15,8 @@ all points of all scenes):
   whole gt row as FN).
 * A class absent from both the (non-ignored) gt and the predictions at
   non-ignored points has no IoU.  Two conventions (``absent``):
-  ``"nan"`` (ScanNet's ``evaluate_semantic_label.py``, S3DIS): its IoU is NaN
+  ``"nan"`` (ScanNet's ``evaluate_semantic_label.py``; also used for S3DIS,
+  which ships no evaluation script): its IoU is NaN
   and ``miou`` is the mean over the other classes (NaN if none is left);
   ``"zero"`` (SemanticKITTI's ``np_ioueval.py``: ``tp / (tp + fp + fn +
   1e-15)``): its IoU is 0 and it counts in the mean.  They differ only on
