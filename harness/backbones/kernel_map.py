@@ -25,7 +25,7 @@ offset plan the same table run offset by offset, unpadded (:class:`OffsetPlan`);
 group       off the CPU, consecutive offsets of an offset plan (most pairs first) whose pair
             lists are padded to the group's longest and run as one batched GEMM
             (:class:`OffsetGroup`): every op there is a kernel launch, and one GEMM per offset
-            made a step launch-bound (see :func:`group_offsets`).
+            is thousands of launches per step (see :func:`group_offsets`).
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
