@@ -33,13 +33,12 @@ def count_ops(model, coords, feats) -> collections.Counter:
     """Top-level aten ops of one training step (ops called inside another aten op not counted)."""
     from torch.profiler import ProfilerActivity, profile
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(coords, feats).square().mean().backward()
+    from bench.backbone import _step
 
-    step()
+    _step(model, coords, feats, "cpu")
+    model.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+        _step(model, coords, feats, "cpu")
     counts: collections.Counter = collections.Counter()
 
     def walk(evt, inside: bool) -> None:

@@ -197,13 +197,13 @@ class OffsetPlan:
         return (self.n_out if self.centre is not None else 0) + int(self.seg[-1])
 
     @property
-    def max_pairs(self) -> int:
-        return max((b - a for a, b in zip(self.seg[:-1], self.seg[1:])), default=0)
-
-    @property
     def counts(self) -> List[int]:
         """Pairs of each of ``offsets``."""
         return [b - a for a, b in zip(self.seg[:-1], self.seg[1:])]
+
+    @property
+    def max_pairs(self) -> int:
+        return max(self.counts, default=0)
 
     @functools.cached_property
     def offset_index(self) -> torch.Tensor:
