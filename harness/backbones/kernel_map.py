@@ -212,12 +212,16 @@ class OffsetPlan:
 
     def groups(self, c_in: int, c_out: int) -> List["OffsetGroup"]:
         """The plan's offsets in padded groups for a ``c_in`` -> ``c_out`` convolution (see
-        :func:`group_offsets`); built once per grouping and kept."""
-        cuts = tuple(group_offsets(self.counts, GROUP_OVERHEAD_FLOP / (6.0 * c_in * c_out)))
-        cache = self.__dict__.setdefault("_groups", {})
-        if cuts not in cache:
-            cache[cuts] = [OffsetGroup.of(self, a, b) for a, b in cuts]
-        return cache[cuts]
+        :func:`group_offsets`): chosen once per width pair, built once per grouping (every
+        convolution at this stride asks, forward and backward)."""
+        by_width = self.__dict__.setdefault("_groups_by_width", {})
+        if (c_in, c_out) not in by_width:
+            cuts = tuple(group_offsets(self.counts, GROUP_OVERHEAD_FLOP / (6.0 * c_in * c_out)))
+            by_cuts = self.__dict__.setdefault("_groups_by_cuts", {})
+            if cuts not in by_cuts:
+                by_cuts[cuts] = [OffsetGroup.of(self, a, b) for a, b in cuts]
+            by_width[(c_in, c_out)] = by_cuts[cuts]
+        return by_width[(c_in, c_out)]
 
     @functools.cached_property
     def out_touched(self) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,10 @@ __all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "symmetric_backward
            "offset_backward", "sparse_conv", "global_pool"]
 
 
+# Half-precision dtypes: their scatter-adds accumulate in float32, rounding each row once.
+_HALF = (torch.float16, torch.bfloat16)
+
+
 class _Scratch:
     """Per-worker scratch buffers, allocated by the calling thread.
 
@@ -320,7 +324,7 @@ def _scatter_sum(base: torch.Tensor, plan: OffsetPlan, side: str, prods: torch.T
     worker ran what. Half precision adds in float32 on the rows it touches (a bucket plan's
     spill touches a third of them), rounding each once."""
     rows = plan.out_rows if side == "out" else plan.in_rows
-    if base.dtype not in (torch.float16, torch.bfloat16):
+    if base.dtype not in _HALF:
         return base.index_add_(0, rows, prods.to(base.dtype))
     touched, local = plan.out_touched if side == "out" else plan.in_touched
     acc = base.index_select(0, touched).float().index_add_(0, local, prods.float())
@@ -330,7 +334,7 @@ def _scatter_sum(base: torch.Tensor, plan: OffsetPlan, side: str, prods: torch.T
 def _accumulator(like: torch.Tensor, rows: int, cols: int, zero: bool) -> torch.Tensor:
     """A (rows + 1, cols) sum for the batched scheme, the last row taking the padding's
     products; float32 for half-precision inputs (each row rounded once, at the end)."""
-    dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+    dtype = torch.float32 if like.dtype in _HALF else like.dtype
     return like.new_zeros((rows + 1, cols), dtype=dtype) if zero else like.new_empty((rows + 1, cols), dtype=dtype)
 
 
