@@ -29,9 +29,9 @@ group       off the CPU, consecutive offsets of an offset plan (most pairs first
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
-Neighbours are found in torch on the coordinates' device (packed int64 keys, one sort, 13
-binary searches for the 26 neighbours, the other 13 by symmetry); buckets are chosen and cut
-in numpy on the CPU. When the manager creates a coarser set it is free to choose the row
+Neighbours are found in torch on the coordinates' device (packed int64 keys, one sort, one
+batched binary search for 13 of the 26 neighbours, the other 13 by symmetry); buckets are
+chosen and cut in numpy on the CPU. When the manager creates a coarser set it is free to choose the row
 order: by bucket of that level's 3x3x3 plan (then by coordinates), so the stride-1
 convolutions write their output as contiguous slices, or by coordinates for an offset plan.
 """
@@ -469,6 +469,15 @@ class _Packer:
         return (d[0] * e[2] + d[1]) * e[3] + d[2]
 
 
+# Column of offset 26 - i for i = 0..12: the mirror of each of the 13 offsets searched.
+_MIRROR_COLUMNS = torch.arange(26, 13, -1)
+
+
+def _neighbour_deltas(packer: _Packer, device: torch.device) -> torch.Tensor:
+    """Key differences of kernel offsets 0..12 (the other 13 are their mirrors)."""
+    return torch.tensor([packer.delta(d) for d in _KERNEL3_ROWS[:13]], dtype=torch.int64, device=device)
+
+
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
     """The inverse permutation: ``_inverse(p)[p[i]] = i``."""
     inv = torch.empty_like(perm)
@@ -487,8 +496,8 @@ def _lattice(coords: torch.Tensor, step: int) -> torch.Tensor:
 class Level:
     """One coordinate set at tensor stride ``stride``, with its 3x3x3 neighbour plan.
 
-    The neighbour search runs in torch on the coordinates' device (one sort and 13 binary
-    searches of packed keys, the other 13 neighbours by symmetry); choosing and cutting
+    The neighbour search runs in torch on the coordinates' device (one sort, one batched
+    binary search of packed keys for 13 neighbours, the other 13 by symmetry); choosing and cutting
     buckets runs in numpy on the CPU.
     """
 
@@ -508,39 +517,30 @@ class Level:
             raise ValueError(f"duplicate coordinate {coords[row].tolist()} (row {row}); sites must be unique "
                              "(voxelize the points first)")
         offset_major = n <= offset_major_sites
-        # Neighbour table (and offset masks, for buckets) over sorted positions first; rows move once at the end.
-        # One spare row takes the writes of sites without the neighbour (no nonzero(): on a GPU
-        # each would wait for the device).
-        tab = torch.full((n + 1, 27), -1, dtype=torch.int64, device=device)
+        # Neighbour table over sorted positions first; rows move once at the end. All 13
+        # searches run as one batch of ops (on a GPU each op is a kernel launch), and a spare
+        # row n takes the writes of sites without the neighbour (no nonzero(): on a GPU it
+        # would wait for the device).
+        q = skeys[None, :] + _neighbour_deltas(packer, device)[:, None]  # (13, n): key of neighbour i
+        pos = torch.searchsorted(skeys, q).clamp_(max=n - 1)
+        hit = skeys[pos] == q
         rows = torch.arange(n, device=device)
+        tab = torch.full((n + 1, 27), -1, dtype=torch.int64, device=device)
         tab[:n, 13] = rows
-        masks = None if offset_major else torch.full((n + 1,), 1 << 13, dtype=torch.int64, device=device)
-        found = torch.zeros((), dtype=torch.int64, device=device)
-        for i in range(13):
-            q = skeys + packer.delta(_KERNEL3_ROWS[i])
-            pos = torch.searchsorted(skeys, q).clamp_(max=n - 1)
-            hit = skeys[pos] == q
-            dst = torch.where(hit, pos, n)
-            tab[:n, i] = torch.where(hit, pos, -1)  # r + d_i = dst
-            tab[dst, 26 - i] = rows  # dst - d_i = r
-            if masks is not None:
-                masks[:n] |= hit.to(torch.int64) << i
-                masks[dst] |= 1 << (26 - i)
-            found += hit.sum()
+        tab[:n, :13] = torch.where(hit, pos, -1).t()  # r + d_i = pos
+        tab[torch.where(hit, pos, n), _MIRROR_COLUMNS.to(device)[:, None].expand(13, n)] = rows.expand(13, n)  # pos - d_i = r
         tab = tab[:n]
-        masks = None if masks is None else masks[:n]
-        n_pairs = n + 2 * int(found)
+        n_pairs = n + 2 * int(hit.sum())
         self.perm: Optional[torch.Tensor] = None  # new row r was old row perm[r]
         if order_fixed:  # back to the input's row order
             table = torch.empty_like(tab)
             table[sorder] = torch.where(tab >= 0, sorder[tab], -1)
-            if masks is not None:
-                masks = masks[_inverse(sorder)]
         else:  # coordinate order (kept for an offset plan: neighbours stay close in memory)
             table, self.perm = tab, sorder
         if offset_major:
             plan: "Plan | OffsetPlan" = OffsetPlan.from_table(table, n, centre=13)
         else:
+            masks = ((table >= 0).to(torch.int64) << torch.arange(27, device=device)).sum(dim=1)  # offsets present, as bits
             table, plan, by_bucket = self._bucketed(table.cpu().numpy(), masks.cpu().numpy(), order_fixed, overhead,
                                                     device)
             table = torch.from_numpy(table)

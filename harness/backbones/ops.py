@@ -333,7 +333,8 @@ def _scatter_sum(base: torch.Tensor, plan: OffsetPlan, side: str, prods: torch.T
 
 def _accumulator(like: torch.Tensor, rows: int, cols: int, zero: bool) -> torch.Tensor:
     """A (rows + 1, cols) sum for the batched scheme, the last row taking the padding's
-    products; float32 for half-precision inputs (each row rounded once, at the end)."""
+    products (never read, so never cleared); float32 for half-precision inputs (each row
+    rounded once, at the end)."""
     dtype = torch.float32 if like.dtype in _HALF else like.dtype
     return like.new_zeros((rows + 1, cols), dtype=dtype) if zero else like.new_empty((rows + 1, cols), dtype=dtype)
 
@@ -344,7 +345,12 @@ def _centre_product(acc: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None
         torch.mm(a, w, out=acc[:-1])
     else:
         acc[:-1].copy_(a @ w)
-    acc[-1].zero_()
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call when it is one already (off the CPU every call
+    costs the host a dispatch, and the batched scheme makes a few per group)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _batched_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -357,8 +363,8 @@ def _batched_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> 
     for g in plan.groups(c_in, c_out):
         gathered = x.index_select(0, g.gather_in).view(g.m, g.length, c_in)
         prods = torch.bmm(gathered, ws[g.first:g.first + g.m])
-        acc.index_add_(0, g.scatter_out, prods.view(-1, c_out).to(acc.dtype))
-    return acc[:-1].to(x.dtype)
+        acc.index_add_(0, g.scatter_out, _as(prods.view(-1, c_out), acc.dtype))
+    return _as(acc[:-1], x.dtype)
 
 
 def _batched_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_x: bool,
@@ -381,12 +387,12 @@ def _batched_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, g
         go = go.view(g.m, g.length, c_out)
         if need_x:
             prods = torch.bmm(go, wts[g.first:g.first + g.m])
-            gx.index_add_(0, g.scatter_in, prods.view(-1, c_in).to(gx.dtype))
+            gx.index_add_(0, g.scatter_in, _as(prods.view(-1, c_in), gx.dtype))
         if need_w:
             xi = x.index_select(0, g.gather_in).view(g.m, g.length, c_in)
             torch.bmm(xi.transpose(1, 2), go, out=gws[g.first:g.first + g.m])
     if need_x:
-        gx = gx[:-1].to(grad.dtype)
+        gx = _as(gx[:-1], grad.dtype)
     if need_w:
         gw = torch.zeros_like(weight).index_copy_(0, plan.offset_index, gws)
         if plan.centre is not None:
@@ -452,7 +458,7 @@ class _SparseConvFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         fwd, bwd, wgrad_side = ctx.plans
-        grad = grad.to(weight.dtype).contiguous()
+        grad = _as(grad, weight.dtype).contiguous()
         gx = gw = None
         if isinstance(fwd, OffsetPlan):
             return offset_backward(fwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
@@ -484,8 +490,8 @@ def sparse_conv(x: torch.Tensor, weight: torch.Tensor, fwd: Plan, bwd: Optional[
     None for a symmetric stride-1 kernel. Under autocast the features and weight are cast
     once, before the gathers (half the bytes moved in bf16)."""
     dt = _compute_dtype(x)
-    x = x.to(dt).contiguous()
-    w = weight.to(dt).contiguous()
+    x = _as(x, dt).contiguous()
+    w = _as(weight, dt).contiguous()
     with torch.autocast(x.device.type, enabled=False):
         return _SparseConvFunction.apply(x, w, fwd, bwd, wgrad_side)
 
