@@ -44,7 +44,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -219,7 +219,7 @@ class OffsetPlan:
             cuts = tuple(group_offsets(self.counts, GROUP_OVERHEAD_FLOP / (6.0 * c_in * c_out)))
             by_cuts = self.__dict__.setdefault("_groups_by_cuts", {})
             if cuts not in by_cuts:
-                by_cuts[cuts] = [OffsetGroup.of(self, a, b) for a, b in cuts]
+                by_cuts[cuts] = OffsetGroup.all_of(self, cuts)
             by_width[(c_in, c_out)] = by_cuts[cuts]
         return by_width[(c_in, c_out)]
 
@@ -252,22 +252,39 @@ class OffsetGroup:
     pad: Optional[torch.Tensor]
 
     @classmethod
-    def of(cls, plan: "OffsetPlan", a: int, b: int) -> "OffsetGroup":
-        # Index work from the plan's host-side counts: no device-to-host synchronisation.
+    def all_of(cls, plan: "OffsetPlan", cuts: Sequence[Tuple[int, int]]) -> List["OffsetGroup"]:
+        """The groups of ``plan`` cut at ``cuts`` (runs ``[a, b)`` covering its offsets in
+        order, as :func:`group_offsets` gives them): slices of index tensors built for all
+        groups in one batch of ops (on a GPU each op is a kernel launch). Layout and padding
+        come from the plan's host-side counts: no device-to-host synchronisation."""
+        if not cuts:
+            return []
         dev = plan.out_rows.device
-        counts = plan.counts[a:b]
-        length = max(counts)
-        step = torch.arange(length, device=dev)
-        valid = (step[None, :] < torch.tensor(counts, device=dev)[:, None]).reshape(-1)  # (m * length,)
-        pos = torch.tensor(plan.seg[a:b], device=dev)[:, None] + step[None, :]
-        pos = torch.where(valid, pos.reshape(-1), 0)
+        counts = plan.counts
+        lengths, starts = [], []  # per offset: its run's padded length, its first position
+        spans, pads = [], []  # per group: (first, end) position, padded positions within the group
+        total = 0
+        for a, b in cuts:
+            length = max(counts[a:b])
+            lengths += [length] * (b - a)
+            starts += range(total, total + (b - a) * length, length)
+            spans.append((total, total + (b - a) * length, length))
+            pads.append(np.concatenate([np.arange(j * length + c, (j + 1) * length) for j, c in enumerate(counts[a:b])])
+                        if min(counts[a:b]) < length else np.empty(0, dtype=np.int64))
+            total += (b - a) * length
+        length_t, start_t, count_t, seg_t = torch.tensor([lengths, starts, counts, plan.seg[:-1]], device=dev)
+        of = torch.repeat_interleave(torch.arange(len(lengths), device=dev), length_t, output_size=total)
+        step = torch.arange(total, device=dev) - start_t[of]  # position within the offset's padded run
+        valid = step < count_t[of]
+        pos = torch.where(valid, seg_t[of] + step, 0)
         rows_in, rows_out = plan.in_rows[pos], plan.out_rows[pos]
-        pad = None
-        if min(counts) < length:
-            pad = torch.from_numpy(np.concatenate([np.arange(j * length + c, (j + 1) * length)
-                                                   for j, c in enumerate(counts)])).to(dev)
-        return cls(a, b - a, length, torch.where(valid, rows_in, 0), torch.where(valid, rows_out, 0),
-                   torch.where(valid, rows_in, plan.n_in), torch.where(valid, rows_out, plan.n_out), pad)
+        gather_in, gather_out = torch.where(valid, rows_in, 0), torch.where(valid, rows_out, 0)
+        scatter_in, scatter_out = torch.where(valid, rows_in, plan.n_in), torch.where(valid, rows_out, plan.n_out)
+        pad_sizes = [len(p) for p in pads]
+        pad_all = torch.from_numpy(np.concatenate(pads)).to(dev).split(pad_sizes) if sum(pad_sizes) else None
+        return [cls(a, b - a, length, gather_in[s:e], gather_out[s:e], scatter_in[s:e], scatter_out[s:e],
+                    pad_all[j] if pad_sizes[j] else None)
+                for j, ((a, b), (s, e, length)) in enumerate(zip(cuts, spans))]
 
 
 def group_offsets(counts: List[int], overhead_rows: float) -> List[Tuple[int, int]]:
