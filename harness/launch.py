@@ -21,6 +21,7 @@ A requeued job whose result is already in the store returns it without running a
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -262,6 +263,10 @@ class Job(submitit.helpers.Checkpointable):
     def __call__(self, spec: JobSpec) -> Dict[str, Any]:
         _STARTED["at"] = now_iso()
         setup_logging()
+        if not faulthandler.is_enabled():
+            # a crash in native code (segfault, abort) then leaves every thread's Python stack
+            # in the job's stderr log, not just a signal number
+            faulthandler.enable(all_threads=True)
         done = Store(Path(spec.run_dir)).read(spec.kind, spec.id)
         if done and done.get("status") == DONE and done.get("config_hash") == spec.config_hash:
             # e.g. SLURM requeued a job that had already finished (scontrol requeue within KillWait)

@@ -8,6 +8,7 @@ The one-process numbers are computed in this test process with the plain modules
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -40,6 +41,7 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    faulthandler.enable(all_threads=True)  # a native abort (gloo) shows where each thread was
     assert dist.init_from_env(timeout_s=60)
     try:
         fn(*args)

@@ -68,3 +68,31 @@ def test_bad_inputs_stop_before_anything_runs(tmp_path, cache_dir):
     rc, text, err = cli(*base, "methods.nosuchmethod={}")
     assert rc == 2 and "Unknown method 'nosuchmethod'" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+ABORTING_JOB = """
+import os, sys
+import harness.launch as launch
+from harness.sweep import JobSpec
+
+def runner_that_aborts_in_native_code(spec):
+    os.abort()
+
+launch.RUNNERS["pretrain"] = runner_that_aborts_in_native_code
+launch.Job()(JobSpec(kind="pretrain", id="m__s0", method="m", seed=0, run_dir=sys.argv[1], method_cfg={},
+                     backbone={}, trainer={}, device="cpu", dataset="scannet", dataset_cfg={}))
+"""
+
+
+def test_a_job_killed_by_native_code_leaves_its_python_stack_in_stderr(tmp_path):
+    # a segfault or abort in a compiled library (gloo, MinkowskiEngine) leaves no Python
+    # traceback; the job's stderr log must still say where it was
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", ABORTING_JOB, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGABRT, (proc.returncode, proc.stderr[-2000:])
+    assert "Fatal Python error: Aborted" in proc.stderr
+    assert "in runner_that_aborts_in_native_code" in proc.stderr
