@@ -178,7 +178,9 @@ def _build(backend: str, device: str):
     return build_backbone("Res16UNet34C", 3, 32, backend=backend).to(device).train()
 
 
-def _step(model, coords, feats, device: str, autocast: bool = False) -> float:
+def _step(model, coords, feats, device: str, autocast: bool = False, issued: Optional[List[float]] = None) -> float:
+    """Seconds of one training step; ``issued`` gets the seconds until the host had issued
+    all of its ops (on a GPU the device may still be working then)."""
     import torch
 
     _sync(device)
@@ -187,12 +189,16 @@ def _step(model, coords, feats, device: str, autocast: bool = False) -> float:
         out = model(coords, feats)
         loss = out.float().square().mean()
     loss.backward()
+    if issued is not None:
+        issued.append(time.perf_counter() - t0)
     _sync(device)
     return time.perf_counter() - t0
 
 
 def time_backends(backends: List[str], coords, feats, device: str, repeats: int, warmup: int = 1,
-                  bf16: bool = False) -> Dict[str, List[float]]:
+                  bf16: bool = False, issued: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
+    """Step seconds per variant; ``issued`` (filled per variant when given) the seconds until
+    each step's ops were all issued."""
     models = {b: _build(b, device if b == "torch" else "cpu") for b in backends}
     state = models[backends[0]].state_dict()
     for m in models.values():
@@ -204,9 +210,12 @@ def time_backends(backends: List[str], coords, feats, device: str, repeats: int,
             dev = device if b == "torch" else "cpu"
             c, f = coords.to(dev), feats.to(dev)
             models[b].zero_grad(set_to_none=True)
-            dt = _step(models[b], c, f, dev, autocast=a)
+            sink: List[float] = []
+            dt = _step(models[b], c, f, dev, autocast=a, issued=sink)
             if it >= warmup:
                 times[f"{b}{'+bf16' if a else ''}"].append(dt)
+                if issued is not None:
+                    issued.setdefault(f"{b}{'+bf16' if a else ''}", []).append(sink[0])
     return times
 
 
@@ -369,6 +378,13 @@ def render(results: Dict) -> str:
         lines += ["Convolution GEMMs alone (GPU time of the step's matrix products, CUDA profiler, fp32): " + ", ".join(
             f"{n} voxels {g / t / 1e3:.1f} TFLOP/s in {t * 1e3:.1f} ms ({g / t / env['peak_fp32']:.0%} of the "
             f"{env['peak_fp32'] / 1e3:.1f} TFLOP/s matmul peak)" for n, g, t in gemm) + ".", ""]
+    issued = [(row["sites"], b, statistics.median(ts), statistics.median(row["times"][b]))
+              for row in results["rows"] for b, ts in (row.get("issued") or {}).items()]
+    if issued:
+        lines += ["Host side (medians): the host had issued all of a step's ops after " + ", ".join(
+            f"{i * 1e3:.1f} of {t * 1e3:.1f} ms ({n} voxels, {b})" for n, b, i, t in issued) +
+                  ". Where the two are close, Python, dispatch and kernel launches bound the step, not the GPU "
+                  "(`python -m bench.launches` counts the ops).", ""]
     if results.get("padding"):
         lines += ["Torch backend: multiplications executed including the zero padding of its buckets, per step: " +
                   ", ".join(f"{n} voxels {p['executed_step_gflop']:.0f} GFLOP (+{p['executed_step_gflop'] / p['step_gflop'] - 1:.0%})"
@@ -447,11 +463,13 @@ def main(argv=None) -> int:
         neigh = cm.level(1).n_pairs / len(coords)
         flops = count_flops(coords, feats, device)
         print(f"bench n={len(coords)} neighbours={neigh:.1f} step_gflop={flops['step_gflop']:.0f}", flush=True)
-        times = time_backends(backends, coords, feats, device, args.repeats, args.warmup, bf16=bf16)
+        issued: Dict[str, List[float]] = {}
+        times = time_backends(backends, coords, feats, device, args.repeats, args.warmup, bf16=bf16,
+                              issued=issued if device.startswith("cuda") else None)
         for b, ts in times.items():
             print(f"bench n={len(coords)} backend={b} median_s={statistics.median(ts):.2f} min_s={min(ts):.2f}", flush=True)
         results["rows"].append({"sites": len(coords), "neighbours": neigh, "flops": flops, "times": times, "memory": {},
-                                "gemm_s": gemm_seconds(coords, feats, device)})
+                                "gemm_s": gemm_seconds(coords, feats, device), "issued": issued})
         results["padding"][len(coords)] = flops
     results["other_cores"] = mon.stop() or 0.0
     if not args.no_memory:

@@ -8,8 +8,8 @@
 # import it); `prepare` downloads it for Python 3.12. `run` installs the wheels into /tmp/site,
 # runs tests/test_backbone_cuda.py (CUDA against the CPU, float64, and bf16 autocast), then
 # times Res16UNet34C at 20k, 100k and 300k voxels (bench/backbone.py --device cuda: ms per
-# step, GEMM TFLOP/s against the GPU's matmul peak, peak GPU memory). Meant to take a few
-# minutes on an H100 (not yet run on one).
+# step, GEMM TFLOP/s against the GPU's matmul peak, peak GPU memory, when the host had issued
+# all of a step's ops). Meant to take a few minutes on an H100 (not yet run on one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +36,7 @@ run)
         --out "$out/backbone-cuda.md" 2>&1 | tee "$out/bench.log"
     ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac
