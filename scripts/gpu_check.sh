@@ -36,7 +36,7 @@ run)
         --out "$out/backbone-cuda.md" 2>&1 | tee "$out/bench.log"
     ;;
 *)
-    sed -n '2,13p' "$0"
+    sed -n '2,12p' "$0"
     exit 2
     ;;
 esac
