@@ -31,9 +31,10 @@ A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one 
 stride) and every map between them; each is built once and reused by all layers that need it.
 Neighbours are found in torch on the coordinates' device (packed int64 keys, one sort, one
 batched binary search for 13 of the 26 neighbours, the other 13 by symmetry); buckets are
-chosen and cut in numpy on the CPU. When the manager creates a coarser set it is free to choose the row
-order: by bucket of that level's 3x3x3 plan (then by coordinates), so the stride-1
-convolutions write their output as contiguous slices, or by coordinates for an offset plan.
+chosen and cut in numpy on the CPU. When the manager creates a coarser set it is free to
+choose the row order: by bucket of that level's 3x3x3 plan (then by coordinates), so the
+stride-1 convolutions write their output as contiguous slices, or by coordinates for an
+offset plan.
 """
 
 from __future__ import annotations
@@ -514,8 +515,8 @@ class Level:
     """One coordinate set at tensor stride ``stride``, with its 3x3x3 neighbour plan.
 
     The neighbour search runs in torch on the coordinates' device (one sort, one batched
-    binary search of packed keys for 13 neighbours, the other 13 by symmetry); choosing and cutting
-    buckets runs in numpy on the CPU.
+    binary search of packed keys for 13 neighbours, the other 13 by symmetry); choosing and
+    cutting buckets runs in numpy on the CPU.
     """
 
     def __init__(self, coords: torch.Tensor, stride: int, order_fixed: bool, device: torch.device,
@@ -545,7 +546,8 @@ class Level:
         tab = torch.full((n + 1, 27), -1, dtype=torch.int64, device=device)
         tab[:n, 13] = rows
         tab[:n, :13] = torch.where(hit, pos, -1).t()  # r + d_i = pos
-        tab[torch.where(hit, pos, n), _MIRROR_COLUMNS.to(device)[:, None].expand(13, n)] = rows.expand(13, n)  # pos - d_i = r
+        mirror = _MIRROR_COLUMNS.to(device)[:, None].expand(13, n)
+        tab[torch.where(hit, pos, n), mirror] = rows.expand(13, n)  # pos - d_i = r
         tab = tab[:n]
         n_pairs = n + 2 * int(hit.sum())
         self.perm: Optional[torch.Tensor] = None  # new row r was old row perm[r]
@@ -557,7 +559,8 @@ class Level:
         if offset_major:
             plan: "Plan | OffsetPlan" = OffsetPlan.from_table(table, n, centre=13)
         else:
-            masks = ((table >= 0).to(torch.int64) << torch.arange(27, device=device)).sum(dim=1)  # offsets present, as bits
+            # the offsets present at each site, as bits
+            masks = ((table >= 0).to(torch.int64) << torch.arange(27, device=device)).sum(dim=1)
             table, plan, by_bucket = self._bucketed(table.cpu().numpy(), masks.cpu().numpy(), order_fixed, overhead,
                                                     device)
             table = torch.from_numpy(table)
