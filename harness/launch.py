@@ -257,16 +257,26 @@ _STARTED: Dict[str, str] = {}
 RUNNERS: Dict[str, Callable[[JobSpec], Dict[str, Any]]] = {PRETRAIN: run_pretrain, FINETUNE: run_finetune}
 
 
+
+def _enable_faulthandler() -> None:
+    """A crash in native code (segfault, abort in gloo or MinkowskiEngine) then leaves every
+    thread's Python stack in the job's stderr log, not just a signal number. Skipped where
+    stderr is no file (a job run inside another program that captured it)."""
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, OSError, ValueError, RuntimeError) as exc:
+        log.debug("faulthandler not enabled: %s", exc)
+
+
 class Job(submitit.helpers.Checkpointable):
     """The job function of every launcher: runs one ``JobSpec`` and records success or failure."""
 
     def __call__(self, spec: JobSpec) -> Dict[str, Any]:
         _STARTED["at"] = now_iso()
         setup_logging()
-        if not faulthandler.is_enabled():
-            # a crash in native code (segfault, abort) then leaves every thread's Python stack
-            # in the job's stderr log, not just a signal number
-            faulthandler.enable(all_threads=True)
+        _enable_faulthandler()
         done = Store(Path(spec.run_dir)).read(spec.kind, spec.id)
         if done and done.get("status") == DONE and done.get("config_hash") == spec.config_hash:
             # e.g. SLURM requeued a job that had already finished (scontrol requeue within KillWait)

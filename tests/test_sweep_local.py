@@ -96,3 +96,22 @@ def test_a_job_killed_by_native_code_leaves_its_python_stack_in_stderr(tmp_path)
     assert proc.returncode == -signal.SIGABRT, (proc.returncode, proc.stderr[-2000:])
     assert "Fatal Python error: Aborted" in proc.stderr
     assert "in runner_that_aborts_in_native_code" in proc.stderr
+
+
+def test_a_job_runs_where_stderr_is_no_file(monkeypatch):
+    # e.g. a notebook or a GUI that replaced sys.stderr: no crash handler, but the job runs
+    import faulthandler
+    import io
+    import sys
+
+    import harness.launch as launch
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    was = faulthandler.is_enabled()
+    faulthandler.disable()
+    try:
+        launch._enable_faulthandler()
+        assert not faulthandler.is_enabled()
+    finally:
+        if was:
+            faulthandler.enable(file=sys.__stderr__)
