@@ -151,6 +151,14 @@ def finish(timeout_s: float = 60.0) -> None:
         tdist.destroy_process_group()
         return
     tdist.barrier()
+    # Gloo's worker threads may still hold their last works (this barrier and, through it, the
+    # collectives it waited for). Dropping one can free a tensor whose Python object then needs
+    # the GIL, and a thread that asks for the GIL while the interpreter finalizes is torn down
+    # with std::terminate: SIGABRT after the work was done, seen about once in 50 two-rank test
+    # runs, the core showing ProcessGroupGloo::runLoop in ~AsyncBarrierWork -> decref_pyobject
+    # while the main thread ran Py_FinalizeEx. destroy_process_group does not join those threads
+    # once DDP has used the group (the group stays alive), so give them the GIL now.
+    time.sleep(_GLOO_RELEASE_S)
     store = tdist.distributed_c10d._get_default_store()  # held: outlives the group
     if tdist.get_rank() != 0:
         tdist.destroy_process_group()
@@ -163,6 +171,7 @@ def finish(timeout_s: float = 60.0) -> None:
 
 
 _LEFT_KEY = "harness/ranks_left"
+_GLOO_RELEASE_S = 0.2  # seconds for gloo's threads to drop their last works (see finish)
 
 
 # ----------------------------------------------------------------------------------------------
