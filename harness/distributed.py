@@ -136,14 +136,12 @@ def shutdown() -> None:
 
 
 def finish(timeout_s: float = 60.0) -> None:
-    """End of work that succeeded on every rank: wait for the others, then leave the group,
-    rank 0 last.
+    """End of work that succeeded on every rank: wait for the others, let gloo's threads
+    finish with their last works, then leave the group, rank 0 last.
 
-    Rank 0 hosts the group's store. When it tore its connections down while a peer was still
-    leaving, gloo now and then aborted it ("terminate called without an active exception",
-    SIGABRT after the job's work was done; a barrier alone made this rarer, not impossible).
-    So the other ranks leave first and say so through the store, which rank 0 keeps alive
-    until all of them have; rank 0 gives up waiting after ``timeout_s`` and leaves anyway."""
+    Rank 0 hosts the group's store, so the other ranks leave first and say so through the
+    store, which rank 0 keeps alive until all of them have; rank 0 gives up waiting after
+    ``timeout_s`` and leaves anyway."""
     if not tdist.is_initialized():
         return
     world = tdist.get_world_size()

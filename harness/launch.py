@@ -257,7 +257,6 @@ _STARTED: Dict[str, str] = {}
 RUNNERS: Dict[str, Callable[[JobSpec], Dict[str, Any]]] = {PRETRAIN: run_pretrain, FINETUNE: run_finetune}
 
 
-
 def _enable_faulthandler() -> None:
     """A crash in native code (segfault, abort in gloo or MinkowskiEngine) then leaves every
     thread's Python stack in the job's stderr log, not just a signal number. Skipped where
