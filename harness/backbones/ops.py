@@ -28,6 +28,12 @@ __all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "symmetric_backward
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call when it is one already (off the CPU every call
+    costs the host a dispatch, and the batched scheme makes a few per group)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _Scratch:
     """Per-worker scratch buffers, allocated by the calling thread.
 
@@ -325,7 +331,7 @@ def _scatter_sum(base: torch.Tensor, plan: OffsetPlan, side: str, prods: torch.T
     spill touches a third of them), rounding each once."""
     rows = plan.out_rows if side == "out" else plan.in_rows
     if base.dtype not in _HALF:
-        return base.index_add_(0, rows, prods.to(base.dtype))
+        return base.index_add_(0, rows, _as(prods, base.dtype))
     touched, local = plan.out_touched if side == "out" else plan.in_touched
     acc = base.index_select(0, touched).float().index_add_(0, local, prods.float())
     return base.index_copy_(0, touched, acc.to(base.dtype))
@@ -345,12 +351,6 @@ def _centre_product(acc: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None
         torch.mm(a, w, out=acc[:-1])
     else:
         acc[:-1].copy_(a @ w)
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, without the call when it is one already (off the CPU every call
-    costs the host a dispatch, and the batched scheme makes a few per group)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _batched_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
