@@ -31,9 +31,12 @@ run)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt" || true
-    python3 -m pytest -q -p no:cacheprovider tests/test_backbone_cuda.py 2>&1 | tee "$out/tests.log"
+    # the benchmark runs even when a test fails: one lent session should bring back both
+    status=0
+    python3 -m pytest -q -p no:cacheprovider tests/test_backbone_cuda.py 2>&1 | tee "$out/tests.log" || status=1
     python3 bench/backbone.py --device cuda --sizes 20000 100000 300000 --repeats 10 --warmup 2 \
-        --out "$out/backbone-cuda.md" 2>&1 | tee "$out/bench.log"
+        --out "$out/backbone-cuda.md" 2>&1 | tee "$out/bench.log" || status=1
+    exit "$status"
     ;;
 *)
     sed -n '2,12p' "$0"
