@@ -430,6 +430,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device")
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), device, args.threads)))
         return 0
