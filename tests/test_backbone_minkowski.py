@@ -53,6 +53,18 @@ def _step(model, coords, feats, dtype, mode, sd):
     return out.detach(), f.grad.detach(), grads, stats
 
 
+def _assert_agree(ours, theirs, tol=1e-5):
+    """Outputs, input gradients, every weight gradient and the running statistics of two
+    :func:`_step` results agree to ``tol`` relative."""
+    (ot, dxt, gt, st), (om, dxm, gm, sm) = ours, theirs
+    assert rel(ot, om) < tol
+    assert rel(dxt, dxm) < tol
+    worst = max((rel(gt[k], gm[k]), k) for k in gt)
+    assert worst[0] < tol, worst
+    for k in sm:
+        assert rel(st[k], sm[k]) < tol, k
+
+
 @pytest.mark.minkowski
 @pytest.mark.parametrize("mode,offset_major_sites,spill_below,batched", [
     ("train", 1000, kernel_map.SPILL_BELOW, False), ("eval", 1000, kernel_map.SPILL_BELOW, False),
@@ -75,14 +87,7 @@ def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode, offset
     coords, feats = scene
     mt, mm = models
     sd = {k: v.clone() for k, v in mt.state_dict().items()}
-    ot, dxt, gt, st = _step(mt, coords, feats, torch.float64, mode, sd)
-    om, dxm, gm, sm = _step(mm, coords, feats, torch.float64, mode, sd)
-    assert rel(ot, om) < 1e-5
-    assert rel(dxt, dxm) < 1e-5
-    worst = max((rel(gt[k], gm[k]), k) for k in gt)
-    assert worst[0] < 1e-5, worst
-    for k in sm:
-        assert rel(st[k], sm[k]) < 1e-5, k
+    _assert_agree(_step(mt, coords, feats, torch.float64, mode, sd), _step(mm, coords, feats, torch.float64, mode, sd))
 
 
 def l2rel(a, b):
@@ -209,11 +214,4 @@ def test_other_variants_channels_and_batches_equal_on_both_backends_float64(name
         elif k.endswith(("running_var", "bn.weight")):
             v = v * (0.5 + torch.rand(v.shape, generator=g, dtype=v.dtype))
         sd[k] = v
-    ot, dxt, gt, st = _step(mt, coords, feats, torch.float64, mode, sd)
-    om, dxm, gm, sm = _step(mm, coords, feats, torch.float64, mode, sd)
-    assert rel(ot, om) < 1e-5
-    assert rel(dxt, dxm) < 1e-5
-    worst = max((rel(gt[k], gm[k]), k) for k in gt)
-    assert worst[0] < 1e-5, worst
-    for k in sm:
-        assert rel(st[k], sm[k]) < 1e-5, k
+    _assert_agree(_step(mt, coords, feats, torch.float64, mode, sd), _step(mm, coords, feats, torch.float64, mode, sd))
