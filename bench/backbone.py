@@ -203,19 +203,19 @@ def time_backends(backends: List[str], coords, feats, device: str, repeats: int,
     state = models[backends[0]].state_dict()
     for m in models.values():
         m.load_state_dict(state)
-    variants = [(b, False) for b in backends] + ([("torch", True)] if bf16 else [])
-    times: Dict[str, List[float]] = {f"{b}{'+bf16' if a else ''}": [] for b, a in variants}
+    variants = [(b, False, b) for b in backends] + ([("torch", True, "torch+bf16")] if bf16 else [])
+    times: Dict[str, List[float]] = {name: [] for _, _, name in variants}
     for it in range(warmup + repeats):
-        for b, a in variants:
+        for b, a, name in variants:
             dev = device if b == "torch" else "cpu"
             c, f = coords.to(dev), feats.to(dev)
             models[b].zero_grad(set_to_none=True)
             sink: List[float] = []
             dt = _step(models[b], c, f, dev, autocast=a, issued=sink)
             if it >= warmup:
-                times[f"{b}{'+bf16' if a else ''}"].append(dt)
+                times[name].append(dt)
                 if issued is not None:
-                    issued.setdefault(f"{b}{'+bf16' if a else ''}", []).append(sink[0])
+                    issued.setdefault(name, []).append(sink[0])
     return times
 
 
