@@ -345,7 +345,8 @@ def render(results: Dict) -> str:
              f"Machine: {env['cpu']}, {env['threads']} threads, device {env['device']}"
              f"{' (' + env['gpu'] + ')' if env.get('gpu') else ''}; torch {env['torch']}, "
              f"MinkowskiEngine {env['minkowski'] or 'not installed'}; {env['date']}; "
-             f"OpenMP wait policy {env.get('omp_wait_policy', 'default')} for both backends.  ",
+             f"OpenMP wait policy {env.get('omp_wait_policy', 'default')}, OpenBLAS thread timeout "
+             f"{env.get('openblas_thread_timeout', 'default')} for both backends.  ",
              f"fp32 matmul peak measured in this run: {env['peak_fp32']:.0f} GFLOP/s (bf16: {env['peak_bf16']:.0f}).  ",
              f"Other jobs kept {results['other_cores']:.2f} of the {env['ncpu']} cores busy on average during the "
              "timing (a shared machine: compare the ratio, not the seconds).", "",
@@ -425,7 +426,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     _set_threads(args.threads)
-    import harness  # noqa: F401  (before torch: its OpenMP wait policy, see harness/__init__.py)
+    import harness  # noqa: F401  (before torch and ME: OpenMP and OpenBLAS settings, see harness/__init__.py)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -452,6 +453,7 @@ def main(argv=None) -> int:
     env = {"cpu": cpu_name(), "threads": args.threads, "ncpu": os.cpu_count(), "device": device,
            "torch": torch.__version__, "minkowski": me_version, "date": time.strftime("%Y-%m-%d %H:%M"),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+           "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "default"),
            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
            "peak_fp32": matmul_peak("float32", device), "peak_bf16": matmul_peak("bfloat16", device)}
     results = {"command": "python bench/backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),

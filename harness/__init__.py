@@ -15,6 +15,14 @@ __version__ = "0.1.0"
 TORCH_LOADED_FIRST = "torch" in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# The same for OpenBLAS (numpy's, and the one MinkowskiEngine links): after each call its
+# threads spin on sched_yield for 2^28 cycles (~0.1 s) by default. MinkowskiEngine makes one
+# BLAS call per kernel offset, so at 100k voxels on 2 cores its step spent ~6 s in the kernel
+# and took 9-10.5 s; with 2^4 cycles it takes 7.3-8.5 s. The torch backend's kernel maps make a
+# few numpy products per step (about 2% faster). Read when each OpenBLAS loads; an explicit
+# setting wins.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 # Under bf16 autocast on the CPU every GEMM is a oneDNN primitive, compiled once per shape and
 # kept in a cache of 1024 by default. A sparse step has a few thousand shapes (rows per kernel
 # offset and chunk, columns per bucket), so the default cache thrashes and recompiles all the
