@@ -329,69 +329,79 @@ def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEA
     product over the bucket's distinct masks. This runs in numpy: small single-threaded ops
     do not stall when another job holds a core, as OpenMP-parallel torch ops do.
     """
-    m = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    uniq, inv, cnt = np.unique(m, return_inverse=True, return_counts=True)
-    inv = inv.reshape(-1)
+    # torch.unique: a tenth of np.unique's time on 100k masks (11 ms)
+    m = masks.cpu() if isinstance(masks, torch.Tensor) else torch.from_numpy(np.asarray(masks))
+    uniq, inv, cnt = (t.numpy() for t in torch.unique(m.reshape(-1), sorted=True, return_inverse=True,
+                                                      return_counts=True))
     bits = ((uniq[:, None] >> np.arange(K)) & 1).astype(np.float64)  # (U, K)
     w = cnt.astype(np.float64)
 
-    def width_of(idx: np.ndarray) -> int:
-        return int((bits[idx].max(axis=0) > 0).sum())
-
-    def best_cut(idx: np.ndarray) -> Tuple[float, int]:
+    def pair_counts(idx: np.ndarray) -> np.ndarray:
+        """(K, K): [j, i] = rows of the node that have bits j and i (the diagonal: bit j)."""
         b = bits[idx]
-        bw = b * w[idx, None]
-        n = float(w[idx].sum())
-        tot = bw.sum(0)
+        return b.T @ (b * w[idx, None])
+
+    def best_cut(s: np.ndarray, n: float) -> Tuple[float, int]:
+        tot = np.diagonal(s)
         cost0 = n * float((tot > 0).sum())
-        s = b.T @ bw  # s[j, :] = weighted bit counts of the rows that have bit j
-        n_on = np.diagonal(s)
         on_width = (s > 0).sum(1)
         off_width = ((tot[None, :] - s) > 0.5).sum(1)
-        cost = (n - n_on) * off_width + n_on * on_width
-        cost[(n_on <= 0) | (n_on >= n)] = np.inf
+        cost = (n - tot) * off_width + tot * on_width
+        cost[(tot <= 0) | (tot >= n)] = np.inf
         j = int(np.argmin(cost))
         return cost0 - float(cost[j]), j
 
     # Grow: best-first cuts on padding saved alone (a single cut often saves little while
-    # the cuts below it save a lot, so the per-bucket costs are left to the pruning).
-    nodes: List[dict] = [{"idx": np.arange(len(uniq)), "kids": None}]
+    # the cuts below it save a lot, so the per-bucket costs are left to the pruning). A node
+    # keeps its rows, its mask and (while it may be cut) its pair counts; of two siblings only
+    # the one with fewer distinct masks is counted, the other is its parent's counts minus
+    # its sibling's (integers in float64: exact).
+    nodes: List[dict] = [{"idx": np.arange(len(uniq)), "n": float(w.sum()), "mask": int(np.bitwise_or.reduce(uniq)),
+                          "kids": None}]
     heap: List[Tuple[float, int, int]] = []
     if len(uniq) > 1:
-        gain, j = best_cut(nodes[0]["idx"])
+        nodes[0]["s"] = pair_counts(nodes[0]["idx"])
+        gain, j = best_cut(nodes[0]["s"], nodes[0]["n"])
         heap.append((-gain, 0, j))
     n_leaves = 1
     while heap and n_leaves < max_buckets:
         neg_gain, node, j = heapq.heappop(heap)
         if -neg_gain <= 0:
             break
-        idx = nodes[node]["idx"]
+        parent = nodes[node]
+        idx = parent["idx"]
         on = bits[idx, j] > 0
+        parts = (idx[~on], idx[on])
+        small = 0 if len(parts[0]) <= len(parts[1]) else 1
+        counts = [None, None]
+        counts[small] = pair_counts(parts[small])
+        counts[1 - small] = parent.pop("s") - counts[small]
         kids = []
-        for part in (idx[~on], idx[on]):
-            nodes.append({"idx": part, "kids": None})
+        for part, s_part in zip(parts, counts):
+            n_part = float(w[part].sum())
+            nodes.append({"idx": part, "n": n_part, "mask": int(np.bitwise_or.reduce(uniq[part])), "kids": None})
             kids.append(len(nodes) - 1)
             # A bucket of fewer than 2 * weight_rows rows seldom pays for its weight handling.
-            if len(part) > 1 and float(w[part].sum()) >= 2 * weight_rows:
-                gain, jj = best_cut(part)
+            if len(part) > 1 and n_part >= 2 * weight_rows:
+                nodes[-1]["s"] = s_part
+                gain, jj = best_cut(s_part, n_part)
                 heapq.heappush(heap, (-gain, len(nodes) - 1, jj))
-        nodes[node]["kids"] = kids
+        parent["kids"] = kids
         n_leaves += 1
 
     # Prune bottom-up: keep a subtree only where its leaves cost less than the node as one
     # bucket, counting (rows + weight_rows) x width + overhead per bucket.
     def prune(node: int) -> Tuple[float, List[np.ndarray]]:
         nd = nodes[node]
-        idx = nd["idx"]
-        here = (float(w[idx].sum()) + weight_rows) * width_of(idx) + overhead
+        here = (nd["n"] + weight_rows) * bin(nd["mask"]).count("1") + overhead
         if nd["kids"] is None:
-            return here, [idx]
+            return here, [nd["idx"]]
         total, leaves_ = 0.0, []
         for kid in nd["kids"]:
             c, lv = prune(kid)
             total += c
             leaves_ += lv
-        return (total, leaves_) if total < here else (here, [idx])
+        return (total, leaves_) if total < here else (here, [nd["idx"]])
 
     leaves = prune(0)[1]
     leaves.sort(key=lambda idx: -float(w[idx].sum()))
