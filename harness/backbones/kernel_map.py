@@ -326,10 +326,11 @@ def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEA
     cut into (offset absent, offset present) on the offset that saves the most padded entries,
     always cutting the bucket with the largest saving, while a cut saves more than
     ``overhead`` and there are fewer than ``max_buckets`` buckets. One cut is one (K x K)
-    product over the bucket's distinct masks. This runs in numpy: small single-threaded ops
-    do not stall when another job holds a core, as OpenMP-parallel torch ops do.
+    product over the bucket's distinct masks (for one of two siblings; the other's is the
+    parent's minus it). The tree runs in numpy: small single-threaded ops do not stall when
+    another job holds a core, as OpenMP-parallel torch ops do. The distinct masks come from
+    one ``torch.unique`` (1.4 ms on 100k masks; ``np.unique`` took 11 ms).
     """
-    # torch.unique: a tenth of np.unique's time on 100k masks (11 ms)
     m = masks.cpu() if isinstance(masks, torch.Tensor) else torch.from_numpy(np.asarray(masks))
     uniq, inv, cnt = (t.numpy() for t in torch.unique(m.reshape(-1), sorted=True, return_inverse=True,
                                                       return_counts=True))
@@ -353,9 +354,9 @@ def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEA
 
     # Grow: best-first cuts on padding saved alone (a single cut often saves little while
     # the cuts below it save a lot, so the per-bucket costs are left to the pruning). A node
-    # keeps its rows, its mask and (while it may be cut) its pair counts; of two siblings only
-    # the one with fewer distinct masks is counted, the other is its parent's counts minus
-    # its sibling's (integers in float64: exact).
+    # keeps its rows, row count, mask and (while it may be cut) its pair counts; of two
+    # siblings only the one with fewer distinct masks is counted (integers in float64: the
+    # difference is exact).
     nodes: List[dict] = [{"idx": np.arange(len(uniq)), "n": float(w.sum()), "mask": int(np.bitwise_or.reduce(uniq)),
                           "kids": None}]
     heap: List[Tuple[float, int, int]] = []
