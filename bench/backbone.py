@@ -392,7 +392,8 @@ def render(results: Dict) -> str:
                             for n, p in results["padding"].items()) + ".", ""]
     if results.get("cpu"):
         lines += ["Work per step, all thread pools at 1 (CPU seconds, process time, min of the steps; "
-                  "insensitive to other jobs, unlike the wall times above):", "",
+                  "not inflated by other jobs taking turns on the cores, as the wall times above are; jobs "
+                  "sharing the host's caches and memory still move it by several percent between runs):", "",
                   "| voxels | " + " | ".join(f"{b} CPU s" for b in next(iter(results["cpu"].values()))) + " | ME / torch |",
                   "|---:|" + "---:|" * (len(next(iter(results["cpu"].values()))) + 1)]
         for n, per in results["cpu"].items():
