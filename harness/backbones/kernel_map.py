@@ -397,25 +397,23 @@ def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEA
 
     # Prune bottom-up: keep a subtree only where its leaves cost less than the node as one
     # bucket, counting (rows + weight_rows) x width + overhead per bucket.
-    def prune(node: int) -> Tuple[float, List[np.ndarray]]:
+    def prune(node: int) -> Tuple[float, List[dict]]:
         nd = nodes[node]
         here = (nd["n"] + weight_rows) * bin(nd["mask"]).count("1") + overhead
         if nd["kids"] is None:
-            return here, [nd["idx"]]
+            return here, [nd]
         total, leaves_ = 0.0, []
         for kid in nd["kids"]:
             c, lv = prune(kid)
             total += c
             leaves_ += lv
-        return (total, leaves_) if total < here else (here, [nd["idx"]])
+        return (total, leaves_) if total < here else (here, [nd])
 
-    leaves = prune(0)[1]
-    leaves.sort(key=lambda idx: -float(w[idx].sum()))
+    leaves = sorted(prune(0)[1], key=lambda nd: -nd["n"])
     bucket_of_uniq = np.empty(len(uniq), dtype=np.int64)
-    bucket_masks = np.empty(len(leaves), dtype=np.int64)
-    for b, idx in enumerate(leaves):
-        bucket_of_uniq[idx] = b
-        bucket_masks[b] = int(np.bitwise_or.reduce(uniq[idx]))
+    for b, nd in enumerate(leaves):
+        bucket_of_uniq[nd["idx"]] = b
+    bucket_masks = np.array([nd["mask"] for nd in leaves], dtype=np.int64)
     return bucket_of_uniq[inv], bucket_masks
 
 
