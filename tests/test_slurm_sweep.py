@@ -161,17 +161,20 @@ def _capture(fn, errors: list) -> None:
         errors.append(exc)
 
 
-def _wait_steps(path: Path, n: int, timeout_s: float) -> None:
+def _run_at_step(commands: dict, n: int, timeout_s: float) -> None:
+    """Run each command as soon as its metrics file has ``n`` steps (each job on its own)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.is_file() and len(path.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.2)
-    pytest.fail(f"{path}: fewer than {n} steps after {timeout_s} s")
+    waiting = dict(commands)
+    while waiting and time.monotonic() < deadline:
+        for path in [p for p in waiting if p.is_file() and len(p.read_text().splitlines()) >= n]:
+            subprocess.run(waiting.pop(path), check=True)
+        time.sleep(0.05)
+    if waiting:
+        pytest.fail(f"{', '.join(map(str, waiting))}: fewer than {n} steps after {timeout_s} s")
 
 
 def test_signalled_requeued_and_cancelled_jobs_resume_to_the_same_metric(tmp_path, cache_dir, small_scannet):
-    steps = 24
+    steps = 40
     out, run = tmp_path / "runs", tmp_path / "runs" / "table1"
     # Three identical cells (same recipe, same config hash) in one fine-tuning array of Scratch.
     copies = ["columns.twin={dataset: scannet, task: semseg}", "columns.third={dataset: scannet, task: semseg}"]
@@ -186,13 +189,12 @@ def test_signalled_requeued_and_cancelled_jobs_resume_to_the_same_metric(tmp_pat
         assert len({j.split("_")[0] for j in jobs}) == 1 and all("_" in j for j in jobs), jobs  # one array
 
         def interrupt():
-            # Two CPUs: two tasks run; the third starts when the first two are requeued.
-            _wait_steps(metrics[0], 5, timeout_s=120)
-            _wait_steps(metrics[1], 5, timeout_s=120)
-            subprocess.run(["scancel", "--signal=USR1", jobs[0]], check=True)  # submitit checkpoints + requeues
-            subprocess.run(["scontrol", "requeue", jobs[1]], check=True)  # SIGTERM; SLURM requeues
-            _wait_steps(metrics[2], 5, timeout_s=120)
-            subprocess.run(["scancel", jobs[2]], check=True)  # SIGTERM, gone: no result, no requeue
+            # Two CPUs: two tasks run; the third starts when the first two are requeued. Each job
+            # is interrupted as soon as it has run 3 steps, while more than 30 remain (a job that
+            # finished before its signal would not be requeued: CI saw that with 5 of 24 steps).
+            _run_at_step({metrics[0]: ["scancel", "--signal=USR1", jobs[0]],  # submitit checkpoints + requeues
+                         metrics[1]: ["scontrol", "requeue", jobs[1]]}, 3, timeout_s=120)  # SIGTERM; SLURM requeues
+            _run_at_step({metrics[2]: ["scancel", jobs[2]]}, 3, timeout_s=120)  # SIGTERM, gone: no result, no requeue
 
         errors: list = []
         thread = threading.Thread(target=lambda: _capture(interrupt, errors), daemon=True)
