@@ -145,15 +145,12 @@ def count_flops(coords, feats, device: str = "cpu") -> Dict[str, float]:
         mgr, cin, cout = x.manager, mod.in_channels, mod.out_channels
         if mod.kernel_size == 1:
             pairs = executed = x.F.shape[0]
-        elif isinstance(mod, SparseConvTranspose):
-            dm = mgr.down_maps[x.stride // 2]
-            pairs, executed = dm.up.n_entries, dm.down.n_entries
         elif mod.kernel_size == 3:
             lv = mgr.level(x.stride)
             pairs, executed = lv.n_pairs, lv.plan.n_entries
-        else:
-            dm = mgr.down_map(x.stride)
-            pairs, executed = dm.up.n_entries, dm.down.n_entries
+        else:  # kernel 2, stride 2: one pair per fine site (its parent)
+            dm = mgr.down_maps[x.stride // 2] if isinstance(mod, SparseConvTranspose) else mgr.down_map(x.stride)
+            pairs, executed = dm.parent.numel(), dm.down.n_entries
         recs.append((mod is model.conv0p1s1, 2.0 * pairs * cin * cout, 2.0 * executed * cin * cout))
 
     for m in model.modules():

@@ -5,9 +5,10 @@
 On a GPU every op is a kernel launch the host must issue, and a step of thousands of small
 GEMMs is bound by the host, not the GPU. This counts, with the torch profiler, the top-level
 aten ops of one forward+backward step with every coordinate set run offset by offset (the
-GPU's scheme), once with one GEMM per offset and once with the offsets in padded batched
-groups (what a GPU runs, :func:`harness.backbones.kernel_map.group_offsets`), side by side
-on the same input. It needs no GPU: the ops a step issues do not depend on the device. View
+GPU's scheme), once with one GEMM per offset, once with the offsets in padded batched
+groups (:func:`harness.backbones.kernel_map.group_offsets`) and once with table plans (one
+gather and one GEMM per convolution, what a GPU runs by default:
+:class:`harness.backbones.kernel_map.TablePlan`), side by side on the same input. It needs no GPU: the ops a step issues do not depend on the device. View
 ops (slices, selects) launch nothing but still cost the host a dispatch each; most other ops
 launch a kernel or more.
 """
@@ -70,9 +71,11 @@ def main(argv=None) -> int:
     coords, feats = make_input(args.voxels)
     model = _build("torch", "cpu")
     rows = []
+    schemes = (("one GEMM per offset", False, False), ("batched groups", True, False), ("table plans", False, True))
     with mock.patch.object(kernel_map, "OFFSET_MAJOR_SITES", sys.maxsize):
-        for name, batched in (("one GEMM per offset", False), ("batched groups", True)):
-            with mock.patch.object(ops, "batches_offsets", lambda device, b=batched: b):
+        for name, batched, table in schemes:
+            with mock.patch.object(ops, "batches_offsets", lambda device, b=batched: b), \
+                    mock.patch.object(kernel_map, "uses_table_plans", lambda device, t=table: t):
                 c = count_ops(model, coords, feats)
             total = sum(c.values())
             views = sum(v for k, v in c.items() if k in VIEWS)

@@ -6,10 +6,12 @@
 #
 # The GPU image has torch, numpy, pytest, pyyaml and rich but not omegaconf (the test fixtures
 # import it); `prepare` downloads it for Python 3.12. `run` installs the wheels into /tmp/site,
-# runs tests/test_backbone_cuda.py (CUDA against the CPU, float64, and bf16 autocast), then
-# times Res16UNet34C at 20k, 100k and 300k voxels (bench/backbone.py --device cuda: ms per
-# step, GEMM TFLOP/s against the GPU's matmul peak, peak GPU memory, when the host had issued
-# all of a step's ops). Meant to take a few minutes on an H100 (not yet run on one).
+# sweeps the offset grouping's cost model at 100k voxels (bench/gpu_sweep.py: ms per step per
+# setting, TF32 and bf16, kernel maps alone, a profile of one step), runs
+# tests/test_backbone_cuda.py (CUDA against the CPU, float64, and bf16 autocast), times
+# Res16UNet34C at 20k, 100k and 300k voxels (bench/backbone.py --device cuda: ms per step, GEMM
+# TFLOP/s against the GPU's matmul peak, peak GPU memory, when the host had issued all of a
+# step's ops), then sweeps 20k and 300k. Each part has its own time limit; at most 9 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,12 +32,18 @@ run)
     mkdir -p "$out"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt" || true
-    # the benchmark runs even when a test fails: one lent session should bring back both
+    exec > >(tee "$out/run.log") 2>&1  # one log: the lent machine gives back at most 8 files
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
+    # each part runs even when one before it fails or times out: one lent session (15 minutes of
+    # device time, start included) should bring back all of them
     status=0
-    python3 -m pytest -q -p no:cacheprovider tests/test_backbone_cuda.py 2>&1 | tee "$out/tests.log" || status=1
-    python3 bench/backbone.py --device cuda --sizes 20000 100000 300000 --repeats 10 --warmup 2 \
-        --out "$out/backbone-cuda.md" 2>&1 | tee "$out/bench.log" || status=1
+    timeout 150 python3 -m bench.gpu_sweep --sizes 100000 --repeats 6 --out "$out/sweep-100k" || status=1
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_backbone_cuda.py || status=1
+    timeout 180 python3 bench/backbone.py --device cuda --sizes 20000 100000 300000 --repeats 8 --warmup 2 \
+        --out "$out/backbone-cuda.md" || status=1
+    timeout 90 python3 -m bench.gpu_sweep --sizes 20000 300000 --repeats 4 --out "$out/sweep-20k-300k" \
+        || status=1
+    sleep 1  # let tee write the log out
     exit "$status"
     ;;
 *)

@@ -66,24 +66,26 @@ def _assert_agree(ours, theirs, tol=1e-5):
 
 
 @pytest.mark.minkowski
-@pytest.mark.parametrize("mode,offset_major_sites,spill_below,batched", [
-    ("train", 1000, kernel_map.SPILL_BELOW, False), ("eval", 1000, kernel_map.SPILL_BELOW, False),
-    ("train", 0, kernel_map.SPILL_BELOW, False), ("train", 0, 0.0, False), ("train", 10**9, kernel_map.SPILL_BELOW, False),
-    ("train", 10**9, kernel_map.SPILL_BELOW, True)])
-def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode, offset_major_sites, spill_below, batched,
+@pytest.mark.parametrize("mode,offset_major_sites,spill_below,gpu_scheme", [
+    ("train", 1000, kernel_map.SPILL_BELOW, None), ("eval", 1000, kernel_map.SPILL_BELOW, None),
+    ("train", 0, kernel_map.SPILL_BELOW, None), ("train", 0, 0.0, None), ("train", 10**9, kernel_map.SPILL_BELOW, None),
+    ("train", 10**9, kernel_map.SPILL_BELOW, "batched"), ("train", 10**9, kernel_map.SPILL_BELOW, "table")])
+def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode, offset_major_sites, spill_below, gpu_scheme,
                                                      monkeypatch):
     """Same state_dict and input: outputs, input and weight gradients (and in train mode the
     updated running statistics) agree to 1e-5 relative (in fact to rounding, ~1e-12).
     With 1000 the stride-1 level (about 2500 sites) runs in buckets and the coarser ones
     offset by offset; with 0 every level runs in buckets (rare offsets spilled, or none), with
-    10**9 every level and every stride-2 map offset by offset, on the worker threads or in
-    padded batched groups (the GPU's scheme; a small group overhead, so that levels have
-    several groups)."""
+    10**9 every level and every stride-2 map offset by offset, on the worker threads, or in
+    one of the GPU's schemes forced on the CPU: padded batched groups (a small group
+    overhead, so that levels have several groups) or table plans."""
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", offset_major_sites)
     monkeypatch.setattr(kernel_map, "SPILL_BELOW", spill_below)
-    if batched:
+    if gpu_scheme == "batched":
         monkeypatch.setattr(ops, "batches_offsets", lambda device: True)
         monkeypatch.setattr(kernel_map, "GROUP_OVERHEAD_FLOP", 1e6)
+    if gpu_scheme == "table":
+        monkeypatch.setattr(kernel_map, "uses_table_plans", lambda device: True)
     coords, feats = scene
     mt, mm = models
     sd = {k: v.clone() for k, v in mt.state_dict().items()}

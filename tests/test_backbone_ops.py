@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.backbones import kernel_map, ops
-from harness.backbones.kernel_map import KERNEL2, KERNEL3, CoordinateManager, OffsetPlan, Plan, choose_buckets
+from harness.backbones.kernel_map import (KERNEL2, KERNEL3, CoordinateManager, OffsetPlan, Plan, TablePlan,
+                                         choose_buckets)
 from harness.backbones.ops import global_pool
 from harness.backbones.sparse import SparseTensor
 from harness.backbones.torch_backend import SparseBatchNorm, SparseConv, SparseConvTranspose, TorchOps
@@ -54,18 +55,21 @@ def dense_weight(kernel, k):
     return w.permute(4, 3, 2, 1, 0)  # (out, in, x, y, z)
 
 
-@pytest.fixture(params=["buckets", "spill", "offsets", "batched"])
+@pytest.fixture(params=["buckets", "spill", "offsets", "batched", "table"])
 def scheme(request, monkeypatch):
     """Every convolution in buckets (none spilled, or on these 35%-dense sites the offsets that
     are rarer near the border, most edges and corners, spilled), or every one offset by offset
-    on the worker threads, or offset by offset in padded batched groups (the GPU's scheme; the
+    on the worker threads, or offset by offset in padded batched groups (a GPU scheme; the
     group overhead is scaled to these small sets so that they have several groups, most of them
-    padded)."""
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if request.param in ("offsets", "batched") else 0)
+    padded), or as table plans (the GPU's default scheme: one gather and one GEMM)."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if request.param in ("offsets", "batched", "table")
+                        else 0)
     monkeypatch.setattr(kernel_map, "SPILL_BELOW", 0.3 if request.param == "spill" else 0.0)
     if request.param == "batched":
         monkeypatch.setattr(ops, "batches_offsets", lambda device: True)
         monkeypatch.setattr(kernel_map, "GROUP_OVERHEAD_FLOP", SMALL_GROUP_OVERHEAD)
+    if request.param == "table":
+        monkeypatch.setattr(kernel_map, "uses_table_plans", lambda device: True)
     return request.param
 
 
@@ -316,6 +320,12 @@ def test_every_set_runs_offset_by_offset_off_the_cpu():
     assert CoordinateManager(random_sites(9, extent=8)).offset_major_sites == kernel_map.OFFSET_MAJOR_SITES
 
 
+def test_table_plans_are_the_default_off_the_cpu_only(monkeypatch):
+    assert kernel_map.uses_table_plans(torch.device("cuda")) and not kernel_map.uses_table_plans("cpu")
+    monkeypatch.setattr(kernel_map, "OFF_CPU_PLANS", "grouped")
+    assert not kernel_map.uses_table_plans("cuda")
+
+
 def test_offset_scheme_is_the_same_on_one_and_two_workers(monkeypatch):
     """The per-offset products are added in one fixed order after all tasks, so the result
     and both gradients are bit-identical whichever worker ran which offset."""
@@ -422,3 +432,42 @@ def test_batched_scheme_runs_a_convolution_in_one_gemm_per_group(monkeypatch):
     out.sum().backward()
     assert sorted(calls) == ["bmm"] * (2 * n_groups) + ["mm", "mm"]  # the centre's two gradients
     assert len(x.manager.level(1).plan.offsets) == 26 and n_groups == 1  # default overhead, small set
+
+
+def test_table_plans_run_a_convolution_in_one_gemm_forward_and_two_backward(monkeypatch):
+    """The GPU's default scheme: each convolution, stride 1, stride 2 or transposed, is one
+    GEMM forward and one per gradient backward, whatever the number of offsets present."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
+    monkeypatch.setattr(kernel_map, "uses_table_plans", lambda device: True)
+    coords = random_sites(3)
+    f = torch.randn(len(coords), 8, requires_grad=True)
+    x = SparseTensor(f, coords)
+    convs = [SparseConv(8, 8, 3), SparseConv(8, 6, 2, 2), SparseConvTranspose(6, 4, 2, 2)]
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append("mm") or real_mm(*a, **k))
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: pytest.fail("no batched GEMMs in table plans"))
+    y = x
+    for conv in convs:
+        y = conv(y)
+    assert calls == ["mm"] * 3
+    assert isinstance(x.manager.level(1).plan, TablePlan) and isinstance(x.manager.down_map(1).up, TablePlan)
+    calls.clear()
+    y.F.sum().backward()
+    assert calls == ["mm"] * 6
+
+
+def test_table_plan_pads_absent_entries_with_a_zero_row_and_selects_single_entries():
+    # 3 output rows over 4 input rows and K = 3 offsets, worked out by hand
+    table = torch.tensor([[2, -1, 0], [-1, -1, 3], [1, 1, -1]])
+    plan = TablePlan.from_table(table, 4)
+    assert plan.index.tolist() == [2, 4, 0, 4, 4, 3, 1, 1, 4] and plan.select is None
+    assert plan.n_entries == 9
+    x = torch.arange(8, dtype=DT).view(4, 2)  # row r = (2r, 2r + 1)
+    w = torch.stack([torch.eye(2, dtype=DT), 2 * torch.eye(2, dtype=DT), 3 * torch.eye(2, dtype=DT)])
+    # row 0: x[2] + 3 x[0]; row 1: 3 x[3]; row 2: x[1] + 2 x[1]
+    assert ops.table_matmul(plan, x, w).tolist() == [[4, 8], [18, 21], [6, 9]]
+    # one entry per output row (fine rows reading their parent through their own offset)
+    single = TablePlan.from_table(torch.tensor([[-1, 0, -1], [1, -1, -1], [-1, -1, 0]]), 2, single=True)
+    assert single.select.tolist() == [0 * 3 + 1, 1 * 3 + 0, 0 * 3 + 2] and single.n_entries == 2 * 3
+    assert ops.table_matmul(single, x[:2], w).tolist() == [[0, 2], [2, 3], [0, 3]]

@@ -26,6 +26,8 @@ group       off the CPU, consecutive offsets of an offset plan (most pairs first
             lists are padded to the group's longest and run as one batched GEMM
             (:class:`OffsetGroup`): every op there is a kernel launch, and one GEMM per offset
             is thousands of launches per step (see :func:`group_offsets`).
+table plan  off the CPU by default (``OFF_CPU_PLANS``), the whole table as one gather and one
+            GEMM (:class:`TablePlan`): all K offsets of every row, absent ones reading zeros.
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
@@ -88,11 +90,20 @@ OFFSET_MAJOR_SITES = 12000
 # ran alike, 0.8 slower; the buckets' own cost model did not need retuning).
 SPILL_BELOW = 0.6
 
-# Off the CPU, what one group of an offset plan costs beyond its multiplications, in FLOP: its
-# dozen kernel launches over forward and backward (gathers, batched GEMMs, scatter-adds; some
-# 4 us each) at about 20 TFLOP/s of fp32 GEMM. An estimate from those figures, not a
-# measurement: no GPU was at hand when it was set (see group_offsets).
+# Off the CPU, what one group of an offset plan costs beyond its multiplications, in FLOP (see
+# group_offsets); used where OFF_CPU_PLANS is "grouped". Measured on an H200 (bench/gpu_sweep.py,
+# Res16UNet34C fwd+bwd, fp32, interleaved steps): at 100k voxels 0 / 1e8 / 1e9 / 1e10 / 1e12 ran
+# 240 / 174 / 159 / 151 / 184 ms, at 20k 130 / 82 / 65 / 65 / 71 ms, at 300k 560 / 440 / 385 /
+# 354 / 473 ms.
 GROUP_OVERHEAD_FLOP = 1e9
+
+# Off the CPU, which plan the coordinate sets get: "table" (:class:`TablePlan`) or "grouped"
+# (:class:`OffsetPlan` in padded groups). Measured on an H200 (bench/gpu_sweep.py, Res16UNet34C
+# fwd+bwd, room voxels, fp32, interleaved steps): table 50 / 86 / 213 ms per step at 20k / 100k /
+# 300k voxels, grouped 75 / 163 / 378 ms (1e9) and 83 / 168 / 356 ms (1e10). The grouped scheme's
+# host issued some 5,000 ops per step (120 ms at 100k), and its per-offset weight-gradient GEMMs,
+# (C, L) x (L, C) with L ~ 100k, ran at a few TFLOP/s.
+OFF_CPU_PLANS = "table"
 
 
 @dataclass
@@ -291,6 +302,54 @@ class OffsetGroup:
         return [cls(a, b - a, length, gather_in[s:e], gather_out[s:e], scatter_in[s:e], scatter_out[s:e],
                     pad_all[j] if pad_sizes[j] else None)
                 for j, ((a, b), (s, e, length)) in enumerate(zip(cuts, spans))]
+
+
+@dataclass
+class TablePlan:
+    """A table run whole, for a GPU: ``out = cols @ W.view(K * C, C_out)`` with ``cols`` the
+    (n_out, K * C) gather of every row's K input rows, zeros where absent (one gather and one
+    GEMM; every zero is multiplied: at 100k room voxels 11 of a site's 27 offsets are present).
+    A plan with one entry per output row (``select``; the transposed convolution's, fine rows
+    reading their parent) runs the other way round: all K products of every input row,
+    ``x @ W`` as (n_in, K * C_out), then each output row picks its one. Input and weight
+    gradients are the same two forms (see :func:`~.ops.table_backward`)."""
+
+    n_out: int
+    n_in: int
+    K: int
+    index: torch.Tensor  # (n_out * K,) int64 input rows, row-major; absent entries read row n_in (zeros)
+    select: Optional[torch.Tensor]  # (n_out,) int64 in_row * K + offset of each row's one entry, or None
+
+    @classmethod
+    def from_table(cls, table: torch.Tensor, n_in: int, single: bool = False) -> "TablePlan":
+        """From a (n_out, K) int64 table (-1 = absent) on its device; ``single``: every row
+        has exactly one entry."""
+        n_out, K = table.shape
+        select = None
+        if single:
+            off = torch.argmax((table >= 0).to(torch.int32), dim=1)
+            select = table.gather(1, off[:, None])[:, 0] * K + off
+        return cls(int(n_out), int(n_in), int(K), torch.where(table >= 0, table, n_in).reshape(-1), select)
+
+    @property
+    def n_entries(self) -> int:
+        """Row-offsets multiplied, zeros included (for FLOP counts)."""
+        return (self.n_in if self.select is not None else self.n_out) * self.K
+
+
+def uses_table_plans(device) -> bool:
+    """Whether coordinate sets on ``device`` get :class:`TablePlan` (off the CPU, unless
+    ``OFF_CPU_PLANS`` says otherwise)."""
+    return torch.device(device).type != "cpu" and OFF_CPU_PLANS == "table"
+
+
+def unbucketed_plan(table: torch.Tensor, n_in: int, centre: Optional[int] = None,
+                    single: bool = False) -> "OffsetPlan | TablePlan":
+    """The plan of a set that runs without buckets: a table plan where the device uses them,
+    else an offset plan (``centre``: the offset that reads each row's own row)."""
+    if uses_table_plans(table.device):
+        return TablePlan.from_table(table, n_in, single)
+    return OffsetPlan.from_table(table, n_in, centre)
 
 
 def group_offsets(counts: List[int], overhead_rows: float) -> List[Tuple[int, int]]:
@@ -571,7 +630,7 @@ class Level:
         else:  # coordinate order (kept for an offset plan: neighbours stay close in memory)
             table, self.perm = tab, sorder
         if offset_major:
-            plan: "Plan | OffsetPlan" = OffsetPlan.from_table(table, n, centre=13)
+            plan: "Plan | OffsetPlan | TablePlan" = unbucketed_plan(table, n, centre=13)
         else:
             # the offsets present at each site, as bits
             masks = ((table >= 0).to(torch.int64) << torch.arange(27, device=device)).sum(dim=1)
@@ -632,11 +691,11 @@ class DownMap:
         up_table[fine_rows, child_offset] = parent
         self.parent = parent
         self.child_offset = child_offset
-        self.down: "Plan | OffsetPlan"
-        self.up: "Plan | OffsetPlan"
+        self.down: "Plan | OffsetPlan | TablePlan"
+        self.up: "Plan | OffsetPlan | TablePlan"
         if offsets:
-            self.down = OffsetPlan.from_table(table, nf)
-            self.up = OffsetPlan.from_table(up_table, nc)
+            self.down = unbucketed_plan(table, nf)
+            self.up = unbucketed_plan(up_table, nc, single=True)
             return
         table, up_table = table.cpu(), up_table.cpu()
         masks = ((table >= 0).to(torch.int64) << torch.arange(8)).sum(dim=1)

@@ -17,11 +17,11 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .kernel_map import OffsetPlan, Plan
+from .kernel_map import OffsetPlan, Plan, TablePlan
 from .workers import run_tasks, worker_count
 
 __all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "symmetric_backward", "offset_matmul",
-           "offset_backward", "sparse_conv", "global_pool"]
+           "offset_backward", "table_matmul", "table_backward", "sparse_conv", "global_pool"]
 
 
 # Half-precision dtypes: their scatter-adds accumulate in float32, rounding each row once.
@@ -445,11 +445,51 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
     return (_scatter_sum(gx, plan, "in", prods) if need_x else None), gw
 
 
+def _table_cols(src: torch.Tensor, plan: TablePlan) -> torch.Tensor:
+    """(n_out, K * C): each output row's K input rows side by side, zeros where absent."""
+    padded = torch.cat((src, src.new_zeros((1, src.shape[1]))))
+    return padded.index_select(0, plan.index).view(plan.n_out, plan.K * src.shape[1])
+
+
+def table_matmul(plan: TablePlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``out[r] = sum_i x[table[r, i]] @ weight[i]`` for a (K, C, C_out) weight, as one gather
+    and one GEMM (see :class:`~.kernel_map.TablePlan`)."""
+    K, c_in, c_out = weight.shape
+    if plan.select is not None:
+        prods = torch.mm(x, weight.permute(1, 0, 2).reshape(c_in, K * c_out))  # (n_in, K * C_out)
+        return prods.view(-1, c_out).index_select(0, plan.select)
+    return torch.mm(_table_cols(x, plan), weight.reshape(K * c_in, c_out))
+
+
+def table_backward(fwd: TablePlan, bwd: Optional[TablePlan], x: torch.Tensor, weight: torch.Tensor,
+                   grad: torch.Tensor, need_x: bool, need_w: bool):
+    """Both gradients of a table-plan convolution. The input gradient is a convolution with
+    the transposed table: ``bwd``, or for a stride-1 kernel (``bwd`` None) the same table with
+    the offsets reversed, i.e. ``weight[K-1-i]^T`` on column i. The weight gradient is one
+    GEMM of the gathered columns (on the input side, or for a ``select`` plan the output
+    gradient's through ``bwd``) with the other operand."""
+    K, c_in, c_out = weight.shape
+    gx = gw = None
+    if need_x:
+        if bwd is None:
+            gx = torch.mm(_table_cols(grad, fwd), weight.flip(0).transpose(1, 2).reshape(K * c_out, c_in))
+        else:
+            gx = table_matmul(bwd, grad, weight.transpose(1, 2))
+    if need_w:
+        if fwd.select is None:
+            gw = torch.mm(_table_cols(x, fwd).t(), grad).view(K, c_in, c_out)
+        else:
+            gw = torch.mm(x.t(), _table_cols(grad, bwd)).view(c_in, K, c_out).transpose(0, 1).contiguous()
+    return gx, gw
+
+
 class _SparseConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, fwd: Plan, bwd: Optional[Plan], wgrad_side: str):
         ctx.save_for_backward(x, weight)
         ctx.plans = (fwd, bwd, wgrad_side)
+        if isinstance(fwd, TablePlan):
+            return table_matmul(fwd, x, weight)
         if isinstance(fwd, OffsetPlan):
             return offset_matmul(fwd, x, weight)
         return plan_matmul(fwd, x, weight)
@@ -460,6 +500,9 @@ class _SparseConvFunction(torch.autograd.Function):
         fwd, bwd, wgrad_side = ctx.plans
         grad = _as(grad, weight.dtype).contiguous()
         gx = gw = None
+        if isinstance(fwd, TablePlan):
+            return table_backward(fwd, bwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
+                None, None, None)
         if isinstance(fwd, OffsetPlan):
             return offset_backward(fwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
                 None, None, None)
