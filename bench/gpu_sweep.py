@@ -1,13 +1,14 @@
 """Benchmark: where a torch-backend Res16UNet34C step spends its time on a GPU, and which of
 its GPU schemes (``kernel_map.OFF_CPU_PLANS``) and settings run it fastest.
 
-    python -m bench.gpu_sweep [--device cuda] [--sizes 100000] [--overheads 1e9 1e10]
+    python -m bench.gpu_sweep [--device cuda] [--sizes 100000] [--overheads 1e10]
                               [--repeats 8] [--out reports/bench/gpu_sweep]
 
 Per size, in one process and on one input: training steps (build the sparse input, forward,
 backward, as in ``bench/backbone.py``) with table plans (fp32, TF32 matrix products, bf16
-autocast) and with offset plans in padded groups at each ``GROUP_OVERHEAD_FLOP`` given, all
-interleaved step by step so that drift hits every variant alike; medians in ms. Beside them: the kernel maps alone (what
+autocast, and two other ways of gathering their columns, tried here only) and with offset
+plans in padded groups at each ``GROUP_OVERHEAD_FLOP`` given, all interleaved step by step so
+that drift hits every variant alike; medians in ms. Beside them: the kernel maps alone (what
 the step spends building them), the ms until the host had issued all of a step's ops (a step
 whose issue time is close to its total is bound by the host, not the GPU), and a profile of one
 step (the device time of its kernels by op). A single process; no MinkowskiEngine needed.
@@ -51,19 +52,49 @@ def map_seconds(model, coords, device: str) -> float:
     return time.perf_counter() - t0
 
 
-@contextlib.contextmanager
-def variant(plans: str, overhead: float, tf32: bool):
+def _cols_by_indexing(src, plan):
+    """``ops._table_cols`` through advanced indexing (aten::index) instead of index_select."""
     import torch
 
-    from harness.backbones import kernel_map
+    padded = torch.cat((src, src.new_zeros((1, src.shape[1]))))
+    return padded[plan.index].view(plan.n_out, plan.K * src.shape[1])
 
-    saved = kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32
-    kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32 = (
-        plans, overhead, tf32)
+
+def _cols_wide(src, plan):
+    """``ops._table_cols`` moving rows as 16-byte elements (complex128) where a row is a
+    multiple of 16 bytes: fewer, wider elements per gathered row."""
+    import torch
+
+    padded = torch.cat((src, src.new_zeros((1, src.shape[1]))))
+    if (src.shape[1] * src.element_size()) % 16:
+        return padded.index_select(0, plan.index).view(plan.n_out, plan.K * src.shape[1])
+    wide = padded.view(torch.complex128).index_select(0, plan.index)
+    return wide.view(src.dtype).view(plan.n_out, plan.K * src.shape[1])
+
+
+GATHERS = {"index_select": None, "indexing": _cols_by_indexing, "wide": _cols_wide}
+
+
+@contextlib.contextmanager
+def variant(plans: str = "table", overhead: float = None, tf32: bool = False, gather: str = "index_select"):
+    """Settings of one variant: the GPU scheme, the grouped scheme's overhead, TF32 matrix
+    products, and how the table plans gather their columns (bench-only alternatives)."""
+    import torch
+
+    from harness.backbones import kernel_map, ops
+
+    saved = (kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32,
+             ops._table_cols)
+    kernel_map.OFF_CPU_PLANS = plans
+    kernel_map.GROUP_OVERHEAD_FLOP = saved[1] if overhead is None else overhead
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    if GATHERS[gather] is not None:
+        ops._table_cols = GATHERS[gather]
     try:
         yield
     finally:
-        kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32 = saved
+        (kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32,
+         ops._table_cols) = saved
 
 
 def profile_table(model, coords, feats, device: str, rows: int = 25) -> Dict:
@@ -94,16 +125,16 @@ def sweep(n: int, device: str, overheads: List[float], repeats: int, warmup: int
     coords, feats = make_input(n)
     c, f = coords.to(device), feats.to(device)
     model = _build("torch", device)
-    default = kernel_map.GROUP_OVERHEAD_FLOP
-    variants = [("table", "table", default, False, False), ("table tf32", "table", default, True, False),
-                ("table bf16", "table", default, False, True)]
-    variants += [(f"grouped overhead={o:g}", "grouped", o, False, False) for o in overheads]
+    variants = [("table", {}, False), ("table tf32", {"tf32": True}, False), ("table bf16", {}, True),
+                ("table, gather by indexing", {"gather": "indexing"}, False),
+                ("table, gather 16-byte elements", {"gather": "wide"}, False)]
+    variants += [(f"grouped overhead={o:g}", {"plans": "grouped", "overhead": o}, False) for o in overheads]
     times: Dict[str, List[float]] = {v[0]: [] for v in variants}
     issued: Dict[str, List[float]] = {v[0]: [] for v in variants}
     for it in range(warmup + repeats):
         order = variants if it % 2 == 0 else variants[::-1]
-        for name, plans, o, tf32, bf16 in order:
-            with variant(plans, o, tf32):
+        for name, settings, bf16 in order:
+            with variant(**settings):
                 model.zero_grad(set_to_none=True)
                 sink: List[float] = []
                 dt = _step(model, c, f, device, autocast=bf16, issued=sink)
@@ -141,7 +172,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--sizes", type=int, nargs="+", default=[100000])
-    p.add_argument("--overheads", type=float, nargs="*", default=[1e9, 1e10])
+    p.add_argument("--overheads", type=float, nargs="*", default=[1e10])
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)

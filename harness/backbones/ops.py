@@ -463,23 +463,32 @@ def table_matmul(plan: TablePlan, x: torch.Tensor, weight: torch.Tensor) -> torc
 
 def table_backward(fwd: TablePlan, bwd: Optional[TablePlan], x: torch.Tensor, weight: torch.Tensor,
                    grad: torch.Tensor, need_x: bool, need_w: bool):
-    """Both gradients of a table-plan convolution. The input gradient is a convolution with
-    the transposed table: ``bwd``, or for a stride-1 kernel (``bwd`` None) the same table with
-    the offsets reversed, i.e. ``weight[K-1-i]^T`` on column i. The weight gradient is one
-    GEMM of the gathered columns (on the input side, or for a ``select`` plan the output
-    gradient's through ``bwd``) with the other operand."""
+    """Both gradients of a table-plan convolution, with one gather where both are needed.
+
+    The input gradient is a convolution of the output gradient through the transposed table:
+    ``bwd``, or for a stride-1 kernel (``bwd`` None) the same table with the offsets reversed
+    (column i carries ``weight[K-1-i]^T``). The weight gradient is ``cols(x)^T grad``; where
+    the output gradient is gathered anyway it is ``x^T cols'(grad)`` instead, with ``cols'``
+    the transposed table's gather (for a stride-1 kernel: the same columns, reversed), so the
+    one gather serves both gradients."""
     K, c_in, c_out = weight.shape
     gx = gw = None
-    if need_x:
-        if bwd is None:
-            gx = torch.mm(_table_cols(grad, fwd), weight.flip(0).transpose(1, 2).reshape(K * c_out, c_in))
-        else:
-            gx = table_matmul(bwd, grad, weight.transpose(1, 2))
-    if need_w:
-        if fwd.select is None:
+    if bwd is None or bwd.select is None:  # stride 1, or the transposed convolution
+        if need_x:
+            cols = _table_cols(grad, fwd if bwd is None else bwd)  # (n_in, K * c_out)
+            wt = weight.flip(0) if bwd is None else weight
+            gx = torch.mm(cols, wt.transpose(1, 2).reshape(K * c_out, c_in))
+            if need_w:
+                gw = torch.mm(x.t(), cols).view(c_in, K, c_out).transpose(0, 1)
+                gw = (gw.flip(0) if bwd is None else gw).contiguous()
+        elif need_w:  # the stem: its input (3 channels) is cheaper to gather than the gradient
             gw = torch.mm(_table_cols(x, fwd).t(), grad).view(K, c_in, c_out)
-        else:
-            gw = torch.mm(x.t(), _table_cols(grad, bwd)).view(c_in, K, c_out).transpose(0, 1).contiguous()
+        return gx, gw
+    # stride 2 (bwd selects): the input gradient gathers nothing
+    if need_x:
+        gx = table_matmul(bwd, grad, weight.transpose(1, 2))
+    if need_w:
+        gw = torch.mm(_table_cols(x, fwd).t(), grad).view(K, c_in, c_out)
     return gx, gw
 
 
