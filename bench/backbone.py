@@ -200,15 +200,25 @@ def time_backends(backends: List[str], coords, feats, device: str, repeats: int,
     state = models[backends[0]].state_dict()
     for m in models.values():
         m.load_state_dict(state)
-    variants = [(b, False, b) for b in backends] + ([("torch", True, "torch+bf16")] if bf16 else [])
-    times: Dict[str, List[float]] = {name: [] for _, _, name in variants}
+    import torch
+
+    from harness.train import set_tf32
+
+    # (backend, bf16 autocast, TF32, name); on a GPU the plain rows are IEEE float32, and
+    # torch+tf32 is what the trainer runs by default there (trainer.tf32)
+    cuda = device.startswith("cuda")
+    variants = [(b, False, False, b) for b in backends] + ([("torch", False, True, "torch+tf32")] if cuda else [])
+    variants += [("torch", True, False, "torch+bf16")] if bf16 else []
+    times: Dict[str, List[float]] = {v[3]: [] for v in variants}
     for it in range(warmup + repeats):
-        for b, a, name in variants:
+        for b, a, tf32, name in variants:
             dev = device if b == "torch" else "cpu"
             c, f = coords.to(dev), feats.to(dev)
             models[b].zero_grad(set_to_none=True)
             sink: List[float] = []
+            set_tf32(torch.device(dev), tf32)
             dt = _step(models[b], c, f, dev, autocast=a, issued=sink)
+            set_tf32(torch.device(dev), False)
             if it >= warmup:
                 times[name].append(dt)
                 if issued is not None:
@@ -370,7 +380,9 @@ def render(results: Dict) -> str:
                          f"{per_pair} | {gfs:.0f} | {gfs / env['peak_fp32']:.0%} | {mem_s} |")
     lines += ["", "Peak memory = peak RSS during two steps minus RSS before the first, each backend and size in a "
               "fresh process (on a GPU: the torch backend's peak allocated GPU memory). `torch+bf16` = torch "
-              "backend under `torch.autocast(device, bfloat16)`; its GFLOP/s column still counts against the fp32 peak.", ""]
+              "backend under `torch.autocast(device, bfloat16)`; its GFLOP/s column still counts against the fp32 peak."
+              + (" On a GPU `torch` is IEEE float32 and `torch+tf32` lets the float32 GEMMs use TF32 tensor cores "
+                 "(the trainer's default there: `trainer.tf32`)." if env["device"].startswith("cuda") else ""), ""]
     gemm = [(row["sites"], row["flops"]["executed_step_gflop"], row["gemm_s"]) for row in results["rows"] if row.get("gemm_s")]
     if gemm:
         lines += ["Convolution GEMMs alone (GPU time of the step's matrix products, CUDA profiler, fp32): " + ", ".join(

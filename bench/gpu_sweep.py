@@ -5,10 +5,9 @@ its GPU schemes (``kernel_map.OFF_CPU_PLANS``) and settings run it fastest.
                               [--repeats 8] [--out reports/bench/gpu_sweep]
 
 Per size, in one process and on one input: training steps (build the sparse input, forward,
-backward, as in ``bench/backbone.py``) with table plans (fp32, TF32 matrix products, bf16
-autocast, and two other ways of gathering their columns, tried here only) and with offset
-plans in padded groups at each ``GROUP_OVERHEAD_FLOP`` given, all interleaved step by step so
-that drift hits every variant alike; medians in ms. Beside them: the kernel maps alone (what
+backward, as in ``bench/backbone.py``) with table plans (IEEE fp32, TF32 matrix products, bf16
+autocast) and with offset plans in padded groups at each ``GROUP_OVERHEAD_FLOP`` given, all
+interleaved step by step so that drift hits every variant alike; medians in ms. Beside them: the kernel maps alone (what
 the step spends building them), the ms until the host had issued all of a step's ops (a step
 whose issue time is close to its total is bound by the host, not the GPU), and a profile of one
 step (the device time of its kernels by op). A single process; no MinkowskiEngine needed.
@@ -23,7 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -52,49 +51,22 @@ def map_seconds(model, coords, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def _cols_by_indexing(src, plan):
-    """``ops._table_cols`` through advanced indexing (aten::index) instead of index_select."""
-    import torch
-
-    padded = torch.cat((src, src.new_zeros((1, src.shape[1]))))
-    return padded[plan.index].view(plan.n_out, plan.K * src.shape[1])
-
-
-def _cols_wide(src, plan):
-    """``ops._table_cols`` moving rows as 16-byte elements (complex128) where a row is a
-    multiple of 16 bytes: fewer, wider elements per gathered row."""
-    import torch
-
-    padded = torch.cat((src, src.new_zeros((1, src.shape[1]))))
-    if (src.shape[1] * src.element_size()) % 16:
-        return padded.index_select(0, plan.index).view(plan.n_out, plan.K * src.shape[1])
-    wide = padded.view(torch.complex128).index_select(0, plan.index)
-    return wide.view(src.dtype).view(plan.n_out, plan.K * src.shape[1])
-
-
-GATHERS = {"index_select": None, "indexing": _cols_by_indexing, "wide": _cols_wide}
-
-
 @contextlib.contextmanager
-def variant(plans: str = "table", overhead: float = None, tf32: bool = False, gather: str = "index_select"):
+def variant(plans: str = "table", overhead: Optional[float] = None, tf32: bool = False):
     """Settings of one variant: the GPU scheme, the grouped scheme's overhead, TF32 matrix
-    products, and how the table plans gather their columns (bench-only alternatives)."""
+    products."""
     import torch
 
-    from harness.backbones import kernel_map, ops
+    from harness.backbones import kernel_map
 
-    saved = (kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32,
-             ops._table_cols)
+    saved = kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32
     kernel_map.OFF_CPU_PLANS = plans
     kernel_map.GROUP_OVERHEAD_FLOP = saved[1] if overhead is None else overhead
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    if GATHERS[gather] is not None:
-        ops._table_cols = GATHERS[gather]
     try:
         yield
     finally:
-        (kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32,
-         ops._table_cols) = saved
+        kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def profile_table(model, coords, feats, device: str, rows: int = 25) -> Dict:
@@ -125,9 +97,7 @@ def sweep(n: int, device: str, overheads: List[float], repeats: int, warmup: int
     coords, feats = make_input(n)
     c, f = coords.to(device), feats.to(device)
     model = _build("torch", device)
-    variants = [("table", {}, False), ("table tf32", {"tf32": True}, False), ("table bf16", {}, True),
-                ("table, gather by indexing", {"gather": "indexing"}, False),
-                ("table, gather 16-byte elements", {"gather": "wide"}, False)]
+    variants = [("table", {}, False), ("table tf32", {"tf32": True}, False), ("table bf16", {}, True)]
     variants += [(f"grouped overhead={o:g}", {"plans": "grouped", "overhead": o}, False) for o in overheads]
     times: Dict[str, List[float]] = {v[0]: [] for v in variants}
     issued: Dict[str, List[float]] = {v[0]: [] for v in variants}

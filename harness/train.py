@@ -180,6 +180,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """On CUDA, let float32 matrix products (the sparse convolutions' GEMMs among them) and
+    cuDNN convolutions use TF32 tensor cores, or keep them IEEE float32. Process-wide torch
+    flags: a job trains one model. Nothing changes off CUDA (no TF32 there)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -256,6 +265,7 @@ class Trainer:
                                  f"{self.world}")
             # BatchNorm statistics of the global batch, as one device holding all of it would compute
             model = dist.convert_sync_batchnorm(model)
+        set_tf32(device, bool(getattr(trainer_cfg, "tf32", True)))
         self.model = model.to(device)
         # buffers are not re-broadcast each step: the synchronised BatchNorms keep them equal
         self.module = dist.wrap(self.model, device, bool(getattr(trainer_cfg, "find_unused_parameters", True)),

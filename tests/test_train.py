@@ -123,3 +123,21 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     t = make_trainer(tmp_path, stream=BatchStream(4, 4, 0, make_batch))
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         t.fit()
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_tf32_setting_applies_on_cuda_only(enabled):
+    """``trainer.tf32`` sets torch's TF32 flags for a CUDA device (both: matrix products,
+    which the sparse convolutions are, and cuDNN convolutions) and leaves them alone elsewhere."""
+    from harness.train import set_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not enabled
+        set_tf32(torch.device("cpu"), enabled)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (not enabled, not enabled)
+        set_tf32(torch.device("cuda"), enabled)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert OmegaConf.structured(TrainerConfig).tf32 is True
