@@ -336,6 +336,12 @@ class TablePlan:
         """Row-offsets multiplied, zeros included (for FLOP counts)."""
         return (self.n_in if self.select is not None else self.n_out) * self.K
 
+    @functools.cached_property
+    def index_mirrored(self) -> torch.Tensor:
+        """``index`` with each row's offsets reversed: for a stride-1 kernel, the transposed
+        table (site s reaches r through offset i exactly when r reaches s through K-1-i)."""
+        return self.index.view(self.n_out, self.K).flip(1).reshape(-1)
+
 
 def uses_table_plans(device) -> bool:
     """Whether coordinate sets on ``device`` get :class:`TablePlan` (off the CPU, unless

@@ -445,10 +445,11 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
     return (_scatter_sum(gx, plan, "in", prods) if need_x else None), gw
 
 
-def _table_cols(src: torch.Tensor, plan: TablePlan) -> torch.Tensor:
-    """(n_out, K * C): each output row's K input rows side by side, zeros where absent."""
-    padded = torch.cat((src, src.new_zeros((1, src.shape[1]))))
-    return padded.index_select(0, plan.index).view(plan.n_out, plan.K * src.shape[1])
+def _table_cols(src: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(n_rows, K * C): each row's K source rows side by side (``index``, row-major), zeros
+    where the index points past ``src`` (absent entries)."""
+    padded = torch.nn.functional.pad(src, (0, 0, 0, 1))  # one zero row for the absent entries
+    return padded.index_select(0, index).view(n_rows, -1)
 
 
 def table_matmul(plan: TablePlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -458,37 +459,35 @@ def table_matmul(plan: TablePlan, x: torch.Tensor, weight: torch.Tensor) -> torc
     if plan.select is not None:
         prods = torch.mm(x, weight.permute(1, 0, 2).reshape(c_in, K * c_out))  # (n_in, K * C_out)
         return prods.view(-1, c_out).index_select(0, plan.select)
-    return torch.mm(_table_cols(x, plan), weight.reshape(K * c_in, c_out))
+    return torch.mm(_table_cols(x, plan.index, plan.n_out), weight.reshape(K * c_in, c_out))
 
 
 def table_backward(fwd: TablePlan, bwd: Optional[TablePlan], x: torch.Tensor, weight: torch.Tensor,
                    grad: torch.Tensor, need_x: bool, need_w: bool):
     """Both gradients of a table-plan convolution, with one gather where both are needed.
 
-    The input gradient is a convolution of the output gradient through the transposed table:
-    ``bwd``, or for a stride-1 kernel (``bwd`` None) the same table with the offsets reversed
-    (column i carries ``weight[K-1-i]^T``). The weight gradient is ``cols(x)^T grad``; where
-    the output gradient is gathered anyway it is ``x^T cols'(grad)`` instead, with ``cols'``
-    the transposed table's gather (for a stride-1 kernel: the same columns, reversed), so the
-    one gather serves both gradients."""
+    Where the output gradient is gathered through the transposed table, ``cols'`` (n_in,
+    K * C_out), one gather serves both: ``gx = cols' @ W^T`` (offset by offset) and ``gW =
+    x^T cols'``. The transposed table is ``bwd``'s, or for a stride-1 kernel (``bwd`` None) the
+    forward table with its offsets reversed (``TablePlan.index_mirrored``: the neighbour through
+    offset i reads back through offset K-1-i). Where ``bwd`` selects (stride 2), the input
+    gradient gathers nothing and the weight gradient is ``cols(x)^T grad``."""
     K, c_in, c_out = weight.shape
     gx = gw = None
     if bwd is None or bwd.select is None:  # stride 1, or the transposed convolution
         if need_x:
-            cols = _table_cols(grad, fwd if bwd is None else bwd)  # (n_in, K * c_out)
-            wt = weight.flip(0) if bwd is None else weight
-            gx = torch.mm(cols, wt.transpose(1, 2).reshape(K * c_out, c_in))
+            index = fwd.index_mirrored if bwd is None else bwd.index
+            cols = _table_cols(grad, index, x.shape[0])  # (n_in, K * c_out)
+            gx = torch.mm(cols, weight.transpose(1, 2).reshape(K * c_out, c_in))
             if need_w:
-                gw = torch.mm(x.t(), cols).view(c_in, K, c_out).transpose(0, 1)
-                gw = (gw.flip(0) if bwd is None else gw).contiguous()
+                gw = torch.mm(x.t(), cols).view(c_in, K, c_out).transpose(0, 1).contiguous()
         elif need_w:  # the stem: its input (3 channels) is cheaper to gather than the gradient
-            gw = torch.mm(_table_cols(x, fwd).t(), grad).view(K, c_in, c_out)
+            gw = torch.mm(_table_cols(x, fwd.index, fwd.n_out).t(), grad).view(K, c_in, c_out)
         return gx, gw
-    # stride 2 (bwd selects): the input gradient gathers nothing
     if need_x:
         gx = table_matmul(bwd, grad, weight.transpose(1, 2))
     if need_w:
-        gw = torch.mm(_table_cols(x, fwd).t(), grad).view(K, c_in, c_out)
+        gw = torch.mm(_table_cols(x, fwd.index, fwd.n_out).t(), grad).view(K, c_in, c_out)
     return gx, gw
 
 
