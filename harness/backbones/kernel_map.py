@@ -20,14 +20,14 @@ plan        a table cut into buckets of rows that share a set of active offsets 
             *spilled*: it leaves the bucket's mask and its pairs run offset by offset
             (``Plan.spill``), so the GEMM does not multiply the zeros of all the other rows.
 offset plan the same table run offset by offset, unpadded (:class:`OffsetPlan`); small
-            coordinate sets (the coarse levels) use it instead of buckets, and so does every
-            set on a GPU (no worker threads there).
-group       off the CPU, consecutive offsets of an offset plan (most pairs first) whose pair
-            lists are padded to the group's longest and run as one batched GEMM
-            (:class:`OffsetGroup`): every op there is a kernel launch, and one GEMM per offset
-            is thousands of launches per step (see :func:`group_offsets`).
-table plan  off the CPU by default (``OFF_CPU_PLANS``), the whole table as one gather and one
-            GEMM (:class:`TablePlan`): all K offsets of every row, absent ones reading zeros.
+            coordinate sets on the CPU (the coarse levels) use it instead of buckets.
+table plan  every set on a GPU by default (``OFF_CPU_PLANS``): the whole table as one gather and
+            one GEMM (:class:`TablePlan`), all K offsets of every row, absent ones reading
+            zeros. There every op is a kernel launch the host must issue, and no worker
+            threads share the work: fewest ops beats fewest multiplications.
+group       with ``OFF_CPU_PLANS = "grouped"``, a GPU runs offset plans instead, consecutive
+            offsets (most pairs first) padded to the group's longest and run as one batched
+            GEMM (:class:`OffsetGroup`, :func:`group_offsets`); slower than table plans.
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
@@ -726,8 +726,9 @@ class CoordinateManager:
     order with :meth:`to_input_order`. ``widths`` (tensor stride -> typical channel count of
     the layers there) sets the per-bucket overhead of the bucketing cost model: wide layers
     afford more, smaller buckets. Sets of at most ``offset_major_sites`` sites (default
-    ``OFFSET_MAJOR_SITES`` on the CPU, every set elsewhere) get an :class:`OffsetPlan` instead of
-    buckets, and so do the stride-2 maps from them.
+    ``OFFSET_MAJOR_SITES`` on the CPU, every set elsewhere) get a plan without buckets instead
+    (:func:`unbucketed_plan`: a :class:`TablePlan` off the CPU, else an :class:`OffsetPlan`),
+    and so do the stride-2 maps from them.
     """
 
     def __init__(self, coords: torch.Tensor, reorder: bool = True, widths: Optional[Dict[int, int]] = None,

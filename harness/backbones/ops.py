@@ -1,9 +1,11 @@
 """Sparse operations of the torch backend, and helpers shared by every backend.
 
-Convolutions run as gather -> GEMM -> write per chunk of a bucket of a
-:class:`~.kernel_map.Plan`; the autograd function keeps only its input, its weight and the
-(shared) plans, never a gathered matrix. Backward gathers again: the output gradient, once for
-both gradients of a stride-1 convolution (:func:`symmetric_backward`). Chunks and pieces are
+On the CPU, convolutions run as gather -> GEMM -> write per chunk of a bucket of a
+:class:`~.kernel_map.Plan` (or per offset of an :class:`~.kernel_map.OffsetPlan`); on a GPU as
+one gather and one GEMM through a :class:`~.kernel_map.TablePlan`. The autograd function keeps
+only its input, its weight and the (shared) plans, never a gathered matrix. Backward gathers
+again: the output gradient, once for both gradients of a stride-1 convolution
+(:func:`symmetric_backward`, :func:`table_backward`). Chunks and pieces are
 tasks for the worker threads of :mod:`.workers`; everything large they write into is
 allocated here, by the calling thread.
 """
