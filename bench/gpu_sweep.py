@@ -1,16 +1,16 @@
-"""Benchmark: where a torch-backend Res16UNet34C step spends its time on a GPU, and which of
-its GPU schemes (``kernel_map.OFF_CPU_PLANS``) and settings run it fastest.
+"""Benchmark: where a torch-backend Res16UNet34C step spends its time on a GPU, and what TF32
+matrix products and bf16 autocast change.
 
-    python -m bench.gpu_sweep [--device cuda] [--sizes 100000] [--overheads 1e10]
-                              [--repeats 8] [--out reports/bench/gpu_sweep]
+    python -m bench.gpu_sweep [--device cuda] [--sizes 100000] [--repeats 8]
+                              [--out reports/bench/gpu_sweep]
 
 Per size, in one process and on one input: training steps (build the sparse input, forward,
-backward, as in ``bench/backbone.py``) with table plans (IEEE fp32, TF32 matrix products, bf16
-autocast) and with offset plans in padded groups at each ``GROUP_OVERHEAD_FLOP`` given, all
-interleaved step by step so that drift hits every variant alike; medians in ms. Beside them: the kernel maps alone (what
-the step spends building them), the ms until the host had issued all of a step's ops (a step
-whose issue time is close to its total is bound by the host, not the GPU), and a profile of one
-step (the device time of its kernels by op). A single process; no MinkowskiEngine needed.
+backward, as in ``bench/backbone.py``) in IEEE fp32, with TF32 matrix products and under bf16
+autocast, interleaved step by step so that drift hits every variant alike; medians in ms.
+Beside them: the kernel maps alone (what the step spends building them), the ms until the host
+had issued all of a step's ops (a step whose issue time is close to its total is bound by the
+host, not the GPU), and a profile of one step (the device time of its kernels by op). A single
+process; no MinkowskiEngine needed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -52,21 +52,16 @@ def map_seconds(model, coords, device: str) -> float:
 
 
 @contextlib.contextmanager
-def variant(plans: str = "table", overhead: Optional[float] = None, tf32: bool = False):
-    """Settings of one variant: the GPU scheme, the grouped scheme's overhead, TF32 matrix
-    products."""
+def tf32_matmul(enabled: bool):
+    """TF32 float32 matrix products inside the block (torch's process-wide flag, restored)."""
     import torch
 
-    from harness.backbones import kernel_map
-
-    saved = kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32
-    kernel_map.OFF_CPU_PLANS = plans
-    kernel_map.GROUP_OVERHEAD_FLOP = saved[1] if overhead is None else overhead
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:
-        kernel_map.OFF_CPU_PLANS, kernel_map.GROUP_OVERHEAD_FLOP, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def profile_table(model, coords, feats, device: str, rows: int = 25) -> Dict:
@@ -88,23 +83,21 @@ def profile_table(model, coords, feats, device: str, rows: int = 25) -> Dict:
             "table": avgs.table(sort_by=key, row_limit=rows)}
 
 
-def sweep(n: int, device: str, overheads: List[float], repeats: int, warmup: int) -> Dict:
+def sweep(n: int, device: str, repeats: int, warmup: int) -> Dict:
     import torch
 
     from bench.backbone import _build, _step, make_input
-    from harness.backbones import kernel_map
 
     coords, feats = make_input(n)
     c, f = coords.to(device), feats.to(device)
     model = _build("torch", device)
-    variants = [("table", {}, False), ("table tf32", {"tf32": True}, False), ("table bf16", {}, True)]
-    variants += [(f"grouped overhead={o:g}", {"plans": "grouped", "overhead": o}, False) for o in overheads]
+    variants = [("fp32", False, False), ("tf32", True, False), ("bf16 autocast", False, True)]
     times: Dict[str, List[float]] = {v[0]: [] for v in variants}
     issued: Dict[str, List[float]] = {v[0]: [] for v in variants}
     for it in range(warmup + repeats):
         order = variants if it % 2 == 0 else variants[::-1]
-        for name, settings, bf16 in order:
-            with variant(**settings):
+        for name, tf32, bf16 in order:
+            with tf32_matmul(tf32):
                 model.zero_grad(set_to_none=True)
                 sink: List[float] = []
                 dt = _step(model, c, f, device, autocast=bf16, issued=sink)
@@ -112,7 +105,7 @@ def sweep(n: int, device: str, overheads: List[float], repeats: int, warmup: int
                 times[name].append(dt)
                 issued[name].append(sink[0])
     maps = [map_seconds(model, c, device) for _ in range(3)]
-    res = {"sites": len(coords), "plans": kernel_map.OFF_CPU_PLANS,
+    res = {"sites": len(coords),
            "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
            "min_ms": {k: min(v) * 1e3 for k, v in times.items()},
            "issued_ms": {k: statistics.median(v) * 1e3 for k, v in issued.items()},
@@ -128,12 +121,12 @@ def render(results: Dict) -> str:
              f"Command: `{results['command']}`", ""]
     for r in results["sizes"]:
         lines += [f"## {r['sites']} voxels", "",
-                  f"Kernel maps alone ({r['plans']} plans): {r['maps_ms']:.1f} ms per step. Peak GPU memory: {r.get('peak_mem_mb', 0):.0f} MB.",
+                  f"Kernel maps alone: {r['maps_ms']:.1f} ms per step. Peak GPU memory: {r.get('peak_mem_mb', 0):.0f} MB.",
                   "", "| variant | median ms | min ms | host issued all ops by (ms) |", "| --- | ---: | ---: | ---: |"]
         for k in r["median_ms"]:
             lines.append(f"| {k} | {r['median_ms'][k]:.1f} | {r['min_ms'][k]:.1f} | {r['issued_ms'][k]:.1f} |")
         p = r["profile"]
-        lines += ["", f"Profiled step ({r['plans']} plans, fp32): {p['wall_ms']:.1f} ms wall (profiler on), {p['self_total_ms']:.1f} ms of "
+        lines += ["", f"Profiled step (fp32): {p['wall_ms']:.1f} ms wall (profiler on), {p['self_total_ms']:.1f} ms of "
                   f"self time summed over ops, {p['ops']} op calls.", "", "```", p["table"], "```", ""]
     return "\n".join(lines)
 
@@ -142,7 +135,6 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--sizes", type=int, nargs="+", default=[100000])
-    p.add_argument("--overheads", type=float, nargs="*", default=[1e10])
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -158,7 +150,7 @@ def main(argv=None) -> int:
                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "sizes": []}
     for n in args.sizes:
-        r = sweep(n, args.device, args.overheads, args.repeats, args.warmup)
+        r = sweep(n, args.device, args.repeats, args.warmup)
         results["sizes"].append(r)
         for k, v in r["median_ms"].items():
             print(f"sweep n={r['sites']} {k}: median {v:.1f} ms, issued {r['issued_ms'][k]:.1f} ms", flush=True)

@@ -4,11 +4,10 @@
 
 On a GPU every op is a kernel launch the host must issue, and a step of thousands of small
 GEMMs is bound by the host, not the GPU. This counts, with the torch profiler, the top-level
-aten ops of one forward+backward step with every coordinate set run offset by offset (the
-GPU's scheme), once with one GEMM per offset, once with the offsets in padded batched
-groups (:func:`harness.backbones.kernel_map.group_offsets`) and once with table plans (one
-gather and one GEMM per convolution, what a GPU runs by default:
-:class:`harness.backbones.kernel_map.TablePlan`), side by side on the same input. It needs no GPU: the ops a step issues do not depend on the device. View
+aten ops of one forward+backward step with no coordinate set in buckets (as on a GPU), once
+with table plans (one gather and one GEMM per convolution, what a GPU runs:
+:class:`harness.backbones.kernel_map.TablePlan`) and once with one GEMM per kernel offset,
+side by side on the same input. It needs no GPU: the ops a step issues do not depend on the device. View
 ops (slices, selects) launch nothing but still cost the host a dispatch each; most other ops
 launch a kernel or more.
 """
@@ -65,17 +64,15 @@ def main(argv=None) -> int:
     import torch
 
     from bench.backbone import _build, make_input
-    from harness.backbones import kernel_map, ops
+    from harness.backbones import kernel_map
 
     torch.set_num_threads(1)  # one worker: every task runs on the calling thread, as on a GPU
     coords, feats = make_input(args.voxels)
     model = _build("torch", "cpu")
     rows = []
-    schemes = (("one GEMM per offset", False, False), ("batched groups", True, False), ("table plans", False, True))
     with mock.patch.object(kernel_map, "OFFSET_MAJOR_SITES", sys.maxsize):
-        for name, batched, table in schemes:
-            with mock.patch.object(ops, "batches_offsets", lambda device, b=batched: b), \
-                    mock.patch.object(kernel_map, "uses_table_plans", lambda device, t=table: t):
+        for name, table in (("one GEMM per offset", False), ("table plans", True)):
+            with mock.patch.object(kernel_map, "uses_table_plans", lambda device, t=table: t):
                 c = count_ops(model, coords, feats)
             total = sum(c.values())
             views = sum(v for k, v in c.items() if k in VIEWS)

@@ -6,8 +6,8 @@
 #
 # The GPU image has torch, numpy, pytest, pyyaml and rich but not omegaconf (the test fixtures
 # import it); `prepare` downloads it for Python 3.12. `run` installs the wheels into /tmp/site,
-# sweeps the offset grouping's cost model at 100k voxels (bench/gpu_sweep.py: ms per step per
-# setting, TF32 and bf16, kernel maps alone, a profile of one step), runs
+# times a step at 100k voxels in fp32, TF32 and bf16 (bench/gpu_sweep.py: ms per step, when the
+# host had issued its ops, the kernel maps alone, a profile of one step), runs
 # tests/test_backbone_cuda.py (CUDA against the CPU, float64, and bf16 autocast), times
 # Res16UNet34C at 20k, 100k and 300k voxels (bench/backbone.py --device cuda: ms per step, GEMM
 # TFLOP/s against the GPU's matmul peak, peak GPU memory, when the host had issued all of a

@@ -1,8 +1,7 @@
 """The torch backend on a GPU (skipped without CUDA; `scripts/gpu_check.sh` runs it on a lent GPU).
 
-On CUDA every coordinate set runs as a table plan (one gather and one GEMM per convolution) or,
-with ``OFF_CPU_PLANS = "grouped"``, offset by offset in padded batched groups; on the CPU the
-fine sets run in buckets with spilled offsets, on worker threads. Same state_dict, same input:
+On CUDA every coordinate set runs as a table plan (one gather and one GEMM per convolution); on
+the CPU the fine sets run in buckets with spilled offsets, on worker threads. Same state_dict, same input:
 the two must give the same outputs and gradients (float64: to rounding)."""
 
 import copy
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from harness.backbones import build_backbone, kernel_map
-from harness.backbones.kernel_map import CoordinateManager, OffsetPlan, TablePlan
+from harness.backbones.kernel_map import CoordinateManager, TablePlan
 from harness.backbones.synthetic import room_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -31,17 +30,15 @@ def _step(model, coords, feats, device, g):
     return out.detach(), f.grad.detach(), {k: p.grad.detach() for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode,plans", [("train", "table"), ("eval", "table"), ("train", "grouped")])
-def test_res16unet34c_on_cuda_equals_the_cpu_float64(mode, plans, monkeypatch):
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_res16unet34c_on_cuda_equals_the_cpu_float64(mode, monkeypatch):
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 1000)  # the CPU's fine sets in buckets
-    monkeypatch.setattr(kernel_map, "OFF_CPU_PLANS", plans)
     coords, colors = room_batch(4000, seed=5)
     coords, feats = torch.from_numpy(coords), torch.from_numpy(colors).double()
     cm = CoordinateManager(coords.cuda())
     cm.down_map(1)
-    kind = TablePlan if plans == "table" else OffsetPlan
-    assert all(isinstance(lv.plan, kind) for lv in cm.levels.values())
-    assert isinstance(cm.down_maps[1].down, kind) and isinstance(cm.down_maps[1].up, kind)
+    assert all(isinstance(lv.plan, TablePlan) for lv in cm.levels.values())
+    assert isinstance(cm.down_maps[1].down, TablePlan) and isinstance(cm.down_maps[1].up, TablePlan)
     torch.manual_seed(0)
     cpu = build_backbone("Res16UNet34C", 3, 20, backend="torch").double()
     gpu = copy.deepcopy(cpu).cuda()

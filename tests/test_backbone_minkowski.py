@@ -8,7 +8,7 @@ import torch
 
 ME = pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine not installed (make minkowski)")
 
-from harness.backbones import build_backbone, kernel_map, ops  # noqa: E402
+from harness.backbones import build_backbone, kernel_map  # noqa: E402
 from harness.backbones.sparse import SparseTensor  # noqa: E402
 from harness.backbones.synthetic import room_batch  # noqa: E402
 from harness.backbones.torch_backend import SparseConv, SparseConvTranspose  # noqa: E402
@@ -66,25 +66,21 @@ def _assert_agree(ours, theirs, tol=1e-5):
 
 
 @pytest.mark.minkowski
-@pytest.mark.parametrize("mode,offset_major_sites,spill_below,gpu_scheme", [
-    ("train", 1000, kernel_map.SPILL_BELOW, None), ("eval", 1000, kernel_map.SPILL_BELOW, None),
-    ("train", 0, kernel_map.SPILL_BELOW, None), ("train", 0, 0.0, None), ("train", 10**9, kernel_map.SPILL_BELOW, None),
-    ("train", 10**9, kernel_map.SPILL_BELOW, "batched"), ("train", 10**9, kernel_map.SPILL_BELOW, "table")])
-def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode, offset_major_sites, spill_below, gpu_scheme,
+@pytest.mark.parametrize("mode,offset_major_sites,spill_below,table", [
+    ("train", 1000, kernel_map.SPILL_BELOW, False), ("eval", 1000, kernel_map.SPILL_BELOW, False),
+    ("train", 0, kernel_map.SPILL_BELOW, False), ("train", 0, 0.0, False), ("train", 10**9, kernel_map.SPILL_BELOW, False),
+    ("train", 10**9, kernel_map.SPILL_BELOW, True)])
+def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode, offset_major_sites, spill_below, table,
                                                      monkeypatch):
     """Same state_dict and input: outputs, input and weight gradients (and in train mode the
     updated running statistics) agree to 1e-5 relative (in fact to rounding, ~1e-12).
     With 1000 the stride-1 level (about 2500 sites) runs in buckets and the coarser ones
     offset by offset; with 0 every level runs in buckets (rare offsets spilled, or none), with
-    10**9 every level and every stride-2 map offset by offset, on the worker threads, or in
-    one of the GPU's schemes forced on the CPU: padded batched groups (a small group
-    overhead, so that levels have several groups) or table plans."""
+    10**9 every level and every stride-2 map offset by offset on the worker threads, or as
+    table plans (the GPU's scheme, forced on the CPU)."""
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", offset_major_sites)
     monkeypatch.setattr(kernel_map, "SPILL_BELOW", spill_below)
-    if gpu_scheme == "batched":
-        monkeypatch.setattr(ops, "batches_offsets", lambda device: True)
-        monkeypatch.setattr(kernel_map, "GROUP_OVERHEAD_FLOP", 1e6)
-    if gpu_scheme == "table":
+    if table:
         monkeypatch.setattr(kernel_map, "uses_table_plans", lambda device: True)
     coords, feats = scene
     mt, mm = models

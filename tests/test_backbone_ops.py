@@ -5,8 +5,6 @@ conv_transpose3d; values and gradients (features and weights) must agree. Coordi
 negative values, two batch items and tensor strides above 1.
 """
 
-import copy
-import itertools
 
 import numpy as np
 import pytest
@@ -55,26 +53,17 @@ def dense_weight(kernel, k):
     return w.permute(4, 3, 2, 1, 0)  # (out, in, x, y, z)
 
 
-@pytest.fixture(params=["buckets", "spill", "offsets", "batched", "table"])
+@pytest.fixture(params=["buckets", "spill", "offsets", "table"])
 def scheme(request, monkeypatch):
     """Every convolution in buckets (none spilled, or on these 35%-dense sites the offsets that
     are rarer near the border, most edges and corners, spilled), or every one offset by offset
-    on the worker threads, or offset by offset in padded batched groups (a GPU scheme; the
-    group overhead is scaled to these small sets so that they have several groups, most of them
-    padded), or as table plans (the GPU's default scheme: one gather and one GEMM)."""
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if request.param in ("offsets", "batched", "table")
-                        else 0)
+    on the worker threads, or as table plans (the GPU's scheme, forced on the CPU: one gather
+    and one GEMM)."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if request.param in ("offsets", "table") else 0)
     monkeypatch.setattr(kernel_map, "SPILL_BELOW", 0.3 if request.param == "spill" else 0.0)
-    if request.param == "batched":
-        monkeypatch.setattr(ops, "batches_offsets", lambda device: True)
-        monkeypatch.setattr(kernel_map, "GROUP_OVERHEAD_FLOP", SMALL_GROUP_OVERHEAD)
     if request.param == "table":
         monkeypatch.setattr(kernel_map, "uses_table_plans", lambda device: True)
     return request.param
-
-
-# The batched scheme's group overhead (FLOP) for the small test sets: about 70 pairs at 5 -> 7 channels.
-SMALL_GROUP_OVERHEAD = 15000.0
 
 
 def test_offset_tables_match_me_order():
@@ -314,16 +303,14 @@ def test_scheme_follows_the_site_count_of_each_level(monkeypatch):
     assert dm.down.n_entries == dm.up.n_entries == cm.level(2).n  # one pair per fine site
 
 
-def test_every_set_runs_offset_by_offset_off_the_cpu():
+def test_every_set_runs_without_buckets_off_the_cpu():
     assert kernel_map.default_offset_major_sites(torch.device("cpu")) == kernel_map.OFFSET_MAJOR_SITES < 10**6
     assert kernel_map.default_offset_major_sites(torch.device("cuda")) >= 2**62
     assert CoordinateManager(random_sites(9, extent=8)).offset_major_sites == kernel_map.OFFSET_MAJOR_SITES
 
 
-def test_table_plans_are_the_default_off_the_cpu_only(monkeypatch):
+def test_table_plans_are_for_devices_other_than_the_cpu():
     assert kernel_map.uses_table_plans(torch.device("cuda")) and not kernel_map.uses_table_plans("cpu")
-    monkeypatch.setattr(kernel_map, "OFF_CPU_PLANS", "grouped")
-    assert not kernel_map.uses_table_plans("cuda")
 
 
 def test_offset_scheme_is_the_same_on_one_and_two_workers(monkeypatch):
@@ -348,90 +335,6 @@ def test_offset_scheme_is_the_same_on_one_and_two_workers(monkeypatch):
         torch.set_num_threads(before)
     for a, b in zip(*results):
         assert torch.equal(a, b)
-
-
-def test_group_offsets_minimises_launches_plus_padded_pairs():
-    # counts 10, 9, 2, 1 with a run costing 5: [10 9][2 1] = 5 + 2*10 + 5 + 2*2 = 34 beats
-    # one run (5 + 40 = 45), [10][9][2 1] (38) and [10 9][2][1] (38)
-    assert kernel_map.group_offsets([10, 9, 2, 1], 5.0) == [(0, 2), (2, 4)]
-    assert kernel_map.group_offsets([10, 9, 2, 1], 0.0) == [(0, 1), (1, 2), (2, 3), (3, 4)]
-    assert kernel_map.group_offsets([10, 9, 2, 1], 100.0) == [(0, 4)]
-    assert kernel_map.group_offsets([], 5.0) == []
-
-
-def test_offset_groups_hold_every_pair_once_and_pad_to_spare_rows(monkeypatch):
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
-    monkeypatch.setattr(kernel_map, "GROUP_OVERHEAD_FLOP", SMALL_GROUP_OVERHEAD)
-    plan = CoordinateManager(random_sites(1)).level(1).plan
-    groups = plan.groups(5, 7)
-    assert 1 < len(groups) < len(plan.offsets) and any(g.pad is not None for g in groups)
-    assert [g.first for g in groups] == list(itertools.accumulate([0] + [g.m for g in groups[:-1]]))
-    seen = set()
-    for g in groups:
-        offs = plan.offsets[g.first:g.first + g.m]
-        real = torch.ones(g.m * g.length, dtype=torch.bool)
-        if g.pad is not None:
-            real[g.pad] = False
-        assert bool((g.scatter_out[~real] == plan.n_out).all()) and bool((g.scatter_in[~real] == plan.n_in).all())
-        assert bool((g.gather_in[~real] == 0).all()) and bool((g.gather_out[~real] == 0).all())
-        assert torch.equal(g.gather_in[real], g.scatter_in[real]) and torch.equal(g.gather_out[real], g.scatter_out[real])
-        slot = torch.arange(g.m * g.length) // g.length
-        for o, r_out, r_in in zip(slot[real].tolist(), g.scatter_out[real].tolist(), g.scatter_in[real].tolist()):
-            seen.add((offs[o], r_out, r_in))
-    pairs = {(i, int(plan.out_rows[p]), int(plan.in_rows[p]))
-             for j, i in enumerate(plan.offsets) for p in range(plan.seg[j], plan.seg[j + 1])}
-    assert seen == pairs and sum(len(g.scatter_out) - (0 if g.pad is None else len(g.pad)) for g in groups) == len(pairs)
-
-
-@pytest.mark.parametrize("overhead", [SMALL_GROUP_OVERHEAD, 1e12])
-def test_batched_offsets_give_the_per_offset_results(monkeypatch, overhead):
-    """The GPU's batched scheme, forced on the CPU (several padded groups, or one group padded
-    to the longest offset), gives the per-offset scheme's values and gradients for the
-    stride-1, stride-2 and transposed convolutions, and in bf16 adds in float32 as it does."""
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
-    monkeypatch.setattr(kernel_map, "GROUP_OVERHEAD_FLOP", overhead)
-    torch.manual_seed(7)
-    coords = random_sites(10)
-    feats = torch.randn(len(coords), 6, dtype=DT)
-    convs = [SparseConv(6, 5, 3).to(DT), SparseConv(5, 4, 2, 2).to(DT), SparseConvTranspose(4, 3, 2, 2).to(DT)]
-    weights = torch.randn(len(coords), 3, dtype=DT)
-
-    def run(dtype=DT):
-        f = feats.clone().to(dtype).requires_grad_()
-        y, layers = SparseTensor(f, coords), [copy.deepcopy(c).to(dtype) for c in convs]
-        for c in layers:
-            y = c(y)
-        return (y.F,) + torch.autograd.grad((y.F * weights.to(dtype)).sum(), [f] + [c.kernel for c in layers])
-
-    per_offset, per_offset_bf16 = run(), run(torch.bfloat16)
-    monkeypatch.setattr(ops, "batches_offsets", lambda device: True)
-    batched, batched_bf16 = run(), run(torch.bfloat16)
-    for a, b in zip(per_offset, batched):
-        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(per_offset_bf16, batched_bf16):
-        assert (a.float() - b.float()).abs().max() <= 2e-2 * a.float().abs().max()
-
-
-def test_batched_scheme_runs_a_convolution_in_one_gemm_per_group(monkeypatch):
-    """The point of the GPU's scheme: a stride-1 convolution is the centre's product plus one
-    batched GEMM per group forward, and twice that backward (input and weight gradients),
-    whatever the number of offsets."""
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
-    monkeypatch.setattr(ops, "batches_offsets", lambda device: True)
-    coords = random_sites(3)
-    conv = SparseConv(8, 8, 3)
-    x = SparseTensor(torch.randn(len(coords), 8, requires_grad=True), coords)
-    n_groups = len(x.manager.level(1).plan.groups(8, 8))
-    calls = []
-    real_mm, real_bmm = torch.mm, torch.bmm
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append("mm") or real_mm(*a, **k))
-    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append("bmm") or real_bmm(*a, **k))
-    out = conv(x).F
-    assert calls == ["mm"] + ["bmm"] * n_groups
-    calls.clear()
-    out.sum().backward()
-    assert sorted(calls) == ["bmm"] * (2 * n_groups) + ["mm", "mm"]  # the centre's two gradients
-    assert len(x.manager.level(1).plan.offsets) == 26 and n_groups == 1  # default overhead, small set
 
 
 def test_table_plans_run_a_convolution_in_one_gemm_forward_and_two_backward(monkeypatch):

@@ -21,13 +21,10 @@ plan        a table cut into buckets of rows that share a set of active offsets 
             (``Plan.spill``), so the GEMM does not multiply the zeros of all the other rows.
 offset plan the same table run offset by offset, unpadded (:class:`OffsetPlan`); small
             coordinate sets on the CPU (the coarse levels) use it instead of buckets.
-table plan  every set on a GPU by default (``OFF_CPU_PLANS``): the whole table as one gather and
-            one GEMM (:class:`TablePlan`), all K offsets of every row, absent ones reading
-            zeros. There every op is a kernel launch the host must issue, and no worker
-            threads share the work: fewest ops beats fewest multiplications.
-group       with ``OFF_CPU_PLANS = "grouped"``, a GPU runs offset plans instead, consecutive
-            offsets (most pairs first) padded to the group's longest and run as one batched
-            GEMM (:class:`OffsetGroup`, :func:`group_offsets`); slower than table plans.
+table plan  every set off the CPU (a GPU): the whole table as one gather and one GEMM
+            (:class:`TablePlan`), all K offsets of every row, absent ones reading zeros. There
+            every op is a kernel launch the host must issue, and no worker threads share the
+            work: fewest ops beats fewest multiplications (see :func:`uses_table_plans`).
 
 A :class:`CoordinateManager` holds the coordinate sets of one forward pass (one per tensor
 stride) and every map between them; each is built once and reused by all layers that need it.
@@ -47,7 +44,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -89,22 +86,6 @@ OFFSET_MAJOR_SITES = 12000
 # pairs spilled, and a Res16UNet34C step from 4.52 to 4.23 s (A/B medians, 2 threads; 0.5-0.7
 # ran alike, 0.8 slower; the buckets' own cost model did not need retuning).
 SPILL_BELOW = 0.6
-
-# Off the CPU, what one group of an offset plan costs beyond its multiplications, in FLOP (see
-# group_offsets); used where OFF_CPU_PLANS is "grouped". Measured on an H200 (bench/gpu_sweep.py,
-# Res16UNet34C fwd+bwd, fp32, interleaved steps): at 100k voxels 0 / 1e8 / 1e9 / 1e10 / 1e12 ran
-# 240 / 174 / 159 / 151 / 184 ms, at 20k 130 / 82 / 65 / 65 / 71 ms, at 300k 560 / 440 / 385 /
-# 354 / 473 ms.
-GROUP_OVERHEAD_FLOP = 1e9
-
-# Off the CPU, which plan the coordinate sets get: "table" (:class:`TablePlan`) or "grouped"
-# (:class:`OffsetPlan` in padded groups). Measured on an H200 (bench/gpu_sweep.py, Res16UNet34C
-# fwd+bwd, room voxels, fp32, interleaved steps): table 50 / 86 / 213 ms per step at 20k / 100k /
-# 300k voxels, grouped 75 / 163 / 378 ms (1e9) and 83 / 168 / 356 ms (1e10). The grouped scheme's
-# host issued some 5,000 ops per step (120 ms at 100k), and its per-offset weight-gradient GEMMs,
-# (C, L) x (L, C) with L ~ 100k, ran at a few TFLOP/s.
-OFF_CPU_PLANS = "table"
-
 
 @dataclass
 class Bucket:
@@ -227,19 +208,6 @@ class OffsetPlan:
         """``offsets`` as an int64 tensor on the plan's device."""
         return torch.tensor(self.offsets, dtype=torch.int64, device=self.out_rows.device)
 
-    def groups(self, c_in: int, c_out: int) -> List["OffsetGroup"]:
-        """The plan's offsets in padded groups for a ``c_in`` -> ``c_out`` convolution (see
-        :func:`group_offsets`): chosen once per width pair, built once per grouping (every
-        convolution at this stride asks, forward and backward)."""
-        by_width = self.__dict__.setdefault("_groups_by_width", {})
-        if (c_in, c_out) not in by_width:
-            cuts = tuple(group_offsets(self.counts, GROUP_OVERHEAD_FLOP / (6.0 * c_in * c_out)))
-            by_cuts = self.__dict__.setdefault("_groups_by_cuts", {})
-            if cuts not in by_cuts:
-                by_cuts[cuts] = OffsetGroup.all_of(self, cuts)
-            by_width[(c_in, c_out)] = by_cuts[cuts]
-        return by_width[(c_in, c_out)]
-
     @functools.cached_property
     def out_touched(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(distinct output rows, each pair's position among them): lets a half-precision
@@ -250,58 +218,6 @@ class OffsetPlan:
     def in_touched(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """As :attr:`out_touched`, for the input rows (the input gradient's scatter)."""
         return torch.unique(self.in_rows, return_inverse=True)
-
-
-@dataclass
-class OffsetGroup:
-    """Offsets ``plan.offsets[first:first + m]`` with their pairs padded to ``length`` each, as
-    (m * length,) row indices, offset-major. Padding reads row 0 (``gather_*``) and adds to the
-    spare row ``n_in`` / ``n_out`` of a result one row longer than the plan's (``scatter_*``);
-    ``pad`` lists the padded positions, for zeroing before a weight gradient (None if none)."""
-
-    first: int
-    m: int
-    length: int
-    gather_in: torch.Tensor
-    gather_out: torch.Tensor
-    scatter_in: torch.Tensor
-    scatter_out: torch.Tensor
-    pad: Optional[torch.Tensor]
-
-    @classmethod
-    def all_of(cls, plan: "OffsetPlan", cuts: Sequence[Tuple[int, int]]) -> List["OffsetGroup"]:
-        """The groups of ``plan`` cut at ``cuts`` (runs ``[a, b)`` covering its offsets in
-        order, as :func:`group_offsets` gives them): slices of index tensors built for all
-        groups in one batch of ops (on a GPU each op is a kernel launch). Layout and padding
-        come from the plan's host-side counts: no device-to-host synchronisation."""
-        if not cuts:
-            return []
-        dev = plan.out_rows.device
-        counts = plan.counts
-        lengths, starts = [], []  # per offset: its run's padded length, its first position
-        spans, pads = [], []  # per group: (first, end) position, padded positions within the group
-        total = 0
-        for a, b in cuts:
-            length = max(counts[a:b])
-            lengths += [length] * (b - a)
-            starts += range(total, total + (b - a) * length, length)
-            spans.append((total, total + (b - a) * length, length))
-            pads.append(np.concatenate([np.arange(j * length + c, (j + 1) * length) for j, c in enumerate(counts[a:b])])
-                        if min(counts[a:b]) < length else np.empty(0, dtype=np.int64))
-            total += (b - a) * length
-        length_t, start_t, count_t, seg_t = torch.tensor([lengths, starts, counts, plan.seg[:-1]], device=dev)
-        of = torch.repeat_interleave(torch.arange(len(lengths), device=dev), length_t, output_size=total)
-        step = torch.arange(total, device=dev) - start_t[of]  # position within the offset's padded run
-        valid = step < count_t[of]
-        pos = torch.where(valid, seg_t[of] + step, 0)
-        rows_in, rows_out = plan.in_rows[pos], plan.out_rows[pos]
-        gather_in, gather_out = torch.where(valid, rows_in, 0), torch.where(valid, rows_out, 0)
-        scatter_in, scatter_out = torch.where(valid, rows_in, plan.n_in), torch.where(valid, rows_out, plan.n_out)
-        pad_sizes = [len(p) for p in pads]
-        pad_all = torch.from_numpy(np.concatenate(pads)).to(dev).split(pad_sizes) if sum(pad_sizes) else None
-        return [cls(a, b - a, length, gather_in[s:e], gather_out[s:e], scatter_in[s:e], scatter_out[s:e],
-                    pad_all[j] if pad_sizes[j] else None)
-                for j, ((a, b), (s, e, length)) in enumerate(zip(cuts, spans))]
 
 
 @dataclass
@@ -344,9 +260,14 @@ class TablePlan:
 
 
 def uses_table_plans(device) -> bool:
-    """Whether coordinate sets on ``device`` get :class:`TablePlan` (off the CPU, unless
-    ``OFF_CPU_PLANS`` says otherwise)."""
-    return torch.device(device).type != "cpu" and OFF_CPU_PLANS == "table"
+    """Whether coordinate sets on ``device`` get :class:`TablePlan`: off the CPU. Measured on an
+    H200 and an H100 (bench/gpu_sweep.py, Res16UNet34C fwd+bwd, room voxels, fp32, steps
+    interleaved in one process), against the scheme before them, offset plans whose offsets
+    ran in a few padded batched GEMMs per convolution: at 100k voxels 86 against 159-167 ms (H200)
+    and 72-80 against 150-163 ms (H100); 20k 40-50 against 65-83 ms, 300k 181-213 against
+    354-378 ms. That scheme's host issued 4,900 ops per step (table plans: 2,100), and its
+    per-offset weight-gradient GEMMs, (C, L) x (L, C) with L ~ 100k, left the GPU nearly idle."""
+    return torch.device(device).type != "cpu"
 
 
 def unbucketed_plan(table: torch.Tensor, n_in: int, centre: Optional[int] = None,
@@ -356,30 +277,6 @@ def unbucketed_plan(table: torch.Tensor, n_in: int, centre: Optional[int] = None
     if uses_table_plans(table.device):
         return TablePlan.from_table(table, n_in, single)
     return OffsetPlan.from_table(table, n_in, centre)
-
-
-def group_offsets(counts: List[int], overhead_rows: float) -> List[Tuple[int, int]]:
-    """Cut offsets sorted by pair count (most first) into runs ``[a, b)`` that minimise the sum
-    over runs of ``overhead_rows + (b - a) * counts[a]``: a run is one batched GEMM over its
-    offsets' pairs padded to its longest, and ``overhead_rows`` prices the run's kernel
-    launches in pairs of multiplications (``GROUP_OVERHEAD_FLOP`` over the layer's per-pair
-    FLOP). At 100k room voxels and 96 channels the 26 offsets fall into 6 runs, 2% padding; a
-    coarse level of 359 sites at 256 channels is one run. Exact, by dynamic programming over
-    the cut points."""
-    n = len(counts)
-    best = [0.0] + [math.inf] * n
-    prev = [0] * (n + 1)
-    for b in range(1, n + 1):
-        for a in range(b):
-            cost = best[a] + overhead_rows + (b - a) * counts[a]
-            if cost < best[b]:
-                best[b], prev[b] = cost, a
-    runs = []
-    b = n
-    while b > 0:
-        runs.append((prev[b], b))
-        b = prev[b]
-    return runs[::-1]
 
 
 def choose_buckets(masks: torch.Tensor, K: int, overhead: float = BUCKET_OVERHEAD,

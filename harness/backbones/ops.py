@@ -272,15 +272,6 @@ def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: 
     return gx, gw
 
 
-def batches_offsets(device: torch.device) -> bool:
-    """Whether offset plans run as padded batched GEMMs, a few per convolution
-    (:meth:`~.kernel_map.OffsetPlan.groups`): off the CPU, where every op is a kernel launch
-    the host must issue, and one GEMM per offset meant about 4,000 GEMMs per step at 100k
-    voxels (``python -m bench.launches``). On the CPU each offset is a task for the worker
-    threads, gathered into a per-worker buffer that stays in cache."""
-    return device.type != "cpu"
-
-
 def _pair_rows(src: torch.Tensor, rows: torch.Tensor, scratch: _Scratch, w: int, name: str, a: int,
                b: int) -> torch.Tensor:
     """Pairs a..b of ``src[rows]``, gathered into worker ``w``'s scratch buffer ``name``."""
@@ -339,73 +330,8 @@ def _scatter_sum(base: torch.Tensor, plan: OffsetPlan, side: str, prods: torch.T
     return base.index_copy_(0, touched, acc.to(base.dtype))
 
 
-def _accumulator(like: torch.Tensor, rows: int, cols: int, zero: bool) -> torch.Tensor:
-    """A (rows + 1, cols) sum for the batched scheme, the last row taking the padding's
-    products (never read, so never cleared); float32 for half-precision inputs (each row
-    rounded once, at the end)."""
-    dtype = torch.float32 if like.dtype in _HALF else like.dtype
-    return like.new_zeros((rows + 1, cols), dtype=dtype) if zero else like.new_empty((rows + 1, cols), dtype=dtype)
-
-
-def _centre_product(acc: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
-    """``acc[:-1] = a @ w``, the centre offset's product, in ``acc``'s dtype."""
-    if acc.dtype == a.dtype:
-        torch.mm(a, w, out=acc[:-1])
-    else:
-        acc[:-1].copy_(a @ w)
-
-
-def _batched_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """:func:`offset_matmul` as a few padded batched GEMMs (one per group of offsets)."""
-    c_in, c_out = weight.shape[1], weight.shape[2]
-    acc = _accumulator(x, plan.n_out, c_out, zero=plan.centre is None)
-    if plan.centre is not None:
-        _centre_product(acc, x, weight[plan.centre])
-    ws = weight.index_select(0, plan.offset_index)  # in the plan's offset order
-    for g in plan.groups(c_in, c_out):
-        gathered = x.index_select(0, g.gather_in).view(g.m, g.length, c_in)
-        prods = torch.bmm(gathered, ws[g.first:g.first + g.m])
-        acc.index_add_(0, g.scatter_out, _as(prods.view(-1, c_out), acc.dtype))
-    return _as(acc[:-1], x.dtype)
-
-
-def _batched_backward(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_x: bool,
-                      need_w: bool):
-    """:func:`offset_backward` as a few padded batched GEMMs per group of offsets: one gather
-    of the output gradient (its padding zeroed) serves both gradients."""
-    c_in, c_out = weight.shape[1], weight.shape[2]
-    gx = gw = None
-    if need_x:
-        gx = _accumulator(grad, plan.n_in, c_in, zero=plan.centre is None)
-        if plan.centre is not None:
-            _centre_product(gx, grad, weight[plan.centre].t())
-        wts = weight.index_select(0, plan.offset_index).transpose(1, 2)  # W[i]^T, in the plan's order
-    if need_w:
-        gws = weight.new_empty((len(plan.offsets), c_in, c_out))
-    for g in plan.groups(c_in, c_out):
-        go = grad.index_select(0, g.gather_out)
-        if need_w and g.pad is not None:
-            go.index_fill_(0, g.pad, 0)
-        go = go.view(g.m, g.length, c_out)
-        if need_x:
-            prods = torch.bmm(go, wts[g.first:g.first + g.m])
-            gx.index_add_(0, g.scatter_in, _as(prods.view(-1, c_in), gx.dtype))
-        if need_w:
-            xi = x.index_select(0, g.gather_in).view(g.m, g.length, c_in)
-            torch.bmm(xi.transpose(1, 2), go, out=gws[g.first:g.first + g.m])
-    if need_x:
-        gx = _as(gx[:-1], grad.dtype)
-    if need_w:
-        gw = torch.zeros_like(weight).index_copy_(0, plan.offset_index, gws)
-        if plan.centre is not None:
-            torch.mm(x.t(), grad, out=gw[plan.centre])
-    return gx, gw
-
-
 def offset_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``out = x @ W[centre] + sum_i scatter(x[in_i] @ W[i], out_i)``."""
-    if batches_offsets(x.device):
-        return _batched_matmul(plan, x, weight)
     shape = (plan.n_out, weight.shape[2])
     out = x.new_empty(shape) if plan.centre is not None else x.new_zeros(shape)
     prods = _offset_tasks(plan, x, plan.in_rows, weight, _centre_parts(plan, x, weight, out))
@@ -421,8 +347,6 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
     With ``gx_base`` / ``gw_base`` (a bucket plan's gradients, for its spilled pairs; no
     centre) both are added into those tensors instead; ``weight`` is needed only for the
     input gradient."""
-    if batches_offsets(grad.device) and gx_base is None and gw_base is None:
-        return _batched_backward(plan, x, weight, grad, need_x, need_w)
     c_in = x.shape[1]
     wt = weight.transpose(1, 2) if need_x else None  # a view: the GEMMs read it transposed, no copy
     gx = gx_base
