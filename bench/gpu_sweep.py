@@ -16,7 +16,6 @@ process; no MinkowskiEngine needed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -29,15 +28,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def map_seconds(model, coords, device: str) -> float:
     """Seconds to build every coordinate set and kernel map a forward pass uses."""
+    from bench.backbone import _sync
     from harness.backbones.kernel_map import CoordinateManager
 
     _sync(device)
@@ -49,19 +42,6 @@ def map_seconds(model, coords, device: str) -> float:
     cm.level(16).plan
     _sync(device)
     return time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def tf32_matmul(enabled: bool):
-    """TF32 float32 matrix products inside the block (torch's process-wide flag, restored)."""
-    import torch
-
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def profile_table(model, coords, feats, device: str, rows: int = 25) -> Dict:
@@ -87,6 +67,7 @@ def sweep(n: int, device: str, repeats: int, warmup: int) -> Dict:
     import torch
 
     from bench.backbone import _build, _step, make_input
+    from harness.train import set_tf32
 
     coords, feats = make_input(n)
     c, f = coords.to(device), feats.to(device)
@@ -97,10 +78,11 @@ def sweep(n: int, device: str, repeats: int, warmup: int) -> Dict:
     for it in range(warmup + repeats):
         order = variants if it % 2 == 0 else variants[::-1]
         for name, tf32, bf16 in order:
-            with tf32_matmul(tf32):
-                model.zero_grad(set_to_none=True)
-                sink: List[float] = []
-                dt = _step(model, c, f, device, autocast=bf16, issued=sink)
+            model.zero_grad(set_to_none=True)
+            sink: List[float] = []
+            set_tf32(torch.device(device), tf32)
+            dt = _step(model, c, f, device, autocast=bf16, issued=sink)
+            set_tf32(torch.device(device), False)
             if it >= warmup:
                 times[name].append(dt)
                 issued[name].append(sink[0])

@@ -400,19 +400,16 @@ def table_backward(fwd: TablePlan, bwd: Optional[TablePlan], x: torch.Tensor, we
     gradient gathers nothing and the weight gradient is ``cols(x)^T grad``."""
     K, c_in, c_out = weight.shape
     gx = gw = None
-    if bwd is None or bwd.select is None:  # stride 1, or the transposed convolution
-        if need_x:
-            index = fwd.index_mirrored if bwd is None else bwd.index
-            cols = _table_cols(grad, index, x.shape[0])  # (n_in, K * c_out)
-            gx = torch.mm(cols, weight.transpose(1, 2).reshape(K * c_out, c_in))
-            if need_w:
-                gw = torch.mm(x.t(), cols).view(c_in, K, c_out).transpose(0, 1).contiguous()
-        elif need_w:  # the stem: its input (3 channels) is cheaper to gather than the gradient
-            gw = torch.mm(_table_cols(x, fwd.index, fwd.n_out).t(), grad).view(K, c_in, c_out)
+    if need_x and (bwd is None or bwd.select is None):  # stride 1, or the transposed convolution
+        index = fwd.index_mirrored if bwd is None else bwd.index
+        cols = _table_cols(grad, index, x.shape[0])  # (n_in, K * c_out)
+        gx = torch.mm(cols, weight.transpose(1, 2).reshape(K * c_out, c_in))
+        if need_w:
+            gw = torch.mm(x.t(), cols).view(c_in, K, c_out).transpose(0, 1).contiguous()
         return gx, gw
-    if need_x:
+    if need_x:  # stride 2: ``bwd`` selects, the input gradient gathers nothing
         gx = table_matmul(bwd, grad, weight.transpose(1, 2))
-    if need_w:
+    if need_w:  # (also the stem, whose 3 input channels are cheaper to gather than the gradient)
         gw = torch.mm(_table_cols(x, fwd.index, fwd.n_out).t(), grad).view(K, c_in, c_out)
     return gx, gw
 
