@@ -204,11 +204,6 @@ class OffsetPlan:
         return max(self.counts, default=0)
 
     @functools.cached_property
-    def offset_index(self) -> torch.Tensor:
-        """``offsets`` as an int64 tensor on the plan's device."""
-        return torch.tensor(self.offsets, dtype=torch.int64, device=self.out_rows.device)
-
-    @functools.cached_property
     def out_touched(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(distinct output rows, each pair's position among them): lets a half-precision
         scatter add in float32 on the rows it touches only."""
