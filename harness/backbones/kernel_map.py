@@ -228,7 +228,9 @@ class TablePlan:
     n_out: int
     n_in: int
     K: int
-    index: torch.Tensor  # (n_out * K,) int64 input rows, row-major; absent entries read row n_in (zeros)
+    # (n_out * K,) int64 input rows, row-major; absent entries read row n_in (zeros). None where
+    # ``select`` is given (a select plan never gathers)
+    index: Optional[torch.Tensor]
     select: Optional[torch.Tensor]  # (n_out,) int64 in_row * K + offset of each row's one entry, or None
 
     @classmethod
@@ -435,23 +437,33 @@ def build_plan(table: torch.Tensor, n_in: int, bucket_of_row: np.ndarray, bucket
     return plan
 
 
+@functools.lru_cache(maxsize=256)
+def _const(values: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A small int64 tensor of ``values`` on ``device``, made once per process and never written:
+    off the CPU, making one is a host-to-device copy the step would otherwise repeat."""
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
 class _Packer:
     """Packs lattice coordinates ``(b, u, v, w)`` into sortable int64 keys with a margin of one
     lattice step on every side, so that a neighbour's key is the site's key plus a constant."""
 
     def __init__(self, lattice: torch.Tensor):
-        lo_hi = torch.stack([lattice.min(dim=0).values, lattice.max(dim=0).values]).tolist()
-        lo = lo_hi[0]
+        lo_hi = torch.cat(torch.aminmax(lattice, dim=0)).tolist()
+        lo, hi = lo_hi[:4], lo_hi[4:]
         lo[1:] = [v - 1 for v in lo[1:]]
         self.lo = lo
-        self.ext = [h - l + 1 + (1 if d else 0) for d, (l, h) in enumerate(zip(lo, lo_hi[1]))]
+        self.ext = [h - l + 1 + (1 if d else 0) for d, (l, h) in enumerate(zip(lo, hi))]
         if math.prod(float(e) for e in self.ext) >= 2.0**62:
             raise ValueError(f"coordinate extent {self.ext} too large to pack into int64 keys")
 
     def keys(self, lattice: torch.Tensor) -> torch.Tensor:
-        e, lo = self.ext, self.lo
-        s = [lattice[:, d] - lo[d] for d in range(4)]
-        return ((s[0] * e[1] + s[1]) * e[2] + s[2]) * e[3] + s[3]
+        """Row-major keys over the extents: each term is below its extent, so the sum stays below
+        their product (< 2^62). Three whole-tensor ops (off the CPU each op is a launch)."""
+        e = self.ext
+        dev = lattice.device
+        mult = _const((e[1] * e[2] * e[3], e[2] * e[3], e[3], 1), dev)
+        return ((lattice - _const(tuple(self.lo), dev)) * mult).sum(dim=1)
 
     def delta(self, d: List[int]) -> int:
         e = self.ext
@@ -459,7 +471,7 @@ class _Packer:
 
 
 # Column of offset 26 - i for i = 0..12: the mirror of each of the 13 offsets searched.
-_MIRROR_COLUMNS = torch.arange(26, 13, -1)
+_MIRROR_COLUMNS = tuple(range(26, 13, -1))
 
 
 def _neighbour_deltas(packer: _Packer, device: torch.device) -> torch.Tensor:
@@ -476,10 +488,10 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
 
 def _lattice(coords: torch.Tensor, step: int) -> torch.Tensor:
     """Coordinates with the spatial part floored to multiples of ``step``, in units of ``step``
-    (floor also below zero, as MinkowskiEngine)."""
-    lat = coords.clone()
-    lat[:, 1:] = torch.div(coords[:, 1:], step, rounding_mode="floor")
-    return lat
+    (floor also below zero, as MinkowskiEngine); ``coords`` itself for step 1."""
+    if step == 1:
+        return coords
+    return torch.div(coords, _const((1, step, step, step), coords.device), rounding_mode="floor")
 
 
 class Level:
@@ -492,19 +504,15 @@ class Level:
 
     def __init__(self, coords: torch.Tensor, stride: int, order_fixed: bool, device: torch.device,
                  overhead: float = BUCKET_OVERHEAD, keep_table: bool = False,
-                 offset_major_sites: int = OFFSET_MAJOR_SITES):
-        # coords (N, 4) int64 on device; spatial coordinates are multiples of stride.
+                 offset_major_sites: int = OFFSET_MAJOR_SITES, lattice: Optional[torch.Tensor] = None):
+        # coords (N, 4) int64 on device; spatial coordinates are multiples of stride;
+        # ``lattice``: coords in units of stride, where the caller has them already.
         self.stride = stride
         self.device = device
-        lattice = _lattice(coords, stride)
+        lattice = _lattice(coords, stride) if lattice is None else lattice
         packer = _Packer(lattice)
         skeys, sorder = torch.sort(packer.keys(lattice), stable=True)
         n = coords.shape[0]
-        dup = torch.nonzero(skeys[1:] == skeys[:-1])
-        if len(dup):
-            row = int(sorder[int(dup[0, 0]) + 1])
-            raise ValueError(f"duplicate coordinate {coords[row].tolist()} (row {row}); sites must be unique "
-                             "(voxelize the points first)")
         offset_major = n <= offset_major_sites
         # Neighbour table over sorted positions first; rows move once at the end. All 13
         # searches run as one batch of ops (on a GPU each op is a kernel launch), and a spare
@@ -513,14 +521,20 @@ class Level:
         q = skeys[None, :] + _neighbour_deltas(packer, device)[:, None]  # (13, n): key of neighbour i
         pos = torch.searchsorted(skeys, q).clamp_(max=n - 1)
         hit = skeys[pos] == q
+        # one wait for the device (off the CPU) for both counts
+        n_dup, n_hits = torch.stack([(skeys[1:] == skeys[:-1]).sum(), hit.sum()]).tolist()
+        if n_dup:
+            row = int(sorder[int(torch.nonzero(skeys[1:] == skeys[:-1])[0, 0]) + 1])
+            raise ValueError(f"duplicate coordinate {coords[row].tolist()} (row {row}); sites must be unique "
+                             "(voxelize the points first)")
         rows = torch.arange(n, device=device)
         tab = torch.full((n + 1, 27), -1, dtype=torch.int64, device=device)
         tab[:n, 13] = rows
         tab[:n, :13] = torch.where(hit, pos, -1).t()  # r + d_i = pos
-        mirror = _MIRROR_COLUMNS.to(device)[:, None].expand(13, n)
+        mirror = _const(_MIRROR_COLUMNS, device)[:, None].expand(13, n)
         tab[torch.where(hit, pos, n), mirror] = rows.expand(13, n)  # pos - d_i = r
         tab = tab[:n]
-        n_pairs = n + 2 * int(hit.sum())
+        n_pairs = n + 2 * n_hits
         self.perm: Optional[torch.Tensor] = None  # new row r was old row perm[r]
         if order_fixed:  # back to the input's row order
             table = torch.empty_like(tab)
@@ -583,14 +597,22 @@ class DownMap:
                  device: torch.device, overhead: float = BUCKET_OVERHEAD, offsets: bool = False):
         nf, nc = fine.n, coarse.n
         fine_rows = torch.arange(nf, device=device)
-        table = torch.full((nc, 8), -1, dtype=torch.int64, device=device)
-        table[parent, child_offset] = fine_rows
-        up_table = torch.full((nf, 8), -1, dtype=torch.int64, device=device)
-        up_table[fine_rows, child_offset] = parent
         self.parent = parent
         self.child_offset = child_offset
         self.down: "Plan | OffsetPlan | TablePlan"
         self.up: "Plan | OffsetPlan | TablePlan"
+        if offsets and uses_table_plans(device):
+            # built directly, in a few ops (each one a launch there): absent entries read row nf,
+            # the zero row; each fine row's one entry is parent * 8 + offset
+            index = torch.full((nc, 8), nf, dtype=torch.int64, device=device)
+            index[parent, child_offset] = fine_rows
+            self.down = TablePlan(nc, nf, 8, index.view(-1), None)
+            self.up = TablePlan(nf, nc, 8, None, parent * 8 + child_offset)
+            return
+        table = torch.full((nc, 8), -1, dtype=torch.int64, device=device)
+        table[parent, child_offset] = fine_rows
+        up_table = torch.full((nf, 8), -1, dtype=torch.int64, device=device)
+        up_table[fine_rows, child_offset] = parent
         if offsets:
             self.down = unbucketed_plan(table, nf)
             self.up = unbucketed_plan(up_table, nc, single=True)
@@ -669,15 +691,17 @@ class CoordinateManager:
         t2 = 2 * stride
         fc = fine.coords
         lat = _lattice(fc, t2)
-        off = torch.div(fc[:, 1:] - lat[:, 1:] * t2, stride, rounding_mode="floor")  # in {0, 1}^3
-        child_offset = off[:, 0] + 2 * off[:, 1] + 4 * off[:, 2]
+        # the kernel-2 offset of each fine site inside its parent: the parities of its lattice
+        # coordinates at the fine stride (x fastest, as MinkowskiEngine)
+        parity = torch.bitwise_and(_lattice(fc, stride)[:, 1:], 1)
+        child_offset = (parity * _const((1, 2, 4), fc.device)).sum(dim=1)
         ukeys, parent = torch.unique(_Packer(lat).keys(lat), sorted=True, return_inverse=True)
         rep = torch.empty(len(ukeys), dtype=torch.int64, device=fc.device)
         rep[parent] = torch.arange(len(parent), device=fc.device)  # any fine site of each coarse one
-        pc = lat[rep]
-        pc[:, 1:] *= t2
-        coarse = Level(pc, t2, order_fixed=False, device=self.device, overhead=self.overhead(t2),
-                       keep_table=self.keep_tables, offset_major_sites=self.offset_major_sites)
+        coarse_lattice = lat[rep]
+        coarse = Level(coarse_lattice * _const((1, t2, t2, t2), fc.device), t2, order_fixed=False,
+                       device=self.device, overhead=self.overhead(t2), keep_table=self.keep_tables,
+                       offset_major_sites=self.offset_major_sites, lattice=coarse_lattice)
         if coarse.perm is not None:
             parent = _inverse(coarse.perm)[parent]
         self.levels[t2] = coarse

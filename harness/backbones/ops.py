@@ -12,6 +12,7 @@ allocated here, by the calling thread.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -371,10 +372,17 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
     return (_scatter_sum(gx, plan, "in", prods) if need_x else None), gw
 
 
+@functools.lru_cache(maxsize=64)
+def _zero_row(width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (1, width) row of zeros, made once per process and never written."""
+    return torch.zeros((1, width), dtype=dtype, device=device)
+
+
 def _table_cols(src: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
     """(n_rows, K * C): each row's K source rows side by side (``index``, row-major), zeros
-    where the index points past ``src`` (absent entries)."""
-    padded = torch.nn.functional.pad(src, (0, 0, 0, 1))  # one zero row for the absent entries
+    where the index points past ``src`` (absent entries). The zero row is appended with one
+    ``cat`` (a GPU launch; ``F.pad`` fills and then copies: two, and more host dispatches)."""
+    padded = torch.cat([src, _zero_row(src.shape[1], src.dtype, src.device)])
     return padded.index_select(0, index).view(n_rows, -1)
 
 
