@@ -374,3 +374,26 @@ def test_table_plan_pads_absent_entries_with_a_zero_row_and_selects_single_entri
     single = TablePlan.from_table(torch.tensor([[-1, 0, -1], [1, -1, -1], [-1, -1, 0]]), 2, single=True)
     assert single.select.tolist() == [0 * 3 + 1, 1 * 3 + 0, 0 * 3 + 2] and single.n_entries == 2 * 3
     assert ops.table_matmul(single, x[:2], w).tolist() == [[0, 2], [2, 3], [0, 3]]
+
+
+def test_down_map_children_and_parents_worked_out_by_hand(monkeypatch):
+    # Fine sites at stride 1 (batch 0): (-1, 0, 0) -> parent (-2, 0, 0), offset 1 (x odd);
+    # (0, 1, 1) and (1, 1, 1) -> parent (0, 0, 0), offsets 2 + 4 = 6 and 1 + 2 + 4 = 7;
+    # (2, -2, 3) -> parent (2, -2, 2), offset 4 (z odd). Both schemes (the CPU's offset plans,
+    # the GPU's table plans forced here) must give these children and parents.
+    coords = torch.tensor([[0, -1, 0, 0], [0, 0, 1, 1], [0, 1, 1, 1], [0, 2, -2, 3]], dtype=torch.int32)
+    expected = {(-1, 0, 0): ((-2, 0, 0), 1), (0, 1, 1): ((0, 0, 0), 6), (1, 1, 1): ((0, 0, 0), 7),
+                (2, -2, 3): ((2, -2, 2), 4)}
+    for table in (False, True):
+        monkeypatch.setattr(kernel_map, "uses_table_plans", lambda device, t=table: t)
+        cm = CoordinateManager(coords, offset_major_sites=10**9)
+        dm, fine, coarse = cm.down_map(1), cm.level(1), cm.level(2)
+        assert coarse.n == 3
+        for r in range(4):
+            site = tuple(fine.coords[r, 1:].tolist())
+            parent = tuple(coarse.coords[int(dm.parent[r]), 1:].tolist())
+            assert (parent, int(dm.child_offset[r])) == expected[site]
+        if table:  # the up plan selects parent * 8 + offset; the down table reads the zero row n_fine
+            assert dm.up.select.tolist() == (dm.parent * 8 + dm.child_offset).tolist() and dm.up.index is None
+            down = dm.down.index.view(3, 8)
+            assert int((down < 4).sum()) == 4 and bool((down[down >= 4] == 4).all())
