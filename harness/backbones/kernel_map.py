@@ -504,14 +504,20 @@ class Level:
 
     def __init__(self, coords: torch.Tensor, stride: int, order_fixed: bool, device: torch.device,
                  overhead: float = BUCKET_OVERHEAD, keep_table: bool = False,
-                 offset_major_sites: int = OFFSET_MAJOR_SITES, lattice: Optional[torch.Tensor] = None):
-        # coords (N, 4) int64 on device; spatial coordinates are multiples of stride;
-        # ``lattice``: coords in units of stride, where the caller has them already.
+                 offset_major_sites: int = OFFSET_MAJOR_SITES,
+                 sorted_keys: Optional[Tuple["_Packer", torch.Tensor]] = None):
+        # coords (N, 4) int64 on device; spatial coordinates are multiples of stride.
+        # ``sorted_keys``: a packer and the rows' keys, when the rows come sorted by them (a
+        # coarse set from CoordinateManager.down_map, which has packed and sorted them already).
         self.stride = stride
         self.device = device
-        lattice = _lattice(coords, stride) if lattice is None else lattice
-        packer = _Packer(lattice)
-        skeys, sorder = torch.sort(packer.keys(lattice), stable=True)
+        sorder: Optional[torch.Tensor] = None  # sorted position -> row; None: rows are in key order
+        if sorted_keys is None:
+            lattice = _lattice(coords, stride)
+            packer = _Packer(lattice)
+            skeys, sorder = torch.sort(packer.keys(lattice), stable=True)
+        else:
+            packer, skeys = sorted_keys
         n = coords.shape[0]
         offset_major = n <= offset_major_sites
         # Neighbour table over sorted positions first; rows move once at the end. All 13
@@ -524,7 +530,8 @@ class Level:
         # one wait for the device (off the CPU) for both counts
         n_dup, n_hits = torch.stack([(skeys[1:] == skeys[:-1]).sum(), hit.sum()]).tolist()
         if n_dup:
-            row = int(sorder[int(torch.nonzero(skeys[1:] == skeys[:-1])[0, 0]) + 1])
+            row = int(torch.nonzero(skeys[1:] == skeys[:-1])[0, 0]) + 1
+            row = row if sorder is None else int(sorder[row])
             raise ValueError(f"duplicate coordinate {coords[row].tolist()} (row {row}); sites must be unique "
                              "(voxelize the points first)")
         rows = torch.arange(n, device=device)
@@ -536,7 +543,7 @@ class Level:
         tab = tab[:n]
         n_pairs = n + 2 * n_hits
         self.perm: Optional[torch.Tensor] = None  # new row r was old row perm[r]
-        if order_fixed:  # back to the input's row order
+        if order_fixed and sorder is not None:  # back to the input's row order
             table = torch.empty_like(tab)
             table[sorder] = torch.where(tab >= 0, sorder[tab], -1)
         else:  # coordinate order (kept for an offset plan: neighbours stay close in memory)
@@ -550,7 +557,8 @@ class Level:
                                                     device)
             table = torch.from_numpy(table)
             if by_bucket is not None:
-                self.perm = self.perm[torch.from_numpy(by_bucket).to(device)]
+                by_bucket = torch.from_numpy(by_bucket).to(device)
+                self.perm = by_bucket if self.perm is None else self.perm[by_bucket]
         self.coords = coords if self.perm is None else coords[self.perm]
         self.n = n
         self.n_pairs = n_pairs  # (site, neighbour) pairs, the centre included
@@ -695,13 +703,13 @@ class CoordinateManager:
         # coordinates at the fine stride (x fastest, as MinkowskiEngine)
         parity = torch.bitwise_and(_lattice(fc, stride)[:, 1:], 1)
         child_offset = (parity * _const((1, 2, 4), fc.device)).sum(dim=1)
-        ukeys, parent = torch.unique(_Packer(lat).keys(lat), sorted=True, return_inverse=True)
+        packer = _Packer(lat)  # the coarse set's extents are those of lat: the same packer serves it
+        ukeys, parent = torch.unique(packer.keys(lat), sorted=True, return_inverse=True)
         rep = torch.empty(len(ukeys), dtype=torch.int64, device=fc.device)
         rep[parent] = torch.arange(len(parent), device=fc.device)  # any fine site of each coarse one
-        coarse_lattice = lat[rep]
-        coarse = Level(coarse_lattice * _const((1, t2, t2, t2), fc.device), t2, order_fixed=False,
+        coarse = Level(lat[rep] * _const((1, t2, t2, t2), fc.device), t2, order_fixed=False,
                        device=self.device, overhead=self.overhead(t2), keep_table=self.keep_tables,
-                       offset_major_sites=self.offset_major_sites, lattice=coarse_lattice)
+                       offset_major_sites=self.offset_major_sites, sorted_keys=(packer, ukeys))
         if coarse.perm is not None:
             parent = _inverse(coarse.perm)[parent]
         self.levels[t2] = coarse
