@@ -76,7 +76,7 @@ class TrainerConfig:
     amp: bool = False
     # On CUDA, float32 matrix products and convolutions may use TF32 tensor cores (PyTorch's own
     # default for cuDNN convolutions; the sparse convolutions are matrix products). Measured:
-    # Res16UNet34C fwd+bwd at 100k voxels on an H100, 54-61 ms per step against 72-80 ms in IEEE
+    # Res16UNet34C fwd+bwd at 100k voxels on an H100, 48-58 ms per step against 66-75 ms in IEEE
     # float32 (python -m bench.gpu_sweep). false = IEEE float32 throughout.
     tf32: bool = True
     # Stop with an error after this many non-finite losses in a row.

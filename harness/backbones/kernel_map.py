@@ -267,12 +267,11 @@ def uses_table_plans(device) -> bool:
     return torch.device(device).type != "cpu"
 
 
-def unbucketed_plan(table: torch.Tensor, n_in: int, centre: Optional[int] = None,
-                    single: bool = False) -> "OffsetPlan | TablePlan":
+def unbucketed_plan(table: torch.Tensor, n_in: int, centre: Optional[int] = None) -> "OffsetPlan | TablePlan":
     """The plan of a set that runs without buckets: a table plan where the device uses them,
     else an offset plan (``centre``: the offset that reads each row's own row)."""
     if uses_table_plans(table.device):
-        return TablePlan.from_table(table, n_in, single)
+        return TablePlan.from_table(table, n_in)
     return OffsetPlan.from_table(table, n_in, centre)
 
 
@@ -527,11 +526,12 @@ class Level:
         q = skeys[None, :] + _neighbour_deltas(packer, device)[:, None]  # (13, n): key of neighbour i
         pos = torch.searchsorted(skeys, q).clamp_(max=n - 1)
         hit = skeys[pos] == q
-        # one wait for the device (off the CPU) for both counts
-        n_dup, n_hits = torch.stack([(skeys[1:] == skeys[:-1]).sum(), hit.sum()]).tolist()
+        if sorted_keys is None:  # one wait for the device (off the CPU) for both counts
+            n_dup, n_hits = torch.stack([(skeys[1:] == skeys[:-1]).sum(), hit.sum()]).tolist()
+        else:  # unique keys already: no duplicates to look for
+            n_dup, n_hits = 0, int(hit.sum())
         if n_dup:
-            row = int(torch.nonzero(skeys[1:] == skeys[:-1])[0, 0]) + 1
-            row = row if sorder is None else int(sorder[row])
+            row = int(sorder[int(torch.nonzero(skeys[1:] == skeys[:-1])[0, 0]) + 1])
             raise ValueError(f"duplicate coordinate {coords[row].tolist()} (row {row}); sites must be unique "
                              "(voxelize the points first)")
         rows = torch.arange(n, device=device)
@@ -622,8 +622,8 @@ class DownMap:
         up_table = torch.full((nf, 8), -1, dtype=torch.int64, device=device)
         up_table[fine_rows, child_offset] = parent
         if offsets:
-            self.down = unbucketed_plan(table, nf)
-            self.up = unbucketed_plan(up_table, nc, single=True)
+            self.down = OffsetPlan.from_table(table, nf)
+            self.up = OffsetPlan.from_table(up_table, nc)
             return
         table, up_table = table.cpu(), up_table.cpu()
         masks = ((table >= 0).to(torch.int64) << torch.arange(8)).sum(dim=1)
