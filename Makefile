@@ -30,10 +30,12 @@ report: setup
 # Benchmarks (not tests), each writing its figures under reports/bench/: the backbone
 # (Res16UNet34C fwd+bwd, torch backend vs MinkowskiEngine when installed, 2 threads;
 # BENCH_ARGS adds options, e.g. BENCH_ARGS="--sizes 20000 --repeats 2"), the ops a step issues
-# in the GPU's scheme (counted on any machine) and frame-pair mining.
+# in the GPU's scheme (counted on any machine), where a CPU step's time goes against its floor,
+# and frame-pair mining.
 bench: setup
 	$(PY) bench/backbone.py --threads 2 --out reports/bench/backbone.md $(BENCH_ARGS)
 	$(PY) -m bench.launches --out reports/bench/launches.md
+	$(PY) -m bench.cpu_floor --threads 2 --repeats 5 --out reports/bench/cpu-floor.md
 	$(PY) -m bench.pairs
 
 # Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached
