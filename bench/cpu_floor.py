@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import emit  # noqa: E402
 from bench.launches import GEMMS, VIEWS  # noqa: E402
 
 MAPS = "kernel maps"
@@ -226,11 +227,7 @@ def main(argv=None) -> int:
         lines += ["", f"MinkowskiEngine, alternated with these steps, {t} threads: {me_med:.2f} s per step. Ratio "
                   f"measured: **{me_med / many['wall']:.2f}x**; at the first floor {me_med / floor_idle:.2f}x, at the "
                   f"second {me_med / floor_work:.2f}x."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import emit  # noqa: E402
+
 VIEWS = {"aten::slice", "aten::select", "aten::view", "aten::t", "aten::transpose", "aten::unsqueeze",
          "aten::reshape", "aten::detach", "aten::as_strided", "aten::alias", "aten::expand", "aten::lift_fresh"}
 GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_"}
@@ -86,11 +88,7 @@ def main(argv=None) -> int:
              "|---|---:|---:|---:|---:|"]
     for name, total, launching, gemms in rows:
         lines.append(f"| {name} | {total} | {launching} | {gemms} | {base[1] / total:.1f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 
