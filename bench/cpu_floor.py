@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -132,14 +131,6 @@ def split_step(model, coords, feats) -> Dict[str, float]:
     return {"wall": wall, "pool_wall": inside[0], "pool_cpu": inside[1], "cpu": cpu}
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--voxels", type=int, default=100000)
@@ -152,8 +143,9 @@ def main(argv=None) -> int:
     import harness  # noqa: F401  (before torch: thread settings)
     import torch
 
-    from bench.backbone import _build, _step, count_flops, make_input
+    from bench.backbone import _build, _step, count_flops, make_input, matmul_peak
     from harness.backbones import available_backends
+    from harness.provenance import git_commit
 
     coords, feats = make_input(args.voxels)
     flops = count_flops(coords, feats)
@@ -161,8 +153,6 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     kinds, profiled = work_by_kind(model, coords, feats)
-    from bench.backbone import matmul_peak
-
     peak1 = matmul_peak()
     me = _build("minkowski", "cpu") if "minkowski" in available_backends() and not args.no_minkowski else None
     if me is not None:
@@ -195,7 +185,7 @@ def main(argv=None) -> int:
     lines = [f"# Where a CPU step goes: Res16UNet34C forward+backward, torch backend, {args.voxels} voxels", "",
              f"Command: `python -m bench.cpu_floor --voxels {args.voxels} --threads {t} --repeats {args.repeats}"
              + (f" --out {args.out}" if args.out else "") + "`  ",
-             f"torch {torch.__version__}; commit {_commit()}; {time.strftime('%Y-%m-%d %H:%M')}. Medians of {args.repeats} steps per "
+             f"torch {torch.__version__}; commit {git_commit()}; {time.strftime('%Y-%m-%d %H:%M')}. Medians of {args.repeats} steps per "
              "variant, variants alternated; input and step as in `bench/backbone.py`.", "",
              f"## One thread: {one['wall']:.2f} s per step", "",
              "Time by kind of work, from one profiled step (inclusive time of the top-level aten ops; the kernel "

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -13,6 +11,7 @@ import torch
 
 import harness
 from harness.config import to_plain
+from harness.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +55,3 @@ class RunContext:
             "git_commit": git_commit(),
         }
 
-
-@lru_cache(maxsize=1)
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        sha = out.stdout.strip()
-        if out.returncode != 0 or not sha:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

@@ -244,7 +244,7 @@ def torch_seed(seed: int) -> None:
 
 
 def _provenance() -> Dict[str, Any]:
-    from harness.context import git_commit
+    from harness.provenance import git_commit
 
     return {"git_commit": git_commit(), "host": socket.gethostname(), "started": _STARTED.get("at"),
             "finished": now_iso(), "log": _log_path(), **_slurm_info()}

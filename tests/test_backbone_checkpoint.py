@@ -1,5 +1,7 @@
 import json
 import logging
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +37,16 @@ def test_save_and_load_roundtrip_drops_final_and_records_meta(tmp_path, caplog):
     for k, v in sd.items():
         assert torch.equal(dst.state_dict()[k], v)
     assert "missing=2" in rep.summary()
+
+
+def test_meta_records_the_checkouts_commit(tmp_path):
+    """The commit in a checkpoint's meta is this checkout's HEAD, as git itself reports it."""
+    root = Path(harness.__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    _, meta = read_checkpoint(save_backbone(tmp_path / "b.safetensors", small(), META))
+    assert meta["git_commit"] in (head.stdout.strip(), head.stdout.strip() + "+dirty")
 
 
 def test_save_requires_the_meta_fields(tmp_path):

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -37,15 +36,6 @@ STRIP_PREFIXES = ("module.", "model.", "backbone.")
 _NESTED = ("state_dict", "model_state", "model_state_dict", "model", "net", "network")
 
 PathLike = Union[str, os.PathLike]
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _jsonable(v: Any) -> Any:
@@ -72,6 +62,7 @@ def save_backbone(path: PathLike, module_or_state_dict: Union[torch.nn.Module, M
     from safetensors.torch import save_file
 
     import harness
+    from harness.provenance import git_commit
 
     full: Dict[str, Any] = {}
     if isinstance(module_or_state_dict, torch.nn.Module):
@@ -87,7 +78,7 @@ def save_backbone(path: PathLike, module_or_state_dict: Union[torch.nn.Module, M
     full.update(dict(meta))
     full.setdefault("config", {})
     full.setdefault("harness_version", harness.__version__)
-    full.setdefault("git_commit", _git_commit())
+    full.setdefault("git_commit", git_commit())
     missing = [k for k in META_KEYS if k not in full]
     if missing:
         raise ValueError(f"save_backbone: meta lacks {', '.join(missing)} (needed: {', '.join(META_KEYS)})")
