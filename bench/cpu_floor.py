@@ -102,33 +102,60 @@ def work_by_kind(model, coords, feats) -> Tuple[Dict[str, float], float]:
     return secs, wall
 
 
-def split_step(model, coords, feats) -> Dict[str, float]:
-    """One step: its wall and CPU seconds (all threads of the process), and those spent
-    inside the worker pool's runs (outermost runs only)."""
+FIRST_GAP = "step start to the first pool run (input, all kernel maps, stem)"
+LAST_GAP = "after the last pool run (loss, last gradients)"
+
+
+def _pool_op(frame) -> str:
+    """The public op of harness.backbones.ops that started a pool run (the first caller up
+    the stack whose name does not start with an underscore)."""
+    while frame is not None and frame.f_code.co_name.startswith("_"):
+        frame = frame.f_back
+    return frame.f_code.co_name if frame is not None else "?"
+
+
+def split_step(model, coords, feats) -> Tuple[Dict[str, float], Dict[str, List[float]]]:
+    """One step: its wall and CPU seconds (all threads of the process), those spent inside
+    the worker pool's runs (outermost runs only), and the stretches between runs, by the op
+    that started the next run: label -> [wall, CPU, count]."""
     from bench.backbone import _step
     from harness.backbones import ops
 
     run = ops.run_tasks
     inside = [0.0, 0.0]
     depth = [0]
+    last: List[float] = []  # wall and CPU clock at the end of the last outermost run (or the step's start)
+    gaps: Dict[str, List[float]] = {}
+
+    def add_gap(label: str, t: float, c: float) -> None:
+        g = gaps.setdefault(label, [0.0, 0.0, 0])
+        g[0] += t - last[0]
+        g[1] += c - last[1]
+        g[2] += 1
 
     def timed(*args, **kwargs):
         depth[0] += 1
         t0, c0 = time.perf_counter(), time.process_time()
+        if depth[0] == 1:
+            add_gap(FIRST_GAP if not gaps else "before " + _pool_op(sys._getframe(1)), t0, c0)
         try:
             return run(*args, **kwargs)
         finally:
             depth[0] -= 1
             if depth[0] == 0:
-                inside[0] += time.perf_counter() - t0
-                inside[1] += time.process_time() - c0
+                t1, c1 = time.perf_counter(), time.process_time()
+                inside[0] += t1 - t0
+                inside[1] += c1 - c0
+                last[:] = [t1, c1]
 
     model.zero_grad(set_to_none=True)
     with mock.patch.object(ops, "run_tasks", timed):
         c0 = time.process_time()
+        last[:] = [time.perf_counter(), c0]
         wall = _step(model, coords, feats, "cpu")
         cpu = time.process_time() - c0
-    return {"wall": wall, "pool_wall": inside[0], "pool_cpu": inside[1], "cpu": cpu}
+    add_gap(LAST_GAP, time.perf_counter(), time.process_time())
+    return {"wall": wall, "pool_wall": inside[0], "pool_cpu": inside[1], "cpu": cpu}, gaps
 
 
 def main(argv=None) -> int:
@@ -162,12 +189,18 @@ def main(argv=None) -> int:
     if me is not None:
         _step(me, coords, feats, "cpu")
     runs: Dict[str, List[Dict[str, float]]] = {"one": [], "many": []}
+    gaps: Dict[str, List[float]] = {}  # the many-thread steps' stretches outside the pool, summed
     me_times: List[float] = []
     for _ in range(args.repeats):  # alternated, so that load from other jobs hits every variant alike
         torch.set_num_threads(1)
-        runs["one"].append(split_step(model, coords, feats))
+        runs["one"].append(split_step(model, coords, feats)[0])
         torch.set_num_threads(args.threads)
-        runs["many"].append(split_step(model, coords, feats))
+        step, step_gaps = split_step(model, coords, feats)
+        runs["many"].append(step)
+        for label, g in step_gaps.items():
+            total = gaps.setdefault(label, [0.0, 0.0, 0])
+            for i in range(3):
+                total[i] += g[i]
         if me is not None:
             me.zero_grad(set_to_none=True)
             me_times.append(_step(me, coords, feats, "cpu"))
@@ -206,6 +239,12 @@ def main(argv=None) -> int:
                         ("whole step", "wall", "cpu")):
         lines.append(f"| {label} | {one[w]:.2f} | {many[w]:.2f} | {many[c]:.2f} | {many[c] / max(many[w], 1e-9):.2f} | "
                      f"{many[c] / max(one[w], 1e-9):.2f}x |")
+    lines += ["", f"Outside the pool with {t} threads, by the op that started the next pool run (per step, "
+              f"over {args.repeats} steps; idle = wall x {t} - CPU):", "",
+              "| stretch | stretches | wall seconds | cores busy | idle core-seconds |", "|---|---:|---:|---:|---:|"]
+    n = args.repeats
+    for label, (w, c, k) in sorted(gaps.items(), key=lambda kv: -(kv[1][0] * t - kv[1][1])):
+        lines.append(f"| {label} | {k / n:.0f} | {w / n:.3f} | {c / max(w, 1e-9):.2f} | {(w * t - c) / n:.3f} |")
     lines += ["", "## Floors", "",
               f"- No core ever idle: {t}-thread CPU seconds / {t} = {many['cpu']:.2f} / {t} = **{floor_idle:.2f} s**; "
               f"the measured step ({many['wall']:.2f} s) is {many['wall'] / floor_idle:.2f}x that.",
