@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import emit  # noqa: E402
-from bench.launches import GEMMS, VIEWS  # noqa: E402
+from bench.launches import GEMMS, VIEWS, top_level_ops  # noqa: E402
 
 MAPS = "kernel maps"
 KINDS: Tuple[Tuple[str, frozenset], ...] = (
@@ -83,21 +83,9 @@ def work_by_kind(model, coords, feats) -> Tuple[Dict[str, float], float]:
             wall = _step(model, coords, feats, "cpu")
     secs: Dict[str, float] = {name: 0.0 for name, _ in KINDS}
     secs.update({MAPS: 0.0, "other ops": 0.0})
-
-    def walk(evt) -> None:
-        if evt.name == MAPS:
-            secs[MAPS] += evt.cpu_time_total / 1e6
-            return
-        if evt.name.startswith("aten::"):
-            kind = next((name for name, ops in KINDS if evt.name in ops), "other ops")
-            secs[kind] += evt.cpu_time_total / 1e6
-            return
-        for child in evt.cpu_children:
-            walk(child)
-
-    for evt in prof.events():
-        if evt.cpu_parent is None:
-            walk(evt)
+    for evt in top_level_ops(prof.events(), marks=(MAPS,)):
+        kind = MAPS if evt.name == MAPS else next((name for name, ops in KINDS if evt.name in ops), "other ops")
+        secs[kind] += evt.cpu_time_total / 1e6
     secs["Python and dispatch"] = max(0.0, wall - sum(secs.values()))
     return secs, wall
 

@@ -18,6 +18,7 @@ import argparse
 import collections
 import sys
 from pathlib import Path
+from typing import Iterable, Iterator
 from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,23 @@ VIEWS = {"aten::slice", "aten::select", "aten::view", "aten::t", "aten::transpos
 GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_"}
 
 
+def top_level_ops(events, marks: Iterable[str] = ()) -> Iterator:
+    """Profiler events of aten ops not called inside another aten op, and of the ranges named
+    in ``marks`` (whose ops are not looked into)."""
+    marks = frozenset(marks)
+
+    def walk(evt) -> Iterator:
+        if evt.name.startswith("aten::") or evt.name in marks:
+            yield evt
+            return
+        for child in evt.cpu_children:
+            yield from walk(child)
+
+    for evt in events:
+        if evt.cpu_parent is None:
+            yield from walk(evt)
+
+
 def count_ops(model, coords, feats) -> collections.Counter:
     """Top-level aten ops of one training step (ops called inside another aten op not counted)."""
     from torch.profiler import ProfilerActivity, profile
@@ -41,19 +59,7 @@ def count_ops(model, coords, feats) -> collections.Counter:
     model.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         _step(model, coords, feats, "cpu")
-    counts: collections.Counter = collections.Counter()
-
-    def walk(evt, inside: bool) -> None:
-        is_aten = evt.name.startswith("aten::")
-        if is_aten and not inside:
-            counts[evt.name] += 1
-        for child in evt.cpu_children:
-            walk(child, inside or is_aten)
-
-    for evt in prof.events():
-        if evt.cpu_parent is None:
-            walk(evt, False)
-    return counts
+    return collections.Counter(evt.name for evt in top_level_ops(prof.events()))
 
 
 def main(argv=None) -> int:
