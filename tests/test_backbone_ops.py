@@ -360,11 +360,13 @@ def test_table_plans_run_a_convolution_in_one_gemm_forward_and_two_backward(monk
     assert calls == ["mm"] * 6
 
 
-def test_table_plan_pads_absent_entries_with_a_zero_row_and_selects_single_entries():
-    # 3 output rows over 4 input rows and K = 3 offsets, worked out by hand
+def test_table_plan_reads_zeros_for_absent_entries_and_selects_single_entries():
+    # 3 output rows over 4 input rows and K = 3 offsets, worked out by hand; the index is
+    # offset-major (offset 0 of rows 0, 1, 2, then offset 1, ...), absent entries read input 4
     table = torch.tensor([[2, -1, 0], [-1, -1, 3], [1, 1, -1]])
     plan = TablePlan.from_table(table, 4)
-    assert plan.index.tolist() == [2, 4, 0, 4, 4, 3, 1, 1, 4] and plan.select is None
+    assert plan.index.tolist() == [2, 4, 1, 4, 4, 1, 0, 3, 4] and plan.select is None
+    assert plan.index_mirrored.tolist() == [0, 3, 4, 4, 4, 1, 2, 4, 1]
     assert plan.n_entries == 9
     x = torch.arange(8, dtype=DT).view(4, 2)  # row r = (2r, 2r + 1)
     w = torch.stack([torch.eye(2, dtype=DT), 2 * torch.eye(2, dtype=DT), 3 * torch.eye(2, dtype=DT)])

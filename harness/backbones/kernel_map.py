@@ -217,9 +217,14 @@ class OffsetPlan:
 
 @dataclass
 class TablePlan:
-    """A table run whole, for a GPU: ``out = cols @ W.view(K * C, C_out)`` with ``cols`` the
-    (n_out, K * C) gather of every row's K input rows, zeros where absent (one gather and one
-    GEMM; every zero is multiplied: at 100k room voxels 11 of a site's 27 offsets are present).
+    """A table run whole, for a GPU: one gather and one GEMM. The gather is channel-major:
+    ``cols[c * K + i, r] = x[table[r, i], c]`` as a (C * K, n_out) matrix, zeros where absent,
+    and ``out = cols^T @ W`` with the weight's rows in (channel, offset) order. Gathering each
+    channel's values as 4-byte elements, from the transposed (C, n_in) features, ran 2.3x (96
+    channels) to 5.9x (32 channels) faster on an H200 than gathering whole feature rows (one
+    step at 100k room voxels: ``index_select`` on rows 1.65 ms against 0.70 ms at 96 channels,
+    0.43 against 0.07 ms at 32). Every zero is multiplied: at 100k room voxels 11 of a site's
+    27 offsets are present.
     A plan with one entry per output row (``select``; the transposed convolution's, fine rows
     reading their parent) runs the other way round: all K products of every input row,
     ``x @ W`` as (n_in, K * C_out), then each output row picks its one. Input and weight
@@ -228,8 +233,9 @@ class TablePlan:
     n_out: int
     n_in: int
     K: int
-    # (n_out * K,) int64 input rows, row-major; absent entries read row n_in (zeros). None where
-    # ``select`` is given (a select plan never gathers)
+    # (K * n_out,) int64 input rows, offset-major (entry i * n_out + r: row r's neighbour through
+    # offset i); absent entries read column n_in (zeros). None where ``select`` is given (a
+    # select plan never gathers)
     index: Optional[torch.Tensor]
     select: Optional[torch.Tensor]  # (n_out,) int64 in_row * K + offset of each row's one entry, or None
 
@@ -242,7 +248,7 @@ class TablePlan:
         if single:
             off = torch.argmax((table >= 0).to(torch.int32), dim=1)
             select = table.gather(1, off[:, None])[:, 0] * K + off
-        return cls(int(n_out), int(n_in), int(K), torch.where(table >= 0, table, n_in).reshape(-1), select)
+        return cls(int(n_out), int(n_in), int(K), torch.where(table >= 0, table, n_in).t().reshape(-1), select)
 
     @property
     def n_entries(self) -> int:
@@ -251,9 +257,9 @@ class TablePlan:
 
     @functools.cached_property
     def index_mirrored(self) -> torch.Tensor:
-        """``index`` with each row's offsets reversed: for a stride-1 kernel, the transposed
-        table (site s reaches r through offset i exactly when r reaches s through K-1-i)."""
-        return self.index.view(self.n_out, self.K).flip(1).reshape(-1)
+        """``index`` with its offsets reversed: for a stride-1 kernel, the transposed table
+        (site s reaches r through offset i exactly when r reaches s through K-1-i)."""
+        return self.index.view(self.K, self.n_out).flip(0).reshape(-1)
 
 
 def uses_table_plans(device) -> bool:
@@ -610,10 +616,10 @@ class DownMap:
         self.down: "Plan | OffsetPlan | TablePlan"
         self.up: "Plan | OffsetPlan | TablePlan"
         if offsets and uses_table_plans(device):
-            # built directly, in a few ops (each one a launch there): absent entries read row nf,
-            # the zero row; each fine row's one entry is parent * 8 + offset
-            index = torch.full((nc, 8), nf, dtype=torch.int64, device=device)
-            index[parent, child_offset] = fine_rows
+            # built directly, in a few ops (each one a launch there), offset-major: absent
+            # entries read column nf, the zeros; each fine row's one entry is parent * 8 + offset
+            index = torch.full((8, nc), nf, dtype=torch.int64, device=device)
+            index[child_offset, parent] = fine_rows
             self.down = TablePlan(nc, nf, 8, index.view(-1), None)
             self.up = TablePlan(nf, nc, 8, None, parent * 8 + child_offset)
             return

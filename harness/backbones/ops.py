@@ -373,17 +373,18 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
 
 
 @functools.lru_cache(maxsize=64)
-def _zero_row(width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A (1, width) row of zeros, made once per process and never written."""
-    return torch.zeros((1, width), dtype=dtype, device=device)
+def _zero_column(height: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (height, 1) column of zeros, made once per process and never written."""
+    return torch.zeros((height, 1), dtype=dtype, device=device)
 
 
 def _table_cols(src: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """(n_rows, K * C): each row's K source rows side by side (``index``, row-major), zeros
-    where the index points past ``src`` (absent entries). The zero row is appended with one
-    ``cat`` (a GPU launch; ``F.pad`` fills and then copies: two, and more host dispatches)."""
-    padded = torch.cat([src, _zero_row(src.shape[1], src.dtype, src.device)])
-    return padded.index_select(0, index).view(n_rows, -1)
+    """(C * K, n_rows), channel-major: ``cols[c * K + i, r] = src[index[i * n_rows + r], c]``,
+    zeros where the index points past ``src`` (absent entries). One ``cat`` reads the
+    transposed features in place and appends the zero column (one launch)."""
+    c = src.shape[1]
+    padded = torch.cat([src.t(), _zero_column(c, src.dtype, src.device)], dim=1)  # (C, n_in + 1)
+    return padded.index_select(1, index).view(-1, n_rows)
 
 
 def table_matmul(plan: TablePlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -393,32 +394,34 @@ def table_matmul(plan: TablePlan, x: torch.Tensor, weight: torch.Tensor) -> torc
     if plan.select is not None:
         prods = torch.mm(x, weight.permute(1, 0, 2).reshape(c_in, K * c_out))  # (n_in, K * C_out)
         return prods.view(-1, c_out).index_select(0, plan.select)
-    return torch.mm(_table_cols(x, plan.index, plan.n_out), weight.reshape(K * c_in, c_out))
+    cols = _table_cols(x, plan.index, plan.n_out)  # (C * K, n_out)
+    return torch.mm(cols.t(), weight.permute(1, 0, 2).reshape(c_in * K, c_out))
 
 
 def table_backward(fwd: TablePlan, bwd: Optional[TablePlan], x: torch.Tensor, weight: torch.Tensor,
                    grad: torch.Tensor, need_x: bool, need_w: bool):
     """Both gradients of a table-plan convolution, with one gather where both are needed.
 
-    Where the output gradient is gathered through the transposed table, ``cols'`` (n_in,
-    K * C_out), one gather serves both: ``gx = cols' @ W^T`` (offset by offset) and ``gW =
-    x^T cols'``. The transposed table is ``bwd``'s, or for a stride-1 kernel (``bwd`` None) the
-    forward table with its offsets reversed (``TablePlan.index_mirrored``: the neighbour through
-    offset i reads back through offset K-1-i). Where ``bwd`` selects (stride 2), the input
-    gradient gathers nothing and the weight gradient is ``cols(x)^T grad``."""
+    Where the output gradient is gathered through the transposed table, ``cols'`` (C_out * K,
+    n_in), one gather serves both: ``gx = cols'^T @ W'`` and ``gW = cols' @ x``. The transposed
+    table is ``bwd``'s, or for a stride-1 kernel (``bwd`` None) the forward table with its
+    offsets reversed (``TablePlan.index_mirrored``: the neighbour through offset i reads back
+    through offset K-1-i). Where ``bwd`` selects (stride 2), the input gradient gathers nothing
+    and the weight gradient is ``cols(x) @ grad``."""
     K, c_in, c_out = weight.shape
     gx = gw = None
     if need_x and (bwd is None or bwd.select is None):  # stride 1, or the transposed convolution
         index = fwd.index_mirrored if bwd is None else bwd.index
-        cols = _table_cols(grad, index, x.shape[0])  # (n_in, K * c_out)
-        gx = torch.mm(cols, weight.transpose(1, 2).reshape(K * c_out, c_in))
+        cols = _table_cols(grad, index, x.shape[0])  # (c_out * K, n_in)
+        gx = torch.mm(cols.t(), weight.permute(2, 0, 1).reshape(c_out * K, c_in))
         if need_w:
-            gw = torch.mm(x.t(), cols).view(c_in, K, c_out).transpose(0, 1).contiguous()
+            gw = torch.mm(cols, x).view(c_out, K, c_in).permute(1, 2, 0).contiguous()
         return gx, gw
     if need_x:  # stride 2: ``bwd`` selects, the input gradient gathers nothing
         gx = table_matmul(bwd, grad, weight.transpose(1, 2))
     if need_w:  # (also the stem, whose 3 input channels are cheaper to gather than the gradient)
-        gw = torch.mm(_table_cols(x, fwd.index, fwd.n_out).t(), grad).view(K, c_in, c_out)
+        cols = _table_cols(x, fwd.index, fwd.n_out)  # (c_in * K, n_out)
+        gw = torch.mm(cols, grad).view(c_in, K, c_out).transpose(0, 1).contiguous()
     return gx, gw
 
 
