@@ -11,7 +11,8 @@
 # tests/test_backbone_cuda.py (CUDA against the CPU, float64, and bf16 autocast), times
 # Res16UNet34C at 20k, 100k and 300k voxels (bench/backbone.py --device cuda: ms per step, GEMM
 # TFLOP/s against the GPU's matmul peak, peak GPU memory, when the host had issued all of a
-# step's ops), then sweeps 20k and 300k. Each part has its own time limit; at most 9 minutes.
+# step's ops), sweeps 20k and 300k, then replays each GEMM and gather of a 100k step alone
+# (bench/gpu_replay.py). Each part has its own time limit; at most 10 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +44,7 @@ run)
         --out "$out/backbone-cuda.md" || status=1
     timeout 90 python3 -m bench.gpu_sweep --sizes 20000 300000 --repeats 4 --out "$out/sweep-20k-300k" \
         || status=1
+    timeout 60 python3 -m bench.gpu_replay --voxels 100000 --out "$out/gpu-replay.md" > /dev/null || status=1
     sleep 1  # let tee write the log out
     exit "$status"
     ;;
