@@ -105,6 +105,29 @@ def test_gradients_flow_to_every_parameter(scene):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+def test_every_batch_norm_counts_each_training_forward_once(scene):
+    """As nn.BatchNorm1d counts: +1 per forward in train mode, none in eval mode, whether the
+    network counts for its norms in one op or a norm counts itself (momentum None: its
+    cumulative average reads the counter, so it must not be counted twice)."""
+    from harness.backbones.torch_backend import SparseBatchNorm
+    from harness.backbones.sparse import SparseTensor
+
+    coords, feats = scene
+    m = build_backbone("Res16UNet14A", out_channels=4, backend="torch", **SMALL).train()
+    m.bn1.bn.momentum = None
+    for _ in range(2):
+        m(coords, feats)
+    m.eval()(coords, feats)
+    counts = {k: int(v) for k, v in m.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert len(counts) == sum(isinstance(x, SparseBatchNorm) for x in m.modules()) > 10
+    assert set(counts.values()) == {2}
+    bn = SparseBatchNorm(3).train()  # on its own, outside a network
+    x = SparseTensor(torch.randn(5, 3), torch.tensor([[0, i, 0, 0] for i in range(5)], dtype=torch.int32))
+    bn(x)
+    bn(x)
+    assert int(bn.bn.num_batches_tracked) == 2
+
+
 @pytest.mark.parametrize("bad, match", [
     ("float_coords", "integer"),
     ("length", "rows"),

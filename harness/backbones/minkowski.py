@@ -69,6 +69,10 @@ class MinkowskiOps:
         return out
 
     @staticmethod
+    def count_batches(model: nn.Module) -> None:
+        """Nothing: ME's batch norms count their own batches."""
+
+    @staticmethod
     def is_sparse_module(m: nn.Module) -> bool:
         return isinstance(m, ME.MinkowskiModuleBase)
 

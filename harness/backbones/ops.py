@@ -462,22 +462,20 @@ class _SparseConvFunction(torch.autograd.Function):
         return gx, gw, None, None, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
-
 def sparse_conv(x: torch.Tensor, weight: torch.Tensor, fwd: Plan, bwd: Optional[Plan] = None,
                 wgrad_side: str = "out") -> torch.Tensor:
     """Sparse convolution through ``fwd`` (output rows); ``bwd`` is the transposed plan, or
     None for a symmetric stride-1 kernel. Under autocast the features and weight are cast
-    once, before the gathers (half the bytes moved in bf16)."""
-    dt = _compute_dtype(x)
+    once, before the gathers (half the bytes moved in bf16), and the function runs with
+    autocast off; without it, it runs as called (entering an autocast context costs the host
+    as much as a small op, once per convolution)."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return _SparseConvFunction.apply(x.contiguous(), _as(weight, x.dtype).contiguous(), fwd, bwd, wgrad_side)
+    dt = torch.get_autocast_dtype(dev)
     x = _as(x, dt).contiguous()
     w = _as(weight, dt).contiguous()
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(dev, enabled=False):
         return _SparseConvFunction.apply(x, w, fwd, bwd, wgrad_side)
 
 

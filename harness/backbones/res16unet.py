@@ -153,10 +153,12 @@ class Res16UNet(nn.Module):
     def forward_features(self, coords: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """(N, planes[7]) features before ``final``, rows in input order."""
         x, ctx = self._ops.wrap(coords, feats, self.in_channels, self.level_widths())
+        self._ops.count_batches(self)
         return self._ops.unwrap(self._trunk(x), ctx)
 
     def forward(self, coords: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         x, ctx = self._ops.wrap(coords, feats, self.in_channels, self.level_widths())
+        self._ops.count_batches(self)
         out = self._trunk(x)
         if self._ops.is_sparse_module(self.final):
             return self._ops.unwrap(self.final(out), ctx)

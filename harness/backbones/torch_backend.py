@@ -6,6 +6,7 @@ import math
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .ops import sparse_conv
@@ -101,14 +102,28 @@ class SparseConvTranspose(SparseConv):
 
 
 class SparseBatchNorm(nn.Module):
-    """BatchNorm over the active sites; the inner ``bn`` matches ME's MinkowskiBatchNorm."""
+    """BatchNorm over the active sites; the inner ``bn`` matches ME's MinkowskiBatchNorm.
+
+    Inside a network whose forward counts its batches in one op (:meth:`TorchOps.count_batches`),
+    a plain ``nn.BatchNorm1d`` with a fixed momentum runs as ``F.batch_norm`` directly: its own
+    forward would add 1 to ``num_batches_tracked`` in a separate launch on a GPU, 62 per
+    Res16UNet34C step. Any other ``bn`` (a synchronised one, momentum None) runs as itself."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
+        self.counted_outside = False  # set by TorchOps.count_batches
+
+    def counts_outside(self) -> bool:
+        bn = self.bn
+        return type(bn) is nn.BatchNorm1d and bn.momentum is not None and bn.track_running_stats
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return x.replace(self.bn(x.F))
+        bn = self.bn
+        if self.counted_outside and self.counts_outside():
+            return x.replace(F.batch_norm(x.F, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training,
+                                          bn.momentum, bn.eps))
+        return x.replace(bn(x.F))
 
 
 class SparseReLU(nn.Module):
@@ -151,6 +166,20 @@ class TorchOps:
         """``out + residual``, written into ``out``'s features (a layer output nobody else holds)."""
         out._same_sites(residual)
         return out.replace(out.F.add_(residual.F))
+
+    @staticmethod
+    def count_batches(model: nn.Module) -> None:
+        """Add this forward's 1 to every training batch norm's ``num_batches_tracked`` in one op,
+        as each ``nn.BatchNorm1d`` would in its own forward (see :class:`SparseBatchNorm`)."""
+        bns = model.__dict__.get("_counted_batch_norms")
+        if bns is None:
+            bns = [m for m in model.modules() if isinstance(m, SparseBatchNorm)]
+            for m in bns:
+                m.counted_outside = True
+            model.__dict__["_counted_batch_norms"] = bns
+        counters = [m.bn.num_batches_tracked for m in bns if m.bn.training and m.counts_outside()]
+        if counters:
+            torch._foreach_add_(counters, 1)
 
     @staticmethod
     def is_sparse_module(m: nn.Module) -> bool:
