@@ -3,8 +3,10 @@ under reports/bench/."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 
 def emit(lines: List[str], out: Optional[str]) -> None:
@@ -14,3 +16,16 @@ def emit(lines: List[str], out: Optional[str]) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
+
+
+@contextlib.contextmanager
+def gpu_scheme(table_plans: bool = True) -> Iterator[None]:
+    """The GPU's scheme on any device: no coordinate set in buckets, and table plans (or, with
+    ``table_plans=False``, one GEMM per kernel offset). On a GPU this is the default."""
+    from unittest import mock
+
+    from harness.backbones import kernel_map
+
+    with mock.patch.object(kernel_map, "OFFSET_MAJOR_SITES", sys.maxsize), \
+            mock.patch.object(kernel_map, "uses_table_plans", lambda device: table_plans):
+        yield

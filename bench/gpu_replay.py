@@ -21,13 +21,12 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import emit  # noqa: E402
+from bench import emit, gpu_scheme  # noqa: E402
 
 
 def record_step(model, coords, feats, device: str) -> Tuple[Dict, Dict]:
@@ -137,14 +136,12 @@ def main(argv=None) -> int:
     import torch
 
     from bench.backbone import _build, _step, make_input
-    from harness.backbones import kernel_map
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
     coords, feats = make_input(args.voxels)
     c, f = coords.to(args.device), feats.to(args.device)
-    with mock.patch.object(kernel_map, "OFFSET_MAJOR_SITES", sys.maxsize), \
-            mock.patch.object(kernel_map, "uses_table_plans", lambda device: True):
+    with gpu_scheme():
         model = _build("torch", args.device)
         steps = []
         for _ in range(7):

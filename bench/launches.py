@@ -19,13 +19,12 @@ import collections
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import emit  # noqa: E402
+from bench import emit, gpu_scheme  # noqa: E402
 
 VIEWS = {"aten::slice", "aten::select", "aten::view", "aten::t", "aten::transpose", "aten::unsqueeze",
          "aten::reshape", "aten::detach", "aten::as_strided", "aten::alias", "aten::expand", "aten::lift_fresh"}
@@ -72,19 +71,17 @@ def main(argv=None) -> int:
     import torch
 
     from bench.backbone import _build, make_input
-    from harness.backbones import kernel_map
 
     torch.set_num_threads(1)  # one worker: every task runs on the calling thread, as on a GPU
     coords, feats = make_input(args.voxels)
     model = _build("torch", "cpu")
     rows = []
-    with mock.patch.object(kernel_map, "OFFSET_MAJOR_SITES", sys.maxsize):
-        for name, table in (("one GEMM per offset", False), ("table plans", True)):
-            with mock.patch.object(kernel_map, "uses_table_plans", lambda device, t=table: t):
-                c = count_ops(model, coords, feats)
-            total = sum(c.values())
-            views = sum(v for k, v in c.items() if k in VIEWS)
-            rows.append((name, total, total - views, sum(v for k, v in c.items() if k in GEMMS)))
+    for name, table in (("one GEMM per offset", False), ("table plans", True)):
+        with gpu_scheme(table_plans=table):
+            c = count_ops(model, coords, feats)
+        total = sum(c.values())
+        views = sum(v for k, v in c.items() if k in VIEWS)
+        rows.append((name, total, total - views, sum(v for k, v in c.items() if k in GEMMS)))
     base = rows[0]
     lines = [f"# Host ops per Res16UNet34C training step in the GPU's scheme ({args.voxels} voxels)", "",
              "Command: `python -m bench.launches" + (f" --voxels {args.voxels}" if args.voxels != 100000 else "")

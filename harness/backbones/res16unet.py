@@ -150,15 +150,19 @@ class Res16UNet(nn.Module):
         out = relu(self.bntr7(self.convtr7p2s2(out)))
         return self.block8(self._ops.cat(out, out_p1))
 
-    def forward_features(self, coords: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """(N, planes[7]) features before ``final``, rows in input order."""
+    def _begin(self, coords: torch.Tensor, feats: torch.Tensor):
+        """The backend's sparse input and its context; this forward counts as one batch for the norms."""
         x, ctx = self._ops.wrap(coords, feats, self.in_channels, self.level_widths())
         self._ops.count_batches(self)
+        return x, ctx
+
+    def forward_features(self, coords: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """(N, planes[7]) features before ``final``, rows in input order."""
+        x, ctx = self._begin(coords, feats)
         return self._ops.unwrap(self._trunk(x), ctx)
 
     def forward(self, coords: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        x, ctx = self._ops.wrap(coords, feats, self.in_channels, self.level_widths())
-        self._ops.count_batches(self)
+        x, ctx = self._begin(coords, feats)
         out = self._trunk(x)
         if self._ops.is_sparse_module(self.final):
             return self._ops.unwrap(self.final(out), ctx)
