@@ -76,8 +76,8 @@ class TrainerConfig:
     amp: bool = False
     # On CUDA, float32 matrix products and convolutions may use TF32 tensor cores (PyTorch's own
     # default for cuDNN convolutions; the sparse convolutions are matrix products). Measured:
-    # Res16UNet34C fwd+bwd at 100k voxels on an H100, 48-58 ms per step against 66-75 ms in IEEE
-    # float32 (python -m bench.gpu_sweep). false = IEEE float32 throughout.
+    # Res16UNet34C fwd+bwd at 100k voxels on an H100, 39-44 ms per step against 55-60 ms in IEEE
+    # float32 (commit 8762cb2; python -m bench.gpu_sweep, bench/backbone.py). false = IEEE float32 throughout.
     tf32: bool = True
     # Stop with an error after this many non-finite losses in a row.
     max_bad_steps: int = 5
