@@ -372,9 +372,11 @@ def test_table_plan_reads_zeros_for_absent_entries_and_selects_single_entries():
     w = torch.stack([torch.eye(2, dtype=DT), 2 * torch.eye(2, dtype=DT), 3 * torch.eye(2, dtype=DT)])
     # row 0: x[2] + 3 x[0]; row 1: 3 x[3]; row 2: x[1] + 2 x[1]
     assert ops.table_matmul(plan, x, w).tolist() == [[4, 8], [18, 21], [6, 9]]
-    # one entry per output row (fine rows reading their parent through their own offset)
-    single = TablePlan.from_table(torch.tensor([[-1, 0, -1], [1, -1, -1], [-1, -1, 0]]), 2, single=True)
-    assert single.select.tolist() == [0 * 3 + 1, 1 * 3 + 0, 0 * 3 + 2] and single.n_entries == 2 * 3
+    # one entry per output row (fine rows reading their parent through their own offset), as a
+    # DownMap builds it: row 0 reads input 0 through offset 1, row 1 input 1 through offset 0,
+    # row 2 input 0 through offset 2; select = input row * K + offset
+    single = TablePlan(3, 2, 3, None, torch.tensor([0 * 3 + 1, 1 * 3 + 0, 0 * 3 + 2]))
+    assert single.n_entries == 2 * 3
     assert ops.table_matmul(single, x[:2], w).tolist() == [[0, 2], [2, 3], [0, 3]]
 
 

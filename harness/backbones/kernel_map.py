@@ -240,15 +240,11 @@ class TablePlan:
     select: Optional[torch.Tensor]  # (n_out,) int64 in_row * K + offset of each row's one entry, or None
 
     @classmethod
-    def from_table(cls, table: torch.Tensor, n_in: int, single: bool = False) -> "TablePlan":
-        """From a (n_out, K) int64 table (-1 = absent) on its device; ``single``: every row
-        has exactly one entry."""
+    def from_table(cls, table: torch.Tensor, n_in: int) -> "TablePlan":
+        """A gathering plan from a (n_out, K) int64 table (-1 = absent) on its device (a
+        select plan is built directly: see :class:`DownMap`)."""
         n_out, K = table.shape
-        select = None
-        if single:
-            off = torch.argmax((table >= 0).to(torch.int32), dim=1)
-            select = table.gather(1, off[:, None])[:, 0] * K + off
-        return cls(int(n_out), int(n_in), int(K), torch.where(table >= 0, table, n_in).t().reshape(-1), select)
+        return cls(int(n_out), int(n_in), int(K), torch.where(table >= 0, table, n_in).t().reshape(-1), None)
 
     @property
     def n_entries(self) -> int:
