@@ -31,11 +31,19 @@ report: setup
 # (Res16UNet34C fwd+bwd, torch backend vs MinkowskiEngine when installed, 2 threads;
 # BENCH_ARGS adds options, e.g. BENCH_ARGS="--sizes 20000 --repeats 2"), the ops a step issues
 # in the GPU's scheme (counted on any machine), where a CPU step's time goes against its floor,
-# and frame-pair mining.
+# and frame-pair mining. Where real ScanNet meshes are at hand ($HARNESS_SAMPLES/scannet, default
+# ../shared/samples/scannet) the backbone and the CPU floor also run on them (*-scannet.md).
+SCANNET_SAMPLES ?= $(or $(HARNESS_SAMPLES),../shared/samples)/scannet
 bench: setup
 	$(PY) bench/backbone.py --threads 2 --out reports/bench/backbone.md $(BENCH_ARGS)
 	$(PY) -m bench.launches --out reports/bench/launches.md
 	$(PY) -m bench.cpu_floor --threads 2 --repeats 5 --out reports/bench/cpu-floor.md
+	if [ -d "$(SCANNET_SAMPLES)/scans" ]; then \
+	  $(PY) bench/backbone.py --threads 2 --input scannet --scannet-root "$(SCANNET_SAMPLES)" \
+	    --out reports/bench/backbone-scannet.md $(BENCH_ARGS) && \
+	  $(PY) -m bench.cpu_floor --threads 2 --repeats 5 --input scannet --scannet-root "$(SCANNET_SAMPLES)" \
+	    --out reports/bench/cpu-floor-scannet.md; \
+	else echo "no ScanNet meshes under $(SCANNET_SAMPLES)/scans: the real-scan benchmark is skipped"; fi
 	$(PY) -m bench.pairs
 
 # Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached

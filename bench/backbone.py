@@ -2,10 +2,12 @@
 
     python bench/backbone.py [--sizes 20000 100000 300000] [--repeats 3] [--threads 2]
                              [--out reports/bench/backbone.md] [--no-memory] [--no-bf16]
+                             [--input rooms|scannet] [--scannet-root DIR]
 
-Input: room-like surfaces (harness.backbones.synthetic.room_batch) voxelised at 2 cm, RGB-like
-features, train mode, loss = mean of squared outputs. One step = build the sparse input from
-(coords, feats), forward, backward (kernel maps built inside the step on both backends).
+Input (``--input``): room-like surfaces (harness.backbones.synthetic.room_batch) voxelised at 2
+cm with RGB-like features, or real ScanNet meshes (``scan_batch``: mesh vertices at 2 cm, as
+training sees them, with their colours); train mode, loss = mean of squared outputs. One step
+= build the sparse input from (coords, feats), forward, backward (kernel maps built inside the step on both backends).
 The two backends alternate step by step so that load from other jobs hits both alike; only
 their ratio is meaningful on a shared machine, and the report says how busy the other jobs
 kept the CPU during the run. Peak memory is measured per (backend, size) in a fresh process
@@ -120,13 +122,80 @@ def gemm_seconds(coords, feats, device: str) -> Optional[float]:
     return total_us / 1e6 if total_us > 0 else None
 
 
+# Where the benchmark's input comes from (``--input``): synthetic rooms, or real ScanNet meshes.
+INPUTS = ("rooms", "scannet")
+_INPUT = {"source": "rooms", "scannet_root": None}
+
+
+def default_scannet_root() -> Path:
+    """The ScanNet release files next to the checkout (``$HARNESS_SAMPLES/scannet``, as the tests)."""
+    return Path(os.environ.get("HARNESS_SAMPLES", ROOT.parent / "shared" / "samples")) / "scannet"
+
+
+def scan_files(root: Path) -> List[Path]:
+    files = sorted(Path(root).glob("scans/*/*_vh_clean_2.ply"))
+    if not files:
+        raise FileNotFoundError(f"--input scannet: no scans/<scene>/<scene>_vh_clean_2.ply under {root} "
+                                "(give --scannet-root, or set HARNESS_SAMPLES)")
+    return files
+
+
+def scan_batch(n_voxels: int, files: List[Path], voxel_size: float = 0.02, seed: int = 0):
+    """About ``n_voxels`` voxels of real ScanNet scenes as a batch: each scene's mesh vertices
+    (what training on ScanNet voxelises), turned by a random yaw and shifted off the grid,
+    voxelised at ``voxel_size`` (first point), colours scaled to [-0.5, 0.5]. Scenes repeat,
+    each copy turned anew, until the target; the last is cut as :func:`room_batch`'s."""
+    import numpy as np
+
+    from harness.backbones.synthetic import partial_scan
+    from harness.backbones.voxelize import voxelize
+    from harness.data.ply import read_ply
+
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for f in files:
+        mesh = read_ply(f)
+        pts = np.stack([mesh["x"], mesh["y"], mesh["z"]], -1).astype(np.float64)
+        rgb = np.stack([mesh["red"], mesh["green"], mesh["blue"]], -1).astype(np.float32) / 255.0 - 0.5
+        scenes.append((pts, rgb))
+    coords_list, feats_list, total = [], [], 0
+    while total < n_voxels:
+        pts, rgb = scenes[len(coords_list) % len(scenes)]
+        c, s = np.cos(yaw := rng.uniform(0, 2 * np.pi)), np.sin(yaw)
+        turned = pts @ np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]).T + rng.uniform(-1.0, 1.0, size=3)
+        v = voxelize(turned, voxel_size)
+        order = rng.permutation(len(v))  # scanners do not emit voxels in lexicographic order
+        vox, feats = v.coords[order], rgb[v.index[order]]
+        keep = partial_scan(vox, n_voxels - total, rng)
+        b = np.full((len(keep), 1), len(coords_list), np.int32)
+        coords_list.append(np.concatenate([b, vox[keep].astype(np.int32)], axis=1))
+        feats_list.append(feats[keep])
+        total += len(keep)
+    return np.concatenate(coords_list), np.concatenate(feats_list).astype(np.float32)
+
+
 def make_input(n_voxels: int, seed: int = 0):
+    """(coords, feats) of about ``n_voxels`` voxels from the source ``--input`` chose."""
     import torch
 
     from harness.backbones.synthetic import room_batch
 
-    coords, colors = room_batch(n_voxels, voxel_size=0.02, seed=seed)
+    if _INPUT["source"] == "scannet":
+        coords, colors = scan_batch(n_voxels, scan_files(_INPUT["scannet_root"] or default_scannet_root()), seed=seed)
+    else:
+        coords, colors = room_batch(n_voxels, voxel_size=0.02, seed=seed)
     return torch.from_numpy(coords), torch.from_numpy(colors)
+
+
+def input_description() -> str:
+    if _INPUT["source"] == "scannet":
+        files = scan_files(_INPUT["scannet_root"] or default_scannet_root())
+        names = ", ".join(f.parent.name for f in files)
+        return (f"real ScanNet meshes ({names}): mesh vertices voxelised at 2 cm as training on ScanNet does, "
+                "each copy turned by a random yaw and shifted, copies added until the size is reached "
+                "(`bench/backbone.py: scan_batch`), colours as features")
+    return ("room-like surfaces (floor, walls, furniture) sampled and voxelised at 2 cm "
+            "(`harness.backbones.synthetic.room_batch`)")
 
 
 def count_flops(coords, feats, device: str = "cpu") -> Dict[str, float]:
@@ -291,10 +360,17 @@ def cpu_child(backend: str, n_voxels: int, steps: int) -> Dict[str, float]:
     return {"cpu_s": min(times), "cpu_s_all": times}
 
 
+def input_args() -> List[str]:
+    """The command-line arguments that give a child process this run's input."""
+    root = _INPUT["scannet_root"]
+    return ["--input", _INPUT["source"]] + (["--scannet-root", str(root)] if root else [])
+
+
 def measure_cpu(backend: str, n: int, steps: int) -> Optional[Dict[str, float]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "OPENBLAS_NUM_THREADS": "1"}
-    cmd = [sys.executable, __file__, "--cpu-child", backend, str(n), "--repeats", str(steps), "--threads", "1"]
+    cmd = [sys.executable, __file__, "--cpu-child", backend, str(n), "--repeats", str(steps), "--threads", "1",
+           *input_args()]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"cpu run {backend} {n} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -322,7 +398,8 @@ def _reset_peak_rss() -> None:
 
 
 def measure_memory(backend: str, n: int, device: str, threads: int) -> Optional[Dict[str, float]]:
-    cmd = [sys.executable, __file__, "--memory-child", backend, str(n), "--device", device, "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--memory-child", backend, str(n), "--device", device, "--threads", str(threads),
+           *input_args()]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         print(f"memory run {backend} {n} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -357,8 +434,7 @@ def render(results: Dict) -> str:
              f"fp32 matmul peak measured in this run: {env['peak_fp32']:.0f} GFLOP/s (bf16: {env['peak_bf16']:.0f}).  ",
              f"Other jobs kept {results['other_cores']:.2f} of the {env['ncpu']} cores busy on average during the "
              "timing (a shared machine: compare the ratio, not the seconds).", "",
-             "Input: room-like surfaces (floor, walls, furniture) sampled and voxelised at 2 cm "
-             "(`harness.backbones.synthetic.room_batch`), train mode, one step = sparse input from "
+             f"Input: {results.get('input', input_description())}, train mode, one step = sparse input from "
              "(coords, feats) + forward + backward, kernel maps built inside the step on both backends; "
              "the backends alternate step by step; median of the timed steps (min in brackets).", "",
              "`ME / torch` is the ratio of the medians; `per pair` is the median (and range) of the ratios of "
@@ -432,9 +508,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--cpu-sizes", type=int, nargs="*", default=[100000],
                    help="sizes for the single-thread CPU-time comparison (none to skip)")
+    p.add_argument("--input", choices=INPUTS, default="rooms",
+                   help="rooms: synthetic room surfaces; scannet: real ScanNet meshes (--scannet-root)")
+    p.add_argument("--scannet-root", type=Path, default=None,
+                   help="a ScanNet root with scans/<scene>/<scene>_vh_clean_2.ply (default $HARNESS_SAMPLES/scannet)")
     p.add_argument("--memory-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     p.add_argument("--cpu-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    _INPUT.update(source=args.input, scannet_root=args.scannet_root)
     _set_threads(args.threads)
     import harness  # noqa: F401  (before torch and ME: OpenMP and OpenBLAS settings, see harness/__init__.py)
     import torch
@@ -467,7 +548,7 @@ def main(argv=None) -> int:
            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
            "peak_fp32": matmul_peak("float32", device), "peak_bf16": matmul_peak("bfloat16", device)}
     results = {"command": "python bench/backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "env": env, "rows": [], "padding": {}}
+               "env": env, "rows": [], "padding": {}, "input": input_description()}
     mon = CpuMonitor().start()
     for n in args.sizes:
         coords, feats = make_input(n)

@@ -1,7 +1,7 @@
 """Benchmark: where a CPU training step of the torch backend spends its time, and the floor that sets.
 
     python -m bench.cpu_floor [--voxels 100000] [--threads 2] [--repeats 3] [--no-minkowski]
-                              [--out reports/bench/cpu-floor.md]
+                              [--out reports/bench/cpu-floor.md] [--input rooms|scannet] [--scannet-root DIR]
 
 Why: the backbone benchmark gives the ratio to MinkowskiEngine; this says how far the torch
 backend's step is from the fastest it could be on these cores, and why. On one input, in one
@@ -153,15 +153,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-minkowski", action="store_true", help="skip the MinkowskiEngine steps")
     p.add_argument("--out", default=None, help="also write the report as markdown here")
+    p.add_argument("--input", choices=("rooms", "scannet"), default="rooms", help="as bench/backbone.py's --input")
+    p.add_argument("--scannet-root", type=Path, default=None, help="as bench/backbone.py's --scannet-root")
     args = p.parse_args(argv)
 
     import harness  # noqa: F401  (before torch: thread settings)
     import torch
 
-    from bench.backbone import _build, _step, count_flops, make_input, matmul_peak
+    from bench.backbone import _INPUT, _build, _step, count_flops, input_args, input_description, make_input, matmul_peak
     from harness.backbones import available_backends
     from harness.provenance import git_commit
 
+    _INPUT.update(source=args.input, scannet_root=args.scannet_root)
     coords, feats = make_input(args.voxels)
     flops = count_flops(coords, feats)
     model = _build("torch", "cpu")
@@ -205,9 +208,9 @@ def main(argv=None) -> int:
 
     lines = [f"# Where a CPU step goes: Res16UNet34C forward+backward, torch backend, {args.voxels} voxels", "",
              f"Command: `python -m bench.cpu_floor --voxels {args.voxels} --threads {t} --repeats {args.repeats}"
-             + (f" --out {args.out}" if args.out else "") + "`  ",
+             + "".join(" " + a for a in input_args()) + (f" --out {args.out}" if args.out else "") + "`  ",
              f"torch {torch.__version__}; commit {git_commit()}; {time.strftime('%Y-%m-%d %H:%M')}. Medians of {args.repeats} steps per "
-             "variant, variants alternated; input and step as in `bench/backbone.py`.", "",
+             "variant, variants alternated; step as in `bench/backbone.py`.", "", f"Input: {input_description()}.", "",
              f"## One thread: {one['wall']:.2f} s per step", "",
              "Time by kind of work, from one profiled step (inclusive time of the top-level aten ops; the kernel "
              f"maps as a whole), scaled to the unprofiled step (the profiled one took {profiled:.2f} s):", "",

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["room_points", "room_batch"]
+__all__ = ["room_points", "room_batch", "partial_scan"]
 
 _Rect = Tuple[np.ndarray, np.ndarray, np.ndarray]  # origin, edge u, edge v (metres)
 
@@ -112,6 +112,17 @@ def room_points(rng: np.random.Generator, scale: float = 1.0, density: float = 1
     return (pts @ rot.T + rng.uniform(-1.0, 1.0, size=3)).astype(np.float32)
 
 
+def partial_scan(vox: np.ndarray, need: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of ``vox`` (M, 3) to keep so that at most ``need`` remain: all of them, or the
+    ``need`` rows on one side of a random vertical plane (a contiguous piece, as a partial scan
+    would be), in their original order."""
+    if len(vox) <= need:
+        return np.arange(len(vox))
+    ang = rng.uniform(0, 2 * np.pi)
+    proj = vox[:, 0] * np.cos(ang) + vox[:, 1] * np.sin(ang)
+    return np.sort(np.argsort(proj, kind="stable")[:need])
+
+
 def room_batch(n_voxels: int, voxel_size: float = 0.02, seed: int = 0, max_rooms: int = 8,
                rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, np.ndarray]:
     """About ``n_voxels`` voxels of room surfaces as a batch.
@@ -131,13 +142,7 @@ def room_batch(n_voxels: int, voxel_size: float = 0.02, seed: int = 0, max_rooms
         pts = room_points(rng, scale=scale)
         vox = np.unique(np.floor(pts / voxel_size).astype(np.int32), axis=0)
         rng.shuffle(vox)  # scanners do not emit voxels in lexicographic order
-        need = n_voxels - total
-        if len(vox) > need:
-            # Cut along a random horizontal direction so the kept part is a contiguous piece.
-            ang = rng.uniform(0, 2 * np.pi)
-            proj = vox[:, 0] * np.cos(ang) + vox[:, 1] * np.sin(ang)
-            keep = np.argsort(proj, kind="stable")[:need]
-            vox = vox[np.sort(keep)]
+        vox = vox[partial_scan(vox, n_voxels - total, rng)]
         coords_list.append(np.concatenate([np.full((len(vox), 1), b, np.int32), vox], axis=1))
         total += len(vox)
         b += 1
