@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.backbones import kernel_map, ops
-from harness.backbones.kernel_map import (KERNEL2, KERNEL3, CoordinateManager, OffsetPlan, Plan, TablePlan,
-                                         choose_buckets)
+from harness.backbones.kernel_map import (KERNEL2, KERNEL3, CoordinateManager, LinePlan, OffsetPlan, Plan,
+                                         TablePlan, choose_buckets)
 from harness.backbones.ops import global_pool
 from harness.backbones.sparse import SparseTensor
 from harness.backbones.torch_backend import SparseBatchNorm, SparseConv, SparseConvTranspose, TorchOps
@@ -53,14 +53,16 @@ def dense_weight(kernel, k):
     return w.permute(4, 3, 2, 1, 0)  # (out, in, x, y, z)
 
 
-@pytest.fixture(params=["buckets", "spill", "offsets", "table"])
+@pytest.fixture(params=["buckets", "spill", "lines", "offsets", "table"])
 def scheme(request, monkeypatch):
     """Every convolution in buckets (none spilled, or on these 35%-dense sites the offsets that
-    are rarer near the border, most edges and corners, spilled), or every one offset by offset
-    on the worker threads, or as table plans (the GPU's scheme, forced on the CPU: one gather
-    and one GEMM)."""
+    are rarer near the border, most edges and corners, spilled), or every 3x3x3 one as a line
+    plan (where the row order is free; the stride-2 maps in buckets), or every one offset by
+    offset on the worker threads, or as table plans (the GPU's scheme, forced on the CPU: one
+    gather and one GEMM)."""
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if request.param in ("offsets", "table") else 0)
     monkeypatch.setattr(kernel_map, "SPILL_BELOW", 0.3 if request.param == "spill" else 0.0)
+    monkeypatch.setattr(kernel_map, "LINE_PLAN_PADDING", -1.0 if request.param == "lines" else 10.0)
     if request.param == "table":
         monkeypatch.setattr(kernel_map, "uses_table_plans", lambda device: True)
     return request.param
@@ -213,6 +215,7 @@ def test_bucketing_covers_each_row_with_a_superset_mask():
 def test_spilled_pairs_and_bucket_entries_are_the_table_once_each(monkeypatch):
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 0)
     monkeypatch.setattr(kernel_map, "SPILL_BELOW", 0.3)
+    monkeypatch.setattr(kernel_map, "LINE_PLAN_PADDING", 10.0)  # random sites: buckets would pad ~60%
     level = CoordinateManager(random_sites(1), keep_tables=True).level(1)
     table, plan = level.table, level.plan
     assert plan.spill is not None and max(b.k for b in plan.buckets) > 1  # both parts in use
@@ -290,6 +293,7 @@ def test_scheme_follows_the_site_count_of_each_level(monkeypatch):
     coords = random_sites(9, extent=8)  # about 2 x 1800 sites at stride 1, a quarter of that at 2
     n1 = len(coords)
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", n1 - 1)
+    monkeypatch.setattr(kernel_map, "LINE_PLAN_PADDING", 10.0)
     cm = CoordinateManager(coords)
     assert isinstance(cm.level(1).plan, Plan)
     assert isinstance(cm.level(2).plan, OffsetPlan) and cm.level(2).n < n1 - 1
@@ -301,6 +305,75 @@ def test_scheme_follows_the_site_count_of_each_level(monkeypatch):
     dm = cm.down_map(2)
     assert isinstance(dm.down, OffsetPlan) and isinstance(dm.up, OffsetPlan)
     assert dm.down.n_entries == dm.up.n_entries == cm.level(2).n  # one pair per fine site
+
+
+def test_line_plan_where_buckets_would_pad_much(monkeypatch):
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 0)
+    # 35% of a cube's voxels at random: nearly every site has its own neighbour mask
+    assert isinstance(CoordinateManager(random_sites(9, extent=8)).level(1).plan, LinePlan)
+    # a full square of a plane: the inner sites share one mask (9 offsets), the border 3 more
+    g = np.stack(np.meshgrid(np.arange(60), np.arange(60), indexing="ij"), -1).reshape(-1, 2)
+    plane = torch.from_numpy(np.concatenate([np.zeros((len(g), 1)), g, np.zeros((len(g), 1))], 1).astype(np.int32))
+    assert isinstance(CoordinateManager(plane).level(1).plan, Plan)
+    # input order kept: no line plan (its rows need their own order)
+    assert isinstance(CoordinateManager(random_sites(9, extent=8), reorder=False).level(1).plan, Plan)
+
+
+def test_line_plan_holds_each_table_entry_once_and_writes_the_centre_line_in_slices(monkeypatch):
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 0)
+    monkeypatch.setattr(kernel_map, "LINE_BLOCK_PAIRS", 2000)
+    level = CoordinateManager(random_sites(4), keep_tables=True).level(1)
+    table, plan = level.table, level.plan
+    assert isinstance(plan, LinePlan) and plan.n_blocks > 2
+    seen = torch.full_like(table, -1)
+    centre_rows = []
+    for b in plan.buckets:
+        assert b.cols == sorted(b.cols) and all(c // 3 == b.line for c in b.cols)
+        idx = b.idx.view(-1, b.k)
+        for p, c in enumerate(b.cols):
+            assert bool((seen[b.rows, c] == -1).all())  # no entry twice
+            seen[b.rows, c] = idx[:, p]
+        if b.line == LinePlan.CENTRE_LINE:
+            centre_rows.append(b.rows)
+            for t in range(plan.n_blocks):
+                r0, r1 = b.bounds[t], b.bounds[t + 1]
+                if r1 > r0:
+                    assert b.rows[r0:r1].tolist() == list(range(b.starts[t], b.starts[t] + r1 - r0))
+    assert torch.equal(seen, table)  # every present entry, and only those
+    assert torch.equal(torch.cat(centre_rows).sort().values, torch.arange(level.n))
+    # a block's rows never reach into another block: tasks write disjoint rows
+    size = -(-level.n // plan.n_blocks)
+    for b in plan.buckets:
+        for t in range(plan.n_blocks):
+            rows = b.rows[b.bounds[t]:b.bounds[t + 1]]
+            assert bool(((rows // size) == t).all())
+
+
+def test_line_plan_is_the_same_on_one_and_two_workers(monkeypatch):
+    """Blocks write disjoint rows and their weight gradients are added in block order."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 0)
+    monkeypatch.setattr(kernel_map, "LINE_PLAN_PADDING", -1.0)
+    monkeypatch.setattr(kernel_map, "LINE_BLOCK_PAIRS", 2000)
+    torch.manual_seed(6)
+    coords = random_sites(10)
+    feats = torch.randn(len(coords), 8)
+    conv = SparseConv(8, 8, 3)
+    g = torch.randn(len(coords), 8)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            f = feats.clone().requires_grad_()
+            x = SparseTensor(f, coords, reorder=True)
+            assert isinstance(x.manager.level(1).plan, LinePlan) and x.manager.level(1).plan.n_blocks > 2
+            out = conv(x).F
+            gx, gw = torch.autograd.grad((out * g).sum(), (f, conv.kernel))
+            results.append((out, gx, gw))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_every_set_runs_without_buckets_off_the_cpu():

@@ -1,7 +1,8 @@
 """Sparse operations of the torch backend, and helpers shared by every backend.
 
 On the CPU, convolutions run as gather -> GEMM -> write per chunk of a bucket of a
-:class:`~.kernel_map.Plan` (or per offset of an :class:`~.kernel_map.OffsetPlan`); on a GPU as
+:class:`~.kernel_map.Plan` (per offset of an :class:`~.kernel_map.OffsetPlan`, per block of
+rows and bucket of a :class:`~.kernel_map.LinePlan`); on a GPU as
 one gather and one GEMM through a :class:`~.kernel_map.TablePlan`. The autograd function keeps
 only its input, its weight and the (shared) plans, never a gathered matrix. Backward gathers
 again: the output gradient, once for both gradients of a stride-1 convolution
@@ -20,11 +21,12 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .kernel_map import OffsetPlan, Plan, TablePlan
+from .kernel_map import LinePlan, OffsetPlan, Plan, TablePlan
 from .workers import run_tasks, worker_count
 
 __all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "symmetric_backward", "offset_matmul",
-           "offset_backward", "table_matmul", "table_backward", "sparse_conv", "global_pool"]
+           "offset_backward", "line_matmul", "line_backward", "table_matmul", "table_backward", "sparse_conv",
+           "global_pool"]
 
 
 # Half-precision dtypes: their scatter-adds accumulate in float32, rounding each row once.
@@ -110,9 +112,17 @@ def _piece_chunks(b, r0: int, r1: int):
 def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, block: Tuple[int, int], body, cols_of) -> torch.Tensor:
     """Run ``body(piece, worker, acc)`` for every piece of ``plan``, ``acc`` being a (k *
     block[0], block[1]) matrix for the piece's bucket of k offsets, and add each accumulator
-    into a (K, *block) gradient at rows ``cols_of(bucket)``: one contiguous block per offset,
-    so the add is a plain row-wise ``index_add_`` (on a transposed view it was ten times
-    slower).
+    into a (K, *block) gradient at rows ``cols_of(bucket)`` (see :func:`_accumulated`)."""
+    return _accumulated(plan.K, len(plan.pieces), lambda t: plan.buckets[plan.pieces[t][0]].k,
+                        lambda t: cols_of(plan.buckets[plan.pieces[t][0]]), ref, block, body)
+
+
+def _accumulated(K: int, n_pieces: int, k_of, cols_of, ref: torch.Tensor, block: Tuple[int, int],
+                 body) -> torch.Tensor:
+    """Run ``body(piece, worker, acc)`` for pieces ``0 .. n_pieces - 1``, ``acc`` being a
+    (k_of(piece) * block[0], block[1]) matrix, and add each accumulator into a (K, *block)
+    gradient at rows ``cols_of(piece)``: one contiguous block per offset, so the add is a
+    plain row-wise ``index_add_`` (on a transposed view it was ten times slower).
 
     Accumulators are a few slots allocated here (by the calling thread) and reused: a worker
     takes a free slot, then the next piece, computes it, and whichever worker is free adds
@@ -121,12 +131,11 @@ def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, block: Tuple[int, int], bo
     workers: on the calling thread each was an OpenMP region whose idle partner thread then
     spun for a while, taking CPU from the workers."""
     n_workers = worker_count(ref.device)
-    n_pieces = len(plan.pieces)
     n_slots = max(1, min(n_pieces, 2 * n_workers))
-    kmax = max((b.k for b in plan.buckets), default=1)
+    kmax = max((k_of(t) for t in range(n_pieces)), default=1)
     per_offset = block[0] * block[1]
     slots = [ref.new_empty(kmax * per_offset) for _ in range(n_slots)]
-    acc_all = ref.new_zeros((plan.K,) + tuple(block))
+    acc_all = ref.new_zeros((K,) + tuple(block))
     free: "queue.SimpleQueue[int]" = queue.SimpleQueue()
     for i in range(n_slots):
         free.put(i)
@@ -144,8 +153,8 @@ def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, block: Tuple[int, int], bo
                 while nxt[0] in pending:
                     t = nxt[0]
                     slot = pending.pop(t)
-                    b = plan.buckets[plan.pieces[t][0]]
-                    acc_all.view(plan.K, per_offset).index_add_(0, cols_of(b), slots[slot][:b.k * per_offset].view(b.k, per_offset))
+                    k = k_of(t)
+                    acc_all.view(K, per_offset).index_add_(0, cols_of(t), slots[slot][:k * per_offset].view(k, per_offset))
                     nxt[0] = t + 1
                     free.put(slot)
             finally:
@@ -161,7 +170,7 @@ def _weight_grad_tasks(plan: Plan, ref: torch.Tensor, block: Tuple[int, int], bo
                 free.put(slot)
                 return
             try:
-                k = plan.buckets[plan.pieces[t][0]].k
+                k = k_of(t)
                 body(t, w, slots[slot][:k * per_offset].view(k * block[0], block[1]))
             except BaseException:
                 failed.append(True)
@@ -372,6 +381,113 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
     return (_scatter_sum(gx, plan, "in", prods) if need_x else None), gw
 
 
+def _line_weights(plan: LinePlan, weight: torch.Tensor) -> List[torch.Tensor]:
+    """``weight[cols]`` of each bucket as a (k * C, C_out) matrix: a view where the offsets
+    are consecutive (all masks but 101)."""
+    K, c_in, c_out = weight.shape
+    return [weight[b.cols[0]:b.cols[0] + b.k].view(b.k * c_in, c_out) if b.cols[-1] - b.cols[0] == b.k - 1
+            else weight[b.cols].reshape(b.k * c_in, c_out) for b in plan.buckets]
+
+
+class _LineSum:
+    """The (n, C) sum of a line plan's products over the lines of each row: the centre line's
+    GEMMs write their rows, the other lines' add into them. Half-precision products are summed
+    in float32 (a row has up to 9 lines) and rounded once, by :meth:`result`."""
+
+    def __init__(self, ref: torch.Tensor, n: int, c: int, scratch: _Scratch):
+        self.dtype, self.half = ref.dtype, ref.dtype in _HALF
+        self.t = ref.new_empty((n, c), dtype=torch.float32 if self.half else ref.dtype)
+        self.c, self.scratch = c, scratch
+
+    def add(self, b, t: int, r0: int, r1: int, g: torch.Tensor, wb: torch.Tensor, w: int) -> None:
+        """Rows r0..r1 of bucket ``b`` (block ``t``): ``g @ wb``, written or added."""
+        if b.starts is not None and not self.half:
+            s0 = b.starts[t]
+            torch.mm(g, wb, out=self.t[s0:s0 + r1 - r0])
+            return
+        y = torch.mm(g, wb, out=self.scratch.get(w, "y", (r1 - r0, self.c)))
+        if b.starts is not None:
+            self.t[b.starts[t]:b.starts[t] + r1 - r0].copy_(y)
+        else:
+            self.t.index_add_(0, b.rows[r0:r1], y.float() if self.half else y)
+
+    def result(self) -> torch.Tensor:
+        return self.t.to(self.dtype) if self.half else self.t
+
+
+def _line_gather(src: torch.Tensor, b, r0: int, r1: int, scratch: _Scratch, w: int) -> torch.Tensor:
+    """Rows r0..r1 of line bucket ``b`` gathered from ``src`` as (rows, k * C)."""
+    k, c = b.k, src.shape[1]
+    g = scratch.get(w, "g", ((r1 - r0) * k, c))
+    torch.index_select(src, 0, b.idx[r0 * k:r1 * k], out=g)
+    return g.view(r1 - r0, k * c)
+
+
+def line_matmul(plan: LinePlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``out[r] = sum_i x[table[r, i]] @ weight[i]`` through a line plan: one task per block
+    of rows, per bucket one gather, one GEMM, one write or add of its rows."""
+    c_in, c_out = weight.shape[1], weight.shape[2]
+    scratch = _Scratch(x, worker_count(x.device), g=plan.max_rows * 3 * c_in, y=plan.max_rows * c_out)
+    out = _LineSum(x, plan.n, c_out, scratch)
+    weights = _line_weights(plan, weight)
+
+    def task(t: int, w: int) -> None:
+        for b, wb in zip(plan.buckets, weights):
+            r0, r1 = b.bounds[t], b.bounds[t + 1]
+            if r1 > r0:
+                out.add(b, t, r0, r1, _line_gather(x, b, r0, r1, scratch, w), wb, w)
+
+    run_tasks(task, plan.n_blocks, x.device)
+    return out.result()
+
+
+def line_backward(plan: LinePlan, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_x: bool,
+                  need_w: bool):
+    """Both gradients of a line-plan convolution from one gather of the output gradient per
+    bucket and block, as :func:`symmetric_backward` does for buckets: through offset j the
+    gathered ``grad`` rows serve row q's input gradient (with ``W[K-1-j]^T``) and offset
+    K-1-j's weight gradient (``G_j^T x[q]``). Each block accumulates its own (K, C_out, C_in)
+    sums by j (a bucket's offsets are consecutive there, so one GEMM adds them all), added
+    into offset K-1-j's gradient in block order."""
+    K, c_in, c_out = weight.shape
+    n_workers = worker_count(grad.device)
+    scratch = _Scratch(grad, n_workers, g=plan.max_rows * 3 * c_out, y=plan.max_rows * c_in,
+                       xi=plan.max_rows * c_in)
+    gx = _LineSum(grad, plan.n, c_in, scratch) if need_x else None
+    weights = _line_weights(plan, weight.flip(0).transpose(1, 2).contiguous()) if need_x else None  # W[K-1-j]^T
+
+    def body(t: int, w: int, acc: Optional[torch.Tensor]) -> None:  # acc (K * C_out, C_in): dW[K-1-j]^T at j
+        if acc is not None:
+            acc.zero_()
+        for bi, b in enumerate(plan.buckets):
+            r0, r1 = b.bounds[t], b.bounds[t + 1]
+            if r1 == r0:
+                continue
+            g = _line_gather(grad, b, r0, r1, scratch, w)
+            if need_x:
+                gx.add(b, t, r0, r1, g, weights[bi], w)
+            if acc is not None:
+                if b.starts is not None:
+                    xr = x[b.starts[t]:b.starts[t] + r1 - r0]
+                else:
+                    xr = torch.index_select(x, 0, b.rows[r0:r1], out=scratch.get(w, "xi", (r1 - r0, c_in)))
+                c0 = b.cols[0]
+                if b.cols[-1] - c0 == b.k - 1:
+                    acc[c0 * c_out:(c0 + b.k) * c_out].addmm_(g.t(), xr)
+                else:
+                    for p, col in enumerate(b.cols):
+                        acc[col * c_out:(col + 1) * c_out].addmm_(g[:, p * c_out:(p + 1) * c_out].t(), xr)
+
+    gw = None
+    if need_w:
+        mirrored = torch.arange(K - 1, -1, -1, device=grad.device)
+        gw = _accumulated(K, plan.n_blocks, lambda t: K, lambda t: mirrored, grad, (c_out, c_in), body)
+        gw = gw.transpose(1, 2).contiguous()
+    else:
+        run_tasks(lambda t, w: body(t, w, None), plan.n_blocks, grad.device)
+    return (gx.result() if need_x else None), gw
+
+
 @functools.lru_cache(maxsize=64)
 def _zero_column(height: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A (height, 1) column of zeros, made once per process and never written."""
@@ -434,6 +550,8 @@ class _SparseConvFunction(torch.autograd.Function):
             return table_matmul(fwd, x, weight)
         if isinstance(fwd, OffsetPlan):
             return offset_matmul(fwd, x, weight)
+        if isinstance(fwd, LinePlan):
+            return line_matmul(fwd, x, weight)
         return plan_matmul(fwd, x, weight)
 
     @staticmethod
@@ -447,6 +565,9 @@ class _SparseConvFunction(torch.autograd.Function):
                 None, None, None)
         if isinstance(fwd, OffsetPlan):
             return offset_backward(fwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
+                None, None, None)
+        if isinstance(fwd, LinePlan):
+            return line_backward(fwd, x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (
                 None, None, None)
         if bwd is None:
             if ctx.needs_input_grad[1] and not ctx.needs_input_grad[0] and x.shape[1] < grad.shape[1]:
