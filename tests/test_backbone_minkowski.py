@@ -66,20 +66,22 @@ def _assert_agree(ours, theirs, tol=1e-5):
 
 
 @pytest.mark.minkowski
-@pytest.mark.parametrize("mode,offset_major_sites,spill_below,table", [
-    ("train", 1000, kernel_map.SPILL_BELOW, False), ("eval", 1000, kernel_map.SPILL_BELOW, False),
-    ("train", 0, kernel_map.SPILL_BELOW, False), ("train", 0, 0.0, False), ("train", 10**9, kernel_map.SPILL_BELOW, False),
-    ("train", 10**9, kernel_map.SPILL_BELOW, True)])
+@pytest.mark.parametrize("mode,offset_major_sites,spill_below,table,lines", [
+    ("train", 1000, kernel_map.SPILL_BELOW, False, False), ("eval", 1000, kernel_map.SPILL_BELOW, False, False),
+    ("train", 0, kernel_map.SPILL_BELOW, False, False), ("train", 0, 0.0, False, False),
+    ("train", 0, kernel_map.SPILL_BELOW, False, True),
+    ("train", 10**9, kernel_map.SPILL_BELOW, False, False), ("train", 10**9, kernel_map.SPILL_BELOW, True, False)])
 def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode, offset_major_sites, spill_below, table,
-                                                     monkeypatch):
+                                                     lines, monkeypatch):
     """Same state_dict and input: outputs, input and weight gradients (and in train mode the
     updated running statistics) agree to 1e-5 relative (in fact to rounding, ~1e-12).
     With 1000 the stride-1 level (about 2500 sites) runs in buckets and the coarser ones
-    offset by offset; with 0 every level runs in buckets (rare offsets spilled, or none), with
-    10**9 every level and every stride-2 map offset by offset on the worker threads, or as
-    table plans (the GPU's scheme, forced on the CPU)."""
+    offset by offset; with 0 every level runs in buckets (rare offsets spilled, or none) or, with
+    ``lines``, as line plans; with 10**9 every level and every stride-2 map offset by offset on
+    the worker threads, or as table plans (the GPU's scheme, forced on the CPU)."""
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", offset_major_sites)
     monkeypatch.setattr(kernel_map, "SPILL_BELOW", spill_below)
+    monkeypatch.setattr(kernel_map, "LINE_PLAN_PADDING", -1.0 if lines else kernel_map.LINE_PLAN_PADDING)
     if table:
         monkeypatch.setattr(kernel_map, "uses_table_plans", lambda device: True)
     coords, feats = scene

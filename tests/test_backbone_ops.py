@@ -317,6 +317,9 @@ def test_line_plan_where_buckets_would_pad_much(monkeypatch):
     assert isinstance(CoordinateManager(plane).level(1).plan, Plan)
     # input order kept: no line plan (its rows need their own order)
     assert isinstance(CoordinateManager(random_sites(9, extent=8), reorder=False).level(1).plan, Plan)
+    # maps built under autocast: buckets (bf16 GEMMs of ever new shapes are slow)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert isinstance(CoordinateManager(random_sites(9, extent=8)).level(1).plan, Plan)
 
 
 def test_line_plan_holds_each_table_entry_once_and_writes_the_centre_line_in_slices(monkeypatch):

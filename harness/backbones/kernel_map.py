@@ -96,7 +96,9 @@ SPILL_BELOW = 0.6
 # leave random holes: 54k distinct masks among 96k sites, the tree pads 74% at stride 1, 41% at
 # stride 2; the synthetic rooms 16% and 17%. Measured on the 2-core CPU, convolution fwd+bwd at
 # 96 channels, line plan against buckets: real scan stride 1 1.12-1.17x faster, stride 2 0.95-0.99x
-# (0.67x at 32 channels); rooms stride 1 0.84-0.90x.
+# (0.67x at 32 channels); rooms stride 1 0.84-0.90x. Not under autocast: a line plan's GEMMs have
+# as many row counts as it has blocks and buckets, and in bf16 each new shape is a new oneDNN
+# kernel (real scan at 100k voxels: bf16 step 9.99 s with line plans, 4.56 s with buckets).
 LINE_PLAN_PADDING = 0.6
 
 # Pairs per task of a line plan: its rows run in blocks of about this many pairs, at least two.
@@ -663,10 +665,11 @@ class Level:
     def _bucketed(table: np.ndarray, masks: np.ndarray, order_fixed: bool, overhead: float, device: torch.device):
         """(table, plan, new row order or None): unless the order is fixed, rows move to
         bucket by bucket order, keeping their order inside a bucket; or, where the buckets would
-        pad too much (``LINE_PLAN_PADDING``), a line plan in its own row order."""
+        pad too much (``LINE_PLAN_PADDING``) and autocast is off, a line plan in its own row
+        order."""
         n = len(table)
         bucket_of_row, bucket_masks = choose_buckets(masks, 27, overhead=overhead)
-        if not order_fixed:
+        if not order_fixed and not torch.is_autocast_enabled(torch.device(device).type):
             widths = np.array([bin(m).count("1") for m in bucket_masks.tolist()])
             padded = int((np.bincount(bucket_of_row, minlength=len(widths)) * widths).sum())
             if padded >= (1.0 + LINE_PLAN_PADDING) * int((table >= 0).sum()):
