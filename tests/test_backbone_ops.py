@@ -352,9 +352,22 @@ def test_line_plan_holds_each_table_entry_once_and_writes_the_centre_line_in_sli
             assert bool(((rows // size) == t).all())
 
 
-def test_line_plan_is_the_same_on_one_and_two_workers(monkeypatch):
-    """Blocks write disjoint rows and their weight gradients are added in block order."""
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 0)
+def test_every_set_runs_without_buckets_off_the_cpu():
+    assert kernel_map.default_offset_major_sites(torch.device("cpu")) == kernel_map.OFFSET_MAJOR_SITES < 10**6
+    assert kernel_map.default_offset_major_sites(torch.device("cuda")) >= 2**62
+    assert CoordinateManager(random_sites(9, extent=8)).offset_major_sites == kernel_map.OFFSET_MAJOR_SITES
+
+
+def test_table_plans_are_for_devices_other_than_the_cpu():
+    assert kernel_map.uses_table_plans(torch.device("cuda")) and not kernel_map.uses_table_plans("cpu")
+
+
+@pytest.mark.parametrize("plan_type", [OffsetPlan, LinePlan])
+def test_result_is_the_same_on_one_and_two_workers(monkeypatch, plan_type):
+    """Offset plans add the per-offset products in one fixed order after all tasks; a line
+    plan's blocks write disjoint rows and their weight gradients are added in block order. So
+    the result and both gradients are bit-identical whichever worker ran what."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if plan_type is OffsetPlan else 0)
     monkeypatch.setattr(kernel_map, "LINE_PLAN_PADDING", -1.0)
     monkeypatch.setattr(kernel_map, "LINE_BLOCK_PAIRS", 2000)
     torch.manual_seed(6)
@@ -369,42 +382,9 @@ def test_line_plan_is_the_same_on_one_and_two_workers(monkeypatch):
             torch.set_num_threads(threads)
             f = feats.clone().requires_grad_()
             x = SparseTensor(f, coords, reorder=True)
-            assert isinstance(x.manager.level(1).plan, LinePlan) and x.manager.level(1).plan.n_blocks > 2
+            plan = x.manager.level(1).plan
+            assert isinstance(plan, plan_type) and (plan_type is OffsetPlan or plan.n_blocks > 2)
             out = conv(x).F
-            gx, gw = torch.autograd.grad((out * g).sum(), (f, conv.kernel))
-            results.append((out, gx, gw))
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
-
-def test_every_set_runs_without_buckets_off_the_cpu():
-    assert kernel_map.default_offset_major_sites(torch.device("cpu")) == kernel_map.OFFSET_MAJOR_SITES < 10**6
-    assert kernel_map.default_offset_major_sites(torch.device("cuda")) >= 2**62
-    assert CoordinateManager(random_sites(9, extent=8)).offset_major_sites == kernel_map.OFFSET_MAJOR_SITES
-
-
-def test_table_plans_are_for_devices_other_than_the_cpu():
-    assert kernel_map.uses_table_plans(torch.device("cuda")) and not kernel_map.uses_table_plans("cpu")
-
-
-def test_offset_scheme_is_the_same_on_one_and_two_workers(monkeypatch):
-    """The per-offset products are added in one fixed order after all tasks, so the result
-    and both gradients are bit-identical whichever worker ran which offset."""
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
-    torch.manual_seed(6)
-    coords = random_sites(10)
-    feats = torch.randn(len(coords), 8)
-    conv = SparseConv(8, 8, 3)
-    g = torch.randn(len(coords), 8)
-    results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            f = feats.clone().requires_grad_()
-            out = conv(SparseTensor(f, coords)).F
             gx, gw = torch.autograd.grad((out * g).sum(), (f, conv.kernel))
             results.append((out, gx, gw))
     finally:
