@@ -7,8 +7,8 @@
 Input (``--input``): room-like surfaces (harness.backbones.synthetic.room_batch) voxelised at 2
 cm with RGB-like features, or real ScanNet meshes (``scan_batch``: mesh vertices at 2 cm, as
 training sees them, with their colours); train mode, loss = mean of squared outputs. One step
-= build the sparse input from (coords, feats), forward, backward (kernel maps built inside the step on both backends).
-The two backends alternate step by step so that load from other jobs hits both alike; only
+= build the sparse input from (coords, feats), forward, backward (kernel maps built inside the
+step on both backends). The two backends alternate step by step so that load from other jobs hits both alike; only
 their ratio is meaningful on a shared machine, and the report says how busy the other jobs
 kept the CPU during the run. Peak memory is measured per (backend, size) in a fresh process
 (peak RSS during two steps minus RSS before the first). The step's useful FLOPs are counted
@@ -132,7 +132,10 @@ def default_scannet_root() -> Path:
     return Path(os.environ.get("HARNESS_SAMPLES", ROOT.parent / "shared" / "samples")) / "scannet"
 
 
-def scan_files(root: Path) -> List[Path]:
+def scan_files(root: Optional[Path] = None) -> List[Path]:
+    """The ``_vh_clean_2.ply`` meshes under a ScanNet root (default: ``--scannet-root``, else
+    :func:`default_scannet_root`)."""
+    root = root or _INPUT["scannet_root"] or default_scannet_root()
     files = sorted(Path(root).glob("scans/*/*_vh_clean_2.ply"))
     if not files:
         raise FileNotFoundError(f"--input scannet: no scans/<scene>/<scene>_vh_clean_2.ply under {root} "
@@ -181,7 +184,7 @@ def make_input(n_voxels: int, seed: int = 0):
     from harness.backbones.synthetic import room_batch
 
     if _INPUT["source"] == "scannet":
-        coords, colors = scan_batch(n_voxels, scan_files(_INPUT["scannet_root"] or default_scannet_root()), seed=seed)
+        coords, colors = scan_batch(n_voxels, scan_files(), seed=seed)
     else:
         coords, colors = room_batch(n_voxels, voxel_size=0.02, seed=seed)
     return torch.from_numpy(coords), torch.from_numpy(colors)
@@ -189,8 +192,7 @@ def make_input(n_voxels: int, seed: int = 0):
 
 def input_description() -> str:
     if _INPUT["source"] == "scannet":
-        files = scan_files(_INPUT["scannet_root"] or default_scannet_root())
-        names = ", ".join(f.parent.name for f in files)
+        names = ", ".join(f.parent.name for f in scan_files())
         return (f"real ScanNet meshes ({names}): mesh vertices voxelised at 2 cm as training on ScanNet does, "
                 "each copy turned by a random yaw and shifted, copies added until the size is reached "
                 "(`bench/backbone.py: scan_batch`), colours as features")
@@ -516,6 +518,11 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     _INPUT.update(source=args.input, scannet_root=args.scannet_root)
+    if args.input == "scannet":
+        try:
+            scan_files()
+        except FileNotFoundError as exc:
+            p.error(str(exc))
     _set_threads(args.threads)
     import harness  # noqa: F401  (before torch and ME: OpenMP and OpenBLAS settings, see harness/__init__.py)
     import torch

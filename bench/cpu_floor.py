@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import emit  # noqa: E402
+from bench.backbone import INPUTS  # noqa: E402
 from bench.launches import GEMMS, VIEWS, top_level_ops  # noqa: E402
 
 MAPS = "kernel maps"
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-minkowski", action="store_true", help="skip the MinkowskiEngine steps")
     p.add_argument("--out", default=None, help="also write the report as markdown here")
-    p.add_argument("--input", choices=("rooms", "scannet"), default="rooms", help="as bench/backbone.py's --input")
+    p.add_argument("--input", choices=INPUTS, default="rooms", help="as bench/backbone.py's --input")
     p.add_argument("--scannet-root", type=Path, default=None, help="as bench/backbone.py's --scannet-root")
     args = p.parse_args(argv)
 
