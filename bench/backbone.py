@@ -362,6 +362,25 @@ def cpu_child(backend: str, n_voxels: int, steps: int) -> Dict[str, float]:
     return {"cpu_s": min(times), "cpu_s_all": times}
 
 
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """``--input`` and ``--scannet-root``, for every benchmark that takes this module's inputs."""
+    p.add_argument("--input", choices=INPUTS, default="rooms",
+                   help="rooms: synthetic room surfaces; scannet: real ScanNet meshes (--scannet-root)")
+    p.add_argument("--scannet-root", type=Path, default=None,
+                   help="a ScanNet root with scans/<scene>/<scene>_vh_clean_2.ply (default $HARNESS_SAMPLES/scannet)")
+
+
+def use_input(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Make ``args.input`` the source of :func:`make_input`; a ScanNet root without meshes is
+    a usage error naming it."""
+    _INPUT.update(source=args.input, scannet_root=args.scannet_root)
+    if args.input == "scannet":
+        try:
+            scan_files()
+        except FileNotFoundError as exc:
+            p.error(str(exc))
+
+
 def input_args() -> List[str]:
     """The command-line arguments that give a child process this run's input."""
     root = _INPUT["scannet_root"]
@@ -510,19 +529,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--cpu-sizes", type=int, nargs="*", default=[100000],
                    help="sizes for the single-thread CPU-time comparison (none to skip)")
-    p.add_argument("--input", choices=INPUTS, default="rooms",
-                   help="rooms: synthetic room surfaces; scannet: real ScanNet meshes (--scannet-root)")
-    p.add_argument("--scannet-root", type=Path, default=None,
-                   help="a ScanNet root with scans/<scene>/<scene>_vh_clean_2.ply (default $HARNESS_SAMPLES/scannet)")
+    add_input_options(p)
     p.add_argument("--memory-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     p.add_argument("--cpu-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    _INPUT.update(source=args.input, scannet_root=args.scannet_root)
-    if args.input == "scannet":
-        try:
-            scan_files()
-        except FileNotFoundError as exc:
-            p.error(str(exc))
+    use_input(p, args)
     _set_threads(args.threads)
     import harness  # noqa: F401  (before torch and ME: OpenMP and OpenBLAS settings, see harness/__init__.py)
     import torch

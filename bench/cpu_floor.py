@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import emit  # noqa: E402
-from bench.backbone import INPUTS  # noqa: E402
+from bench.backbone import add_input_options, use_input  # noqa: E402
 from bench.launches import GEMMS, VIEWS, top_level_ops  # noqa: E402
 
 MAPS = "kernel maps"
@@ -154,18 +154,17 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-minkowski", action="store_true", help="skip the MinkowskiEngine steps")
     p.add_argument("--out", default=None, help="also write the report as markdown here")
-    p.add_argument("--input", choices=INPUTS, default="rooms", help="as bench/backbone.py's --input")
-    p.add_argument("--scannet-root", type=Path, default=None, help="as bench/backbone.py's --scannet-root")
+    add_input_options(p)
     args = p.parse_args(argv)
+    use_input(p, args)
 
     import harness  # noqa: F401  (before torch: thread settings)
     import torch
 
-    from bench.backbone import _INPUT, _build, _step, count_flops, input_args, input_description, make_input, matmul_peak
+    from bench.backbone import _build, _step, count_flops, input_args, input_description, make_input, matmul_peak
     from harness.backbones import available_backends
     from harness.provenance import git_commit
 
-    _INPUT.update(source=args.input, scannet_root=args.scannet_root)
     coords, feats = make_input(args.voxels)
     flops = count_flops(coords, feats)
     model = _build("torch", "cpu")
