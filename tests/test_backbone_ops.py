@@ -444,67 +444,16 @@ def test_down_map_children_and_parents_worked_out_by_hand(monkeypatch):
     coords = torch.tensor([[0, -1, 0, 0], [0, 0, 1, 1], [0, 1, 1, 1], [0, 2, -2, 3]], dtype=torch.int32)
     expected = {(-1, 0, 0): ((-2, 0, 0), 1), (0, 1, 1): ((0, 0, 0), 6), (1, 1, 1): ((0, 0, 0), 7),
                 (2, -2, 3): ((2, -2, 2), 4)}
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # top_stride=2 on 2 threads: the sets built side by side on the workers
-    try:
-        schemes = [(table, top) for table in (False, True) for top in (None, 2)]
-        for table, top in schemes:
-            monkeypatch.setattr(kernel_map, "uses_table_plans", lambda device, t=table: t)
-            cm = CoordinateManager(coords, offset_major_sites=10**9, top_stride=top)
-            _check_hand_worked_down_map(cm, expected, table)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _check_hand_worked_down_map(cm, expected, table):
-    dm, fine, coarse = cm.down_map(1), cm.level(1), cm.level(2)
-    assert coarse.n == 3
-    for r in range(4):
-        site = tuple(fine.coords[r, 1:].tolist())
-        parent = tuple(coarse.coords[int(dm.parent[r]), 1:].tolist())
-        assert (parent, int(dm.child_offset[r])) == expected[site]
-    if table:  # the up plan selects parent * 8 + offset; the down table reads the zero row n_fine
-        assert dm.up.select.tolist() == (dm.parent * 8 + dm.child_offset).tolist() and dm.up.index is None
-        down = dm.down.index.view(3, 8)
-        assert int((down < 4).sum()) == 4 and bool((down[down >= 4] == 4).all())
-
-
-def _built_alike(a: CoordinateManager, b: CoordinateManager) -> None:
-    assert sorted(a.levels) == sorted(b.levels) and sorted(a.down_maps) == sorted(b.down_maps)
-    assert (a.perm is None and b.perm is None) or torch.equal(a.perm, b.perm)
-    for s, la in a.levels.items():
-        lb = b.levels[s]
-        assert torch.equal(la.coords, lb.coords) and torch.equal(la.table, lb.table), s
-        assert type(la.plan) is type(lb.plan), s
-    for s, da in a.down_maps.items():
-        db = b.down_maps[s]
-        assert torch.equal(da.parent, db.parent) and torch.equal(da.child_offset, db.child_offset), s
-
-
-@pytest.mark.parametrize("reorder", [True, False])
-def test_sets_built_side_by_side_equal_those_built_one_by_one(monkeypatch, reorder):
-    # Every coordinate set up to stride 16 at once (top_stride, on the worker threads) must be
-    # the sets, row orders, tables and down maps that building them one by one gives; buckets
-    # at stride 1, offset plans at the coarse strides, as at 100k voxels.
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 1000)
-    coords = random_sites(11, extent=12, density=0.1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        lazy = CoordinateManager(coords, reorder=reorder, keep_tables=True)
-        lazy.level(16)
-        at_once = CoordinateManager(coords, reorder=reorder, keep_tables=True, top_stride=16)
-        assert sorted(at_once.levels) == [1, 2, 4, 8, 16]
-        assert not isinstance(at_once.levels[1].plan, OffsetPlan) and isinstance(at_once.levels[8].plan, OffsetPlan)
-        _built_alike(lazy, at_once)
-        # the base level is built on a worker thread, whose own autocast state is off: under
-        # the caller's autocast it must still choose buckets, not a line plan
-        sparse = random_sites(9, extent=8)
-        assert isinstance(CoordinateManager(sparse, top_stride=4).level(1).plan, LinePlan)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert isinstance(CoordinateManager(sparse, top_stride=4).level(1).plan, Plan)
-        # a duplicate site is refused by the worker that builds the base level
-        with pytest.raises(ValueError, match="duplicate coordinate"):
-            CoordinateManager(torch.cat([sparse, sparse[:1]]), top_stride=4)
-    finally:
-        torch.set_num_threads(before)
+    for table in (False, True):
+        monkeypatch.setattr(kernel_map, "uses_table_plans", lambda device, t=table: t)
+        cm = CoordinateManager(coords, offset_major_sites=10**9)
+        dm, fine, coarse = cm.down_map(1), cm.level(1), cm.level(2)
+        assert coarse.n == 3
+        for r in range(4):
+            site = tuple(fine.coords[r, 1:].tolist())
+            parent = tuple(coarse.coords[int(dm.parent[r]), 1:].tolist())
+            assert (parent, int(dm.child_offset[r])) == expected[site]
+        if table:  # the up plan selects parent * 8 + offset; the down table reads the zero row n_fine
+            assert dm.up.select.tolist() == (dm.parent * 8 + dm.child_offset).tolist() and dm.up.index is None
+            down = dm.down.index.view(3, 8)
+            assert int((down < 4).sum()) == 4 and bool((down[down >= 4] == 4).all())

@@ -53,8 +53,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .workers import run_tasks, worker_count
-
 logger = logging.getLogger(__name__)
 
 # Offset tables in MinkowskiEngine 0.5.4's kernel order (x fastest), as (K, 3) int64.
@@ -591,18 +589,6 @@ def _lattice(coords: torch.Tensor, step: int) -> torch.Tensor:
     return torch.div(coords, _const((1, step, step, step), coords.device), rounding_mode="floor")
 
 
-def _coarser(coords: torch.Tensor, t2: int) -> Tuple[torch.Tensor, "_Packer", torch.Tensor, torch.Tensor]:
-    """The set at tensor stride ``t2`` made from ``coords`` (any finer set, rows in any order):
-    its coordinates in key order, their packer and sorted keys, and for each row of ``coords``
-    the position of its coarse site."""
-    lat = _lattice(coords, t2)
-    packer = _Packer(lat)  # the coarse set's extents are those of lat: the same packer serves it
-    ukeys, parent = torch.unique(packer.keys(lat), sorted=True, return_inverse=True)
-    rep = torch.empty(len(ukeys), dtype=torch.int64, device=coords.device)
-    rep[parent] = torch.arange(len(parent), device=coords.device)  # any fine site of each coarse one
-    return lat[rep] * _const((1, t2, t2, t2), coords.device), packer, ukeys, parent
-
-
 class Level:
     """One coordinate set at tensor stride ``stride``, with its 3x3x3 neighbour plan.
 
@@ -614,14 +600,10 @@ class Level:
     def __init__(self, coords: torch.Tensor, stride: int, order_fixed: bool, device: torch.device,
                  overhead: float = BUCKET_OVERHEAD, keep_table: bool = False,
                  offset_major_sites: int = OFFSET_MAJOR_SITES,
-                 sorted_keys: Optional[Tuple["_Packer", torch.Tensor]] = None, allow_lines: Optional[bool] = None):
+                 sorted_keys: Optional[Tuple["_Packer", torch.Tensor]] = None):
         # coords (N, 4) int64 on device; spatial coordinates are multiples of stride.
         # ``sorted_keys``: a packer and the rows' keys, when the rows come sorted by them (a
-        # coarse set from CoordinateManager, which has packed and sorted them already).
-        # ``allow_lines``: whether a line plan may be chosen (not under autocast); None reads
-        # this thread's autocast state (a worker thread building for a caller must be told).
-        if allow_lines is None:
-            allow_lines = not torch.is_autocast_enabled(torch.device(device).type)
+        # coarse set from CoordinateManager.down_map, which has packed and sorted them already).
         self.stride = stride
         self.device = device
         sorder: Optional[torch.Tensor] = None  # sorted position -> row; None: rows are in key order
@@ -668,7 +650,7 @@ class Level:
             # the offsets present at each site, as bits
             masks = ((table >= 0).to(torch.int64) << torch.arange(27, device=device)).sum(dim=1)
             table, plan, by_bucket = self._bucketed(table.cpu().numpy(), masks.cpu().numpy(), order_fixed, overhead,
-                                                    device, allow_lines)
+                                                    device)
             table = torch.from_numpy(table)
             if by_bucket is not None:
                 by_bucket = torch.from_numpy(by_bucket).to(device)
@@ -680,15 +662,14 @@ class Level:
         self.plan = plan
 
     @staticmethod
-    def _bucketed(table: np.ndarray, masks: np.ndarray, order_fixed: bool, overhead: float, device: torch.device,
-                  allow_lines: bool):
+    def _bucketed(table: np.ndarray, masks: np.ndarray, order_fixed: bool, overhead: float, device: torch.device):
         """(table, plan, new row order or None): unless the order is fixed, rows move to
         bucket by bucket order, keeping their order inside a bucket; or, where the buckets would
         pad too much (``LINE_PLAN_PADDING``) and autocast is off, a line plan in its own row
         order."""
         n = len(table)
         bucket_of_row, bucket_masks = choose_buckets(masks, 27, overhead=overhead)
-        if not order_fixed and allow_lines:
+        if not order_fixed and not torch.is_autocast_enabled(torch.device(device).type):
             widths = np.array([bin(m).count("1") for m in bucket_masks.tolist()])
             padded = int((np.bincount(bucket_of_row, minlength=len(widths)) * widths).sum())
             if padded >= (1.0 + LINE_PLAN_PADDING) * int((table >= 0).sum()):
@@ -773,82 +754,30 @@ class CoordinateManager:
     afford more, smaller buckets. Sets of at most ``offset_major_sites`` sites (default
     ``OFFSET_MAJOR_SITES`` on the CPU, every set elsewhere) get a plan without buckets instead
     (:func:`unbucketed_plan`: a :class:`TablePlan` off the CPU, else an :class:`OffsetPlan`),
-    and so do the stride-2 maps from them. Sets are built when first asked for, or with
-    ``top_stride`` all of them up to that stride at once (side by side on the CPU's workers).
+    and so do the stride-2 maps from them.
     """
 
     def __init__(self, coords: torch.Tensor, reorder: bool = True, widths: Optional[Dict[int, int]] = None,
-                 stride: int = 1, keep_tables: bool = False, offset_major_sites: Optional[int] = None,
-                 top_stride: Optional[int] = None):
+                 stride: int = 1, keep_tables: bool = False, offset_major_sites: Optional[int] = None):
         self.widths = dict(widths or {})
         self.device = coords.device
         self.offset_major_sites = int(default_offset_major_sites(self.device) if offset_major_sites is None
                                       else offset_major_sites)
         self.keep_tables = keep_tables
         self.base_stride = int(stride)
-        self.reorder = reorder
         c = coords.detach().to(torch.int64)
         if self.base_stride < 1:
             raise ValueError(f"tensor stride must be >= 1, got {stride}")
         if self.base_stride > 1 and bool((c[:, 1:] % self.base_stride).any()):
             raise ValueError(f"coordinates at tensor stride {stride} must be multiples of {stride}")
-        self.levels: Dict[int, Level] = {}
-        self.down_maps: Dict[int, DownMap] = {}
+        base = Level(c, self.base_stride, order_fixed=not reorder, device=self.device,
+                     overhead=self.overhead(self.base_stride), keep_table=keep_tables,
+                     offset_major_sites=self.offset_major_sites)
         self.perm = self.inv_perm = None
-        if top_stride is not None and top_stride > self.base_stride and worker_count(self.device) > 1:
-            self._build_side_by_side(c, int(top_stride))
-        else:
-            self._set_base(self._level(c, self.base_stride, order_fixed=not reorder))
-            if top_stride is not None:
-                self.level(int(top_stride))
-
-    def _level(self, coords: torch.Tensor, stride: int, order_fixed: bool = False,
-               sorted_keys: Optional[Tuple["_Packer", torch.Tensor]] = None,
-               allow_lines: Optional[bool] = None) -> Level:
-        return Level(coords, stride, order_fixed=order_fixed, device=self.device, overhead=self.overhead(stride),
-                     keep_table=self.keep_tables, offset_major_sites=self.offset_major_sites,
-                     sorted_keys=sorted_keys, allow_lines=allow_lines)
-
-    def _set_base(self, base: Level) -> None:
-        self.levels[self.base_stride] = base
         if base.perm is not None:
             self.perm, self.inv_perm = base.perm, _inverse(base.perm)
-
-    def _build_side_by_side(self, c: torch.Tensor, top_stride: int) -> None:
-        """Every set up to ``top_stride`` and the maps between them, on two worker threads: the
-        base level on one; on the other the chain of coarse sets (made from the input's
-        coordinates, which need no row order) and the down maps between them. Res16UNet34C's
-        five sets at 100k room voxels on 2 cores: 163 ms, against 212 ms one after another with
-        the caller's threads (medians of 25 alternating builds; real scans 269 against 300-310)."""
-        allow_lines = not torch.is_autocast_enabled(self.device.type)  # a worker's own state is off
-        strides = []
-        t = 2 * self.base_stride
-        while t <= top_stride:
-            strides.append(t)
-            t *= 2
-        base: List[Level] = []
-        parents: Dict[int, torch.Tensor] = {}  # fine rows (in the order they were made from) -> coarse key position
-
-        def build(task: int, _worker: int) -> None:
-            if task == 0:
-                base.append(self._level(c, self.base_stride, order_fixed=not self.reorder, allow_lines=allow_lines))
-                return
-            fine = c
-            for t2 in strides:
-                fine, packer, ukeys, parents[t2] = _coarser(fine, t2)
-                self.levels[t2] = self._level(fine, t2, sorted_keys=(packer, ukeys), allow_lines=allow_lines)
-                if t2 > strides[0]:
-                    self._link(t2 // 2, parents[t2])
-
-        run_tasks(build, 2, self.device)
-        self._set_base(base[0])
-        self._link(self.base_stride, parents[strides[0]])
-
-    def _link(self, stride: int, parent: torch.Tensor) -> DownMap:
-        """The down map from ``stride``, ``parent`` being over the fine rows in the order the
-        fine set was made from (before its level reordered them)."""
-        perm = self.levels[stride].perm
-        return self._add_down_map(stride, parent if perm is None else parent[perm])
+        self.levels: Dict[int, Level] = {self.base_stride: base}
+        self.down_maps: Dict[int, DownMap] = {}
 
     def overhead(self, stride: int) -> float:
         return overhead_for_width(self.widths.get(stride, 64))
@@ -872,21 +801,22 @@ class CoordinateManager:
             return self.down_maps[stride]
         fine = self.level(stride)
         t2 = 2 * stride
-        coords, packer, ukeys, parent = _coarser(fine.coords, t2)
-        self.levels[t2] = self._level(coords, t2, sorted_keys=(packer, ukeys))
-        return self._add_down_map(stride, parent)
-
-    def _add_down_map(self, stride: int, parent: torch.Tensor) -> DownMap:
-        """The map from the sets at ``stride`` and ``2 * stride``, given each fine row's coarse
-        site as a position in key order."""
-        fine, coarse = self.levels[stride], self.levels[2 * stride]
         fc = fine.coords
+        lat = _lattice(fc, t2)
         # the kernel-2 offset of each fine site inside its parent: the parities of its lattice
         # coordinates at the fine stride (x fastest, as MinkowskiEngine)
         parity = torch.bitwise_and(_lattice(fc, stride)[:, 1:], 1)
         child_offset = (parity * _const((1, 2, 4), fc.device)).sum(dim=1)
+        packer = _Packer(lat)  # the coarse set's extents are those of lat: the same packer serves it
+        ukeys, parent = torch.unique(packer.keys(lat), sorted=True, return_inverse=True)
+        rep = torch.empty(len(ukeys), dtype=torch.int64, device=fc.device)
+        rep[parent] = torch.arange(len(parent), device=fc.device)  # any fine site of each coarse one
+        coarse = Level(lat[rep] * _const((1, t2, t2, t2), fc.device), t2, order_fixed=False,
+                       device=self.device, overhead=self.overhead(t2), keep_table=self.keep_tables,
+                       offset_major_sites=self.offset_major_sites, sorted_keys=(packer, ukeys))
         if coarse.perm is not None:
             parent = _inverse(coarse.perm)[parent]
+        self.levels[t2] = coarse
         dm = DownMap(fine, coarse, parent, child_offset, device=self.device, overhead=self.overhead(stride),
                      offsets=fine.n <= self.offset_major_sites)
         self.down_maps[stride] = dm

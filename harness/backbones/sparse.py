@@ -54,12 +54,12 @@ class SparseTensor:
 
     def __init__(self, feats: torch.Tensor, coords: Optional[torch.Tensor] = None, stride: int = 1,
                  manager: Optional[CoordinateManager] = None, reorder: bool = False,
-                 widths: Optional[Dict[int, int]] = None, top_stride: Optional[int] = None):
+                 widths: Optional[Dict[int, int]] = None):
         if manager is None:
             if coords is None:
                 raise ValueError("SparseTensor needs coords or a manager")
             check_input(coords, feats)
-            manager = CoordinateManager(coords, reorder=reorder, widths=widths, stride=stride, top_stride=top_stride)
+            manager = CoordinateManager(coords, reorder=reorder, widths=widths, stride=stride)
             feats = manager.to_internal(feats)
         self.F = feats
         self.stride = int(stride)

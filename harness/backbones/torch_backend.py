@@ -189,12 +189,13 @@ class TorchOps:
     def wrap(coords: torch.Tensor, feats: torch.Tensor, in_channels: int,
              widths: Optional[Dict[int, int]] = None) -> Tuple[SparseTensor, None]:
         check_input(coords, feats, in_channels)
-        # Every coordinate set the network uses, before its first layer: on a GPU building
-        # one waits for the device (output sizes), so built mid-forward each set emptied the
-        # queue and left the GPU idle while the host caught up (H100, 100k voxels, steps
-        # alternating in one process: fp32 66.3 ms, was 68.6; TF32 47.6, was 49.9); on the CPU
-        # the sets are then built side by side on the worker threads.
-        x = SparseTensor(feats, coords, reorder=True, widths=widths, top_stride=max(widths) if widths else None)
+        x = SparseTensor(feats, coords, reorder=True, widths=widths)
+        if widths:
+            # Every coordinate set the network uses, before its first layer: on a GPU building
+            # one waits for the device (output sizes), so built mid-forward each set emptied the
+            # queue and left the GPU idle while the host caught up (H100, 100k voxels, steps
+            # alternating in one process: fp32 66.3 ms, was 68.6; TF32 47.6, was 49.9).
+            x.manager.level(max(widths))
         return x, None
 
     @staticmethod
