@@ -291,6 +291,12 @@ class LineBucket:
     def k(self) -> int:
         return len(self.cols)
 
+    @property
+    def consecutive(self) -> bool:
+        """Whether ``cols`` are consecutive offsets (every sub-mask but 101), so that their
+        weights, and their weight-gradient rows, are one slice."""
+        return self.cols[-1] - self.cols[0] == self.k - 1
+
 
 @dataclass
 class LinePlan:

@@ -383,9 +383,9 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
 
 def _line_weights(plan: LinePlan, weight: torch.Tensor) -> List[torch.Tensor]:
     """``weight[cols]`` of each bucket as a (k * C, C_out) matrix: a view where the offsets
-    are consecutive (all masks but 101)."""
+    are consecutive."""
     K, c_in, c_out = weight.shape
-    return [weight[b.cols[0]:b.cols[0] + b.k].view(b.k * c_in, c_out) if b.cols[-1] - b.cols[0] == b.k - 1
+    return [weight[b.cols[0]:b.cols[0] + b.k].view(b.k * c_in, c_out) if b.consecutive
             else weight[b.cols].reshape(b.k * c_in, c_out) for b in plan.buckets]
 
 
@@ -471,8 +471,8 @@ def line_backward(plan: LinePlan, x: torch.Tensor, weight: torch.Tensor, grad: t
                     xr = x[b.starts[t]:b.starts[t] + r1 - r0]
                 else:
                     xr = torch.index_select(x, 0, b.rows[r0:r1], out=scratch.get(w, "xi", (r1 - r0, c_in)))
-                c0 = b.cols[0]
-                if b.cols[-1] - c0 == b.k - 1:
+                if b.consecutive:
+                    c0 = b.cols[0]
                     acc[c0 * c_out:(c0 + b.k) * c_out].addmm_(g.t(), xr)
                 else:
                     for p, col in enumerate(b.cols):
