@@ -1,6 +1,6 @@
 """Benchmark: Res16UNet34C forward+backward, torch backend against MinkowskiEngine, same run.
 
-    python bench/backbone.py [--sizes 20000 100000 300000] [--repeats 3] [--threads 2]
+    python bench/backbone.py [--sizes 20000 100000 300000] [--repeats 3] [--budget-s 150] [--threads 2]
                              [--out reports/bench/backbone.md] [--no-memory] [--no-bf16]
                              [--input rooms|scannet] [--scannet-root DIR]
 
@@ -264,9 +264,13 @@ def _step(model, coords, feats, device: str, autocast: bool = False, issued: Opt
 
 
 def time_backends(backends: List[str], coords, feats, device: str, repeats: int, warmup: int = 1,
-                  bf16: bool = False, issued: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
-    """Step seconds per variant; ``issued`` (filled per variant when given) the seconds until
-    each step's ops were all issued."""
+                  bf16: bool = False, issued: Optional[Dict[str, List[float]]] = None, budget_s: float = 0.0,
+                  max_repeats: int = 0) -> Dict[str, List[float]]:
+    """Step seconds per variant: ``repeats`` rounds (one step of each variant) after ``warmup``,
+    then more rounds while the timed ones have taken less than ``budget_s`` seconds, up to
+    ``max_repeats`` (a median of 3 pairs moved the 100k ratio by 10% from run to run; small
+    sizes get many pairs for the same time, large ones the minimum). ``issued`` (filled per
+    variant when given): the seconds until each step's ops were all issued."""
     models = {b: _build(b, device if b == "torch" else "cpu") for b in backends}
     state = models[backends[0]].state_dict()
     for m in models.values():
@@ -281,7 +285,9 @@ def time_backends(backends: List[str], coords, feats, device: str, repeats: int,
     variants = [(b, False, False, b) for b in backends] + ([("torch", False, True, "torch+tf32")] if cuda else [])
     variants += [("torch", True, False, "torch+bf16")] if bf16 else []
     times: Dict[str, List[float]] = {v[3]: [] for v in variants}
-    for it in range(warmup + repeats):
+    it, timed_s = 0, 0.0
+    while it < warmup + repeats or (timed_s < budget_s and it < warmup + max_repeats):
+        t_round = time.perf_counter()
         for b, a, tf32, name in variants:
             dev = device if b == "torch" else "cpu"
             c, f = coords.to(dev), feats.to(dev)
@@ -294,6 +300,9 @@ def time_backends(backends: List[str], coords, feats, device: str, repeats: int,
                 times[name].append(dt)
                 if issued is not None:
                     issued.setdefault(name, []).append(sink[0])
+        if it >= warmup:
+            timed_s += time.perf_counter() - t_round
+        it += 1
     return times
 
 
@@ -457,11 +466,12 @@ def render(results: Dict) -> str:
              "timing (a shared machine: compare the ratio, not the seconds).", "",
              f"Input: {results.get('input', input_description())}, train mode, one step = sparse input from "
              "(coords, feats) + forward + backward, kernel maps built inside the step on both backends; "
-             "the backends alternate step by step; median of the timed steps (min in brackets).", "",
+             "the backends alternate step by step; median of the timed steps (min in brackets); `pairs`: "
+             "timed steps per backend (after a warm-up; more where a step is short).", "",
              "`ME / torch` is the ratio of the medians; `per pair` is the median (and range) of the ratios of "
              "the steps run back to back (load from other jobs that drifts during the run cancels in each pair).", "",
-             "| voxels | neighbours/site | useful GFLOP/step | backend | time per step | ME / torch | per pair | GFLOP/s | of fp32 peak | peak memory (MB) |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| voxels | neighbours/site | useful GFLOP/step | backend | pairs | time per step | ME / torch | per pair | GFLOP/s | of fp32 peak | peak memory (MB) |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["rows"]:
         n, fl = row["sites"], row["flops"]
         me = row["times"].get("minkowski")
@@ -473,7 +483,7 @@ def render(results: Dict) -> str:
             gfs = fl["step_gflop"] / med
             mem = row["memory"].get(b)
             mem_s = f"{mem.get('cuda_peak_mb', mem['step_mb']):.0f}" if mem else "n/a"
-            lines.append(f"| {n} | {row['neighbours']:.1f} | {fl['step_gflop']:.0f} | {b} | {_secs(med)} ({_secs(mn, med)}) | {ratio} | "
+            lines.append(f"| {n} | {row['neighbours']:.1f} | {fl['step_gflop']:.0f} | {b} | {len(ts)} | {_secs(med)} ({_secs(mn, med)}) | {ratio} | "
                          f"{per_pair} | {gfs:.0f} | {gfs / env['peak_fp32']:.0%} | {mem_s} |")
     lines += ["", "Peak memory = peak RSS during two steps minus RSS before the first, each backend and size in a "
               "fresh process (on a GPU: the torch backend's peak allocated GPU memory). `torch+bf16` = torch "
@@ -519,7 +529,10 @@ def render(results: Dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[20000, 100000, 300000])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per size at least")
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="more rounds per size while the timed ones took less than this (seconds)")
+    p.add_argument("--max-repeats", type=int, default=15, help="timed rounds per size at most")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -578,7 +591,8 @@ def main(argv=None) -> int:
         print(f"bench n={len(coords)} neighbours={neigh:.1f} step_gflop={flops['step_gflop']:.0f}", flush=True)
         issued: Dict[str, List[float]] = {}
         times = time_backends(backends, coords, feats, device, args.repeats, args.warmup, bf16=bf16,
-                              issued=issued if device.startswith("cuda") else None)
+                              issued=issued if device.startswith("cuda") else None, budget_s=args.budget_s,
+                              max_repeats=max(args.max_repeats, args.repeats))
         for b, ts in times.items():
             print(f"bench n={len(coords)} backend={b} median_s={statistics.median(ts):.2f} min_s={min(ts):.2f}", flush=True)
         results["rows"].append({"sites": len(coords), "neighbours": neigh, "flops": flops, "times": times, "memory": {},

@@ -45,3 +45,17 @@ def test_scan_batch_of_the_real_scene():
     # mesh vertices at 2 cm leave holes in the surface: about 8-9 sites per 3x3x3 block (the
     # unturned scene: 8.2), against 11 for densely sampled surfaces
     assert 7.5 < _neighbours_per_site(first) < 10.0
+
+
+def test_timing_rounds_follow_repeats_then_the_time_budget():
+    """At least ``repeats`` timed rounds after the warm-up; more only while the budget lasts,
+    never more than ``max_repeats``."""
+    from bench.backbone import make_input, time_backends
+
+    coords, feats = make_input(400)
+    counts = {}
+    for key, kw in {"no budget": dict(repeats=2), "budget": dict(repeats=1, budget_s=1e9, max_repeats=3),
+                    "budget below repeats": dict(repeats=2, budget_s=1e9, max_repeats=1)}.items():
+        times = time_backends(["torch"], coords, feats, "cpu", warmup=1, **kw)
+        counts[key] = len(times["torch"])
+    assert counts == {"no budget": 2, "budget": 3, "budget below repeats": 2}
