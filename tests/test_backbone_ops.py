@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import kernel_map, ops
+from harness.backbones import kernel_map, ops, workers
 from harness.backbones.kernel_map import (KERNEL2, KERNEL3, CoordinateManager, LinePlan, OffsetPlan, Plan,
                                          TablePlan, choose_buckets)
 from harness.backbones.ops import global_pool
@@ -457,3 +457,46 @@ def test_down_map_children_and_parents_worked_out_by_hand(monkeypatch):
             assert dm.up.select.tolist() == (dm.parent * 8 + dm.child_offset).tolist() and dm.up.index is None
             down = dm.down.index.view(3, 8)
             assert int((down < 4).sum()) == 4 and bool((down[down >= 4] == 4).all())
+
+
+class _ThreadProbe(torch.autograd.Function):
+    """Identity that records the caller's torch thread count and the worker pool's width."""
+
+    seen: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        _ThreadProbe.seen.append(("forward", torch.get_num_threads(), workers.worker_count(x.device)))
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _ThreadProbe.seen.append(("backward", torch.get_num_threads(), workers.worker_count(g.device)))
+        return g
+
+
+@pytest.mark.parametrize("small_below, expected", [(10**9, 1), (0, 2)])
+def test_ops_on_small_sets_run_single_threaded_and_the_count_comes_back(monkeypatch, small_below, expected):
+    """Between two convolutions on a set below SMALL_SET_SITES the caller's own ops (here an
+    identity in place of batch norm) run with one torch thread, forward and backward, while
+    the worker pool keeps both; after the forward and after the backward the caller's count
+    is 2 again. Sets at or above the limit keep 2 throughout."""
+    monkeypatch.setattr(workers, "SMALL_SET_SITES", small_below)
+    torch.manual_seed(3)
+    coords = random_sites(10)
+    conv1, conv2 = SparseConv(4, 4, 3), SparseConv(4, 4, 3)
+    before = torch.get_num_threads()
+    _ThreadProbe.seen = []
+    try:
+        torch.set_num_threads(2)
+        x = SparseTensor(torch.randn(len(coords), 4, requires_grad=True), coords, reorder=True)
+        h = conv1(x)
+        h = conv2(h.replace(_ThreadProbe.apply(h.F)))
+        workers.restore_caller_threads()  # as the model's forward does at its end
+        after_forward = torch.get_num_threads()
+        h.F.square().sum().backward()
+        after_backward = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert _ThreadProbe.seen == [("forward", expected, 2), ("backward", expected, 2)]
+    assert after_forward == after_backward == 2

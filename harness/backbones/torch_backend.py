@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import sparse_conv
+from .workers import restore_caller_threads
 from .sparse import SparseTensor, check_input
 
 __all__ = ["SparseConv", "SparseConvTranspose", "SparseBatchNorm", "SparseReLU", "TorchOps"]
@@ -200,4 +201,5 @@ class TorchOps:
 
     @staticmethod
     def unwrap(x: SparseTensor, ctx) -> torch.Tensor:
+        restore_caller_threads()  # a forward that ended on a small set (see ops.caller_threads_for)
         return x.input_order()
