@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import sparse_conv
-from .workers import restore_caller_threads
 from .sparse import SparseTensor, check_input
+from .workers import restore_caller_threads
 
 __all__ = ["SparseConv", "SparseConvTranspose", "SparseBatchNorm", "SparseReLU", "TorchOps"]
 
