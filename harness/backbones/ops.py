@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .kernel_map import LinePlan, OffsetPlan, Plan, TablePlan
-from .workers import caller_threads_for, restore_caller_threads, run_tasks, worker_count
+from .workers import caller_threads_for, run_tasks, worker_count
 
 __all__ = ["plan_matmul", "plan_wgrad_out", "plan_wgrad_in", "symmetric_backward", "offset_matmul",
            "offset_backward", "line_matmul", "line_backward", "table_matmul", "table_backward", "sparse_conv",
@@ -541,18 +541,6 @@ def table_backward(fwd: TablePlan, bwd: Optional[TablePlan], x: torch.Tensor, we
     return gx, gw
 
 
-_RESTORE_QUEUED = threading.local()  # .task: the backward pass that will restore the thread count
-
-
-def _threads_after_backward(sites: int, device: torch.device) -> None:
-    """caller_threads_for inside a backward pass; a lowered count comes back when the pass ends."""
-    if caller_threads_for(sites, device):
-        task = torch._C._current_graph_task_id()
-        if task != -1 and getattr(_RESTORE_QUEUED, "task", None) != task:
-            _RESTORE_QUEUED.task = task
-            torch.autograd.Variable._execution_engine.queue_callback(restore_caller_threads)
-
-
 class _SparseConvFunction(torch.autograd.Function):
     """The sparse convolution; each direction ends by setting the caller's thread count for the
     set the ops that follow work on (the output in the forward, the input in the backward)."""
@@ -579,7 +567,7 @@ class _SparseConvFunction(torch.autograd.Function):
     def backward(ctx, grad):
         grads = _SparseConvFunction._gradients(ctx, grad)
         x = ctx.saved_tensors[0]
-        _threads_after_backward(x.shape[0], x.device)
+        caller_threads_for(x.shape[0], x.device)
         return grads
 
     @staticmethod

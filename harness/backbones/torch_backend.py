@@ -201,5 +201,5 @@ class TorchOps:
 
     @staticmethod
     def unwrap(x: SparseTensor, ctx) -> torch.Tensor:
-        restore_caller_threads()  # a forward that ended on a small set (see ops.caller_threads_for)
+        restore_caller_threads()  # a forward that ended on a small set (see workers.caller_threads_for)
         return x.input_order()
