@@ -53,14 +53,18 @@ def dense_weight(kernel, k):
     return w.permute(4, 3, 2, 1, 0)  # (out, in, x, y, z)
 
 
-@pytest.fixture(params=["buckets", "spill", "lines", "offsets", "table"])
+@pytest.fixture(params=["buckets", "spill", "lines", "offsets", "blocks", "table"])
 def scheme(request, monkeypatch):
     """Every convolution in buckets (none spilled, or on these 35%-dense sites the offsets that
     are rarer near the border, most edges and corners, spilled), or every 3x3x3 one as a line
     plan (where the row order is free; the stride-2 maps in buckets), or every one offset by
-    offset on the worker threads, or as table plans (the GPU's scheme, forced on the CPU: one
-    gather and one GEMM)."""
-    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if request.param in ("offsets", "table") else 0)
+    offset on the worker threads (with a product matrix, or in blocks of rows: a few blocks of
+    about 300 pairs), or as table plans (the GPU's scheme, forced on the CPU: one gather and one
+    GEMM)."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if request.param in ("offsets", "blocks", "table")
+                        else 0)
+    monkeypatch.setattr(ops, "BLOCKED_PRODUCTS_BYTES", 0 if request.param == "blocks" else 1 << 62)
+    monkeypatch.setattr(ops, "BLOCK_PAIRS", 300)
     monkeypatch.setattr(kernel_map, "SPILL_BELOW", 0.3 if request.param == "spill" else 0.0)
     monkeypatch.setattr(kernel_map, "LINE_PLAN_PADDING", -1.0 if request.param == "lines" else 10.0)
     if request.param == "table":
@@ -358,16 +362,64 @@ def test_every_set_runs_without_buckets_off_the_cpu():
     assert CoordinateManager(random_sites(9, extent=8)).offset_major_sites == kernel_map.OFFSET_MAJOR_SITES
 
 
+def test_row_blocks_hold_each_pair_once_in_the_block_of_its_row():
+    """Blocks of a side's rows, counted by hand: every pair of every offset falls in the block
+    that holds its row on that side, and the blocks' work (pairs plus a centre row each) is
+    balanced; a side whose rows do not increase within an offset's pairs has no blocks."""
+    torch.manual_seed(3)
+    table = torch.full((40, 27), -1, dtype=torch.int64)
+    for r in range(40):
+        table[r, 13] = r
+        for i in (0, 4, 22):
+            if r + i - 13 in range(40) and (r * 7 + i) % 3:
+                table[r, i] = r + i - 13  # one fixed shift per offset, as on a coordinate-ordered set
+    plan = OffsetPlan.from_table(table, 40, centre=13)
+    for side in ("out", "in"):
+        rows = plan.out_rows if side == "out" else plan.in_rows
+        bounds, cuts = plan.row_blocks(side, 3)
+        assert bounds[0] == 0 and bounds[-1] == 40 and bounds == sorted(bounds)
+        for j, (a, b) in enumerate(zip(plan.seg[:-1], plan.seg[1:])):
+            assert cuts[j][0] == a and cuts[j][-1] == b
+            for t in range(3):
+                block = rows[cuts[j][t]:cuts[j][t + 1]].tolist()
+                assert all(bounds[t] <= r < bounds[t + 1] for r in block)
+        work = [bounds[t + 1] - bounds[t] + sum(cuts[j][t + 1] - cuts[j][t] for j in range(len(plan.offsets)))
+                for t in range(3)]
+        total = 40 + plan.seg[-1]
+        assert max(work) <= total / 3 + 4  # a block ends at most one row (1 + 3 pairs) past its share
+    shuffled = OffsetPlan(plan.n_out, plan.n_in, plan.K, plan.centre, plan.offsets, plan.seg, plan.out_rows,
+                          plan.in_rows.flip(0))
+    assert shuffled.row_blocks("in", 2) is None and shuffled.row_blocks("out", 2) is not None
+
+
+def test_offset_plans_with_large_products_run_in_blocks(monkeypatch):
+    """The blocked path is chosen by the size of the product matrix it avoids."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
+    coords = random_sites(10)
+    x = SparseTensor(torch.randn(len(coords), 8), coords, reorder=True)
+    plan = x.manager.level(1).plan
+    feats = torch.randn(plan.n_in, 8)
+    monkeypatch.setattr(ops, "BLOCKED_PRODUCTS_BYTES", plan.seg[-1] * 8 * 4 + 1)
+    assert ops._row_blocks(plan, "out", 8, feats) is None
+    monkeypatch.setattr(ops, "BLOCKED_PRODUCTS_BYTES", plan.seg[-1] * 8 * 4)
+    assert ops._row_blocks(plan, "out", 8, feats) is not None
+    assert ops._row_blocks(plan, "out", 8, feats.bfloat16()) is None  # half precision sums in float32 instead
+
+
 def test_table_plans_are_for_devices_other_than_the_cpu():
     assert kernel_map.uses_table_plans(torch.device("cuda")) and not kernel_map.uses_table_plans("cpu")
 
 
-@pytest.mark.parametrize("plan_type", [OffsetPlan, LinePlan])
-def test_result_is_the_same_on_one_and_two_workers(monkeypatch, plan_type):
-    """Offset plans add the per-offset products in one fixed order after all tasks; a line
-    plan's blocks write disjoint rows and their weight gradients are added in block order. So
-    the result and both gradients are bit-identical whichever worker ran what."""
+@pytest.mark.parametrize("plan_type,blocked", [(OffsetPlan, False), (OffsetPlan, True), (LinePlan, False)])
+def test_result_is_the_same_on_one_and_two_workers(monkeypatch, plan_type, blocked):
+    """Offset plans add the per-offset products in one fixed order after all tasks, or in
+    blocks of rows (as many as the pairs ask for, whatever the workers) that each add their
+    rows' terms in plan order; a line plan's blocks write disjoint rows and their weight
+    gradients are added in block order. So the result and both gradients are bit-identical
+    whichever worker ran what."""
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if plan_type is OffsetPlan else 0)
+    monkeypatch.setattr(ops, "BLOCKED_PRODUCTS_BYTES", 0 if blocked else 1 << 62)
+    monkeypatch.setattr(ops, "BLOCK_PAIRS", 500)
     monkeypatch.setattr(kernel_map, "LINE_PLAN_PADDING", -1.0)
     monkeypatch.setattr(kernel_map, "LINE_BLOCK_PAIRS", 2000)
     torch.manual_seed(6)

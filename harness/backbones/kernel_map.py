@@ -231,6 +231,34 @@ class OffsetPlan:
         """As :attr:`out_touched`, for the input rows (the input gradient's scatter)."""
         return torch.unique(self.in_rows, return_inverse=True)
 
+    def row_blocks(self, side: str, n_blocks: int) -> Optional[Tuple[List[int], List[List[int]]]]:
+        """The rows of ``side`` ("out" or "in") cut into ``n_blocks`` ranges of about equal
+        work (pairs, plus the centre's row each): ``(bounds, cuts)``, block t holding rows
+        ``bounds[t] .. bounds[t + 1]`` and, of the pairs of ``offsets[j]``, positions
+        ``cuts[j][t] .. cuts[j][t + 1]``. None unless that side's rows increase within each
+        offset's pairs (they do in a set kept in coordinate order, where a fixed offset keeps
+        the order; not in a bucket plan's spill). Made once per side and block count."""
+        memo = self.__dict__.setdefault("_row_blocks", {})
+        if (side, n_blocks) not in memo:
+            memo[(side, n_blocks)] = self._cut_rows(side, n_blocks)
+        return memo[(side, n_blocks)]
+
+    def _cut_rows(self, side: str, n_blocks: int) -> Optional[Tuple[List[int], List[List[int]]]]:
+        rows, n = (self.out_rows, self.n_out) if side == "out" else (self.in_rows, self.n_in)
+        if not self.offsets or n == 0:
+            return None
+        dev = rows.device
+        segment = torch.repeat_interleave(torch.arange(len(self.offsets), device=dev),
+                                          torch.tensor(self.counts, device=dev))
+        key = segment * n + rows  # increasing iff rows increase within each segment
+        if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
+            return None
+        work = torch.cumsum(torch.bincount(rows, minlength=n) + (1 if self.centre is not None else 0), 0)
+        targets = work[-1] * torch.arange(1, n_blocks, device=dev) // n_blocks
+        bounds = [0] + torch.searchsorted(work, targets, right=True).tolist() + [n]
+        firsts = torch.arange(len(self.offsets), device=dev)[:, None] * n + torch.tensor(bounds, device=dev)[None, :]
+        return bounds, torch.searchsorted(key, firsts).tolist()
+
 
 @dataclass
 class TablePlan:
