@@ -393,7 +393,8 @@ def test_row_blocks_hold_each_pair_once_in_the_block_of_its_row():
 
 
 def test_offset_plans_with_large_products_run_in_blocks(monkeypatch):
-    """The blocked path is chosen by the size of the product matrix it avoids."""
+    """The blocked path is chosen by the size of the product matrix it avoids; its blocks are as
+    many as the pairs ask for, and at least one per worker."""
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9)
     coords = random_sites(10)
     x = SparseTensor(torch.randn(len(coords), 8), coords, reorder=True)
@@ -404,6 +405,10 @@ def test_offset_plans_with_large_products_run_in_blocks(monkeypatch):
     monkeypatch.setattr(ops, "BLOCKED_PRODUCTS_BYTES", plan.seg[-1] * 8 * 4)
     assert ops._row_blocks(plan, "out", 8, feats) is not None
     assert ops._row_blocks(plan, "out", 8, feats.bfloat16()) is None  # half precision sums in float32 instead
+    monkeypatch.setattr(ops, "BLOCK_PAIRS", -(-plan.seg[-1] // 3))  # the pairs ask for 3 blocks
+    assert len(ops._row_blocks(plan, "out", 8, feats)[0]) - 1 == 3
+    monkeypatch.setattr(ops, "worker_count", lambda device: 5)  # more workers than that: one block each
+    assert len(ops._row_blocks(plan, "out", 8, feats)[0]) - 1 == 5
 
 
 def test_table_plans_are_for_devices_other_than_the_cpu():
@@ -413,10 +418,10 @@ def test_table_plans_are_for_devices_other_than_the_cpu():
 @pytest.mark.parametrize("plan_type,blocked", [(OffsetPlan, False), (OffsetPlan, True), (LinePlan, False)])
 def test_result_is_the_same_on_one_and_two_workers(monkeypatch, plan_type, blocked):
     """Offset plans add the per-offset products in one fixed order after all tasks, or in
-    blocks of rows (as many as the pairs ask for, whatever the workers) that each add their
-    rows' terms in plan order; a line plan's blocks write disjoint rows and their weight
-    gradients are added in block order. So the result and both gradients are bit-identical
-    whichever worker ran what."""
+    blocks of rows (as many as the pairs ask for, at least two) that each add their rows'
+    terms in plan order; a line plan's blocks write disjoint rows and their weight gradients
+    are added in block order. So the result and both gradients are bit-identical whichever
+    worker ran what."""
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 10**9 if plan_type is OffsetPlan else 0)
     monkeypatch.setattr(ops, "BLOCKED_PRODUCTS_BYTES", 0 if blocked else 1 << 62)
     monkeypatch.setattr(ops, "BLOCK_PAIRS", 500)

@@ -42,8 +42,9 @@ _HALF = (torch.float16, torch.bfloat16)
 # 30 against 15 / 34-38: no gain below the threshold.
 BLOCKED_PRODUCTS_BYTES = 32 << 20
 
-# Pairs per block of a blocked offset plan, at least two blocks. The count does not depend on
-# the workers, so neither do the sums.
+# Pairs per block of a blocked offset plan; at least two blocks, and at least one per worker (on
+# more cores than that, fewer blocks would leave cores idle: then the blocks' grouping of the
+# sums, not any row's order of terms, follows the thread count).
 BLOCK_PAIRS = 32768
 
 
@@ -359,7 +360,7 @@ def _row_blocks(plan: OffsetPlan, side: str, width: int, ref: torch.Tensor):
     BLOCKED_PRODUCTS_BYTES, else None (also in half precision, whose sums go through float32)."""
     if ref.dtype in _HALF or plan.seg[-1] * width * ref.element_size() < BLOCKED_PRODUCTS_BYTES:
         return None
-    return plan.row_blocks(side, max(2, -(-plan.seg[-1] // BLOCK_PAIRS)))
+    return plan.row_blocks(side, max(2, worker_count(ref.device), -(-plan.seg[-1] // BLOCK_PAIRS)))
 
 
 def offset_matmul(plan: OffsetPlan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
