@@ -557,3 +557,55 @@ def test_ops_on_small_sets_run_single_threaded_and_the_count_comes_back(monkeypa
         torch.set_num_threads(before)
     assert _ThreadProbe.seen == [("forward", expected, 2), ("backward", expected, 2)]
     assert after_forward == after_backward == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_coarse_sets_built_beside_the_base_set_equal_those_built_one_by_one(monkeypatch, threads):
+    """``coarsest`` builds the sets above the input on a worker thread (with 2 threads) while
+    the caller builds the input's set: the same sites, row orders, parents, kernel offsets and
+    plans as sets built on demand, one from the next. Under autocast (per thread) no set gets
+    a line plan, also those built on the worker."""
+    monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", 500)  # buckets at strides 1, 2; offsets above
+    coords = random_sites(11, extent=10, density=0.2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        ahead = CoordinateManager(coords, coarsest=16)
+        lazy = CoordinateManager(coords)
+        lazy.level(16)
+        monkeypatch.setattr(kernel_map, "LINE_PLAN_PADDING", -1.0)  # a line plan wherever one may serve
+        lines = CoordinateManager(coords, coarsest=16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            no_lines = CoordinateManager(coords, coarsest=16)
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(ahead.levels) == sorted(lazy.levels) == [1, 2, 4, 8, 16]
+    assert sorted(ahead.down_maps) == sorted(lazy.down_maps) == [1, 2, 4, 8]
+    for s, lv in lazy.levels.items():
+        got = ahead.levels[s]
+        assert torch.equal(got.coords, lv.coords) and type(got.plan) is type(lv.plan)
+        assert got.plan.n_entries == lv.plan.n_entries
+    assert isinstance(ahead.levels[2].plan, Plan) and isinstance(ahead.levels[4].plan, OffsetPlan)
+    for s, dm in lazy.down_maps.items():
+        got = ahead.down_maps[s]
+        assert torch.equal(got.parent, dm.parent) and torch.equal(got.child_offset, dm.child_offset)
+        assert type(got.down) is type(dm.down) and type(got.up) is type(dm.up)
+    assert isinstance(lines.levels[1].plan, LinePlan) and isinstance(lines.levels[2].plan, LinePlan)
+    assert not any(isinstance(lv.plan, LinePlan) for lv in no_lines.levels.values())
+
+
+def test_run_beside_returns_the_value_or_raises_the_error_of_its_call():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        inner = workers.run_beside(lambda: workers.run_tasks(lambda i, w: (i, w), 3, torch.device("cpu")),
+                                   torch.device("cpu"))
+        assert inner.result() == [(0, 0), (1, 0), (2, 0)]  # tasks of a worker's call run on that worker
+
+        def fail():
+            raise ValueError("bad coordinates")
+        with pytest.raises(ValueError, match="bad coordinates"):
+            workers.run_beside(fail, torch.device("cpu")).result()
+        assert workers.run_beside(lambda: 7, torch.device("cpu")).result() == 7  # the pool still works
+    finally:
+        torch.set_num_threads(before)
