@@ -53,8 +53,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .workers import run_beside
-
 logger = logging.getLogger(__name__)
 
 # Offset tables in MinkowskiEngine 0.5.4's kernel order (x fastest), as (K, 3) int64.
@@ -636,12 +634,10 @@ class Level:
     def __init__(self, coords: torch.Tensor, stride: int, order_fixed: bool, device: torch.device,
                  overhead: float = BUCKET_OVERHEAD, keep_table: bool = False,
                  offset_major_sites: int = OFFSET_MAJOR_SITES,
-                 sorted_keys: Optional[Tuple["_Packer", torch.Tensor]] = None, lines: Optional[bool] = None):
+                 sorted_keys: Optional[Tuple["_Packer", torch.Tensor]] = None):
         # coords (N, 4) int64 on device; spatial coordinates are multiples of stride.
         # ``sorted_keys``: a packer and the rows' keys, when the rows come sorted by them (a
         # coarse set from CoordinateManager.down_map, which has packed and sorted them already).
-        # ``lines``: whether a line plan may serve (default: unless autocast is on; pass it when
-        # building on a thread other than the forward's: autocast is per thread).
         self.stride = stride
         self.device = device
         sorder: Optional[torch.Tensor] = None  # sorted position -> row; None: rows are in key order
@@ -687,10 +683,8 @@ class Level:
         else:
             # the offsets present at each site, as bits
             masks = ((table >= 0).to(torch.int64) << torch.arange(27, device=device)).sum(dim=1)
-            if lines is None:
-                lines = line_plans_allowed(device)
             table, plan, by_bucket = self._bucketed(table.cpu().numpy(), masks.cpu().numpy(), order_fixed, overhead,
-                                                    device, lines)
+                                                    device)
             table = torch.from_numpy(table)
             if by_bucket is not None:
                 by_bucket = torch.from_numpy(by_bucket).to(device)
@@ -702,14 +696,14 @@ class Level:
         self.plan = plan
 
     @staticmethod
-    def _bucketed(table: np.ndarray, masks: np.ndarray, order_fixed: bool, overhead: float, device: torch.device,
-                  lines: bool):
+    def _bucketed(table: np.ndarray, masks: np.ndarray, order_fixed: bool, overhead: float, device: torch.device):
         """(table, plan, new row order or None): unless the order is fixed, rows move to
         bucket by bucket order, keeping their order inside a bucket; or, where the buckets would
-        pad too much (``LINE_PLAN_PADDING``) and ``lines``, a line plan in its own row order."""
+        pad too much (``LINE_PLAN_PADDING``) and autocast is off, a line plan in its own row
+        order."""
         n = len(table)
         bucket_of_row, bucket_masks = choose_buckets(masks, 27, overhead=overhead)
-        if not order_fixed and lines:
+        if not order_fixed and not torch.is_autocast_enabled(torch.device(device).type):
             widths = np.array([bin(m).count("1") for m in bucket_masks.tolist()])
             padded = int((np.bincount(bucket_of_row, minlength=len(widths)) * widths).sum())
             if padded >= (1.0 + LINE_PLAN_PADDING) * int((table >= 0).sum()):
@@ -777,12 +771,6 @@ class DownMap:
                              contiguous=False, device=device)
 
 
-def line_plans_allowed(device: torch.device) -> bool:
-    """Not under autocast: bf16 GEMMs of a line plan's ever new row counts each built a new
-    oneDNN kernel (real-scan bf16 step 9.99 s against 4.56 s with buckets)."""
-    return not torch.is_autocast_enabled(torch.device(device).type)
-
-
 def default_offset_major_sites(device: torch.device) -> int:
     """Largest coordinate set that runs offset by offset on ``device``: buckets pay off only
     with the CPU's worker threads; elsewhere each chunk would be a few small kernel launches."""
@@ -800,13 +788,11 @@ class CoordinateManager:
     afford more, smaller buckets. Sets of at most ``offset_major_sites`` sites (default
     ``OFFSET_MAJOR_SITES`` on the CPU, every set elsewhere) get a plan without buckets instead
     (:func:`unbucketed_plan`: a :class:`TablePlan` off the CPU, else an :class:`OffsetPlan`),
-    and so do the stride-2 maps from them. ``coarsest``: build every set up to that tensor
-    stride now (else each set is built when first asked for).
+    and so do the stride-2 maps from them.
     """
 
     def __init__(self, coords: torch.Tensor, reorder: bool = True, widths: Optional[Dict[int, int]] = None,
-                 stride: int = 1, keep_tables: bool = False, offset_major_sites: Optional[int] = None,
-                 coarsest: Optional[int] = None):
+                 stride: int = 1, keep_tables: bool = False, offset_major_sites: Optional[int] = None):
         self.widths = dict(widths or {})
         self.device = coords.device
         self.offset_major_sites = int(default_offset_major_sites(self.device) if offset_major_sites is None
@@ -818,29 +804,14 @@ class CoordinateManager:
             raise ValueError(f"tensor stride must be >= 1, got {stride}")
         if self.base_stride > 1 and bool((c[:, 1:] % self.base_stride).any()):
             raise ValueError(f"coordinates at tensor stride {stride} must be multiples of {stride}")
-        self.levels: Dict[int, Level] = {}
-        self.down_maps: Dict[int, DownMap] = {}
-        lines = line_plans_allowed(self.device)
-        # The coarser sets do not depend on the base set's row order: on the CPU they are
-        # built on a worker thread while this one builds the base set (its bucket plan is the
-        # largest part of the maps).
-        chain = None
-        if coarsest is not None and coarsest >= 2 * self.base_stride:
-            chain = run_beside(lambda: self._coarse_chain(c, coarsest, lines), self.device)
         base = Level(c, self.base_stride, order_fixed=not reorder, device=self.device,
                      overhead=self.overhead(self.base_stride), keep_table=keep_tables,
-                     offset_major_sites=self.offset_major_sites, lines=lines)
+                     offset_major_sites=self.offset_major_sites)
         self.perm = self.inv_perm = None
         if base.perm is not None:
             self.perm, self.inv_perm = base.perm, _inverse(base.perm)
-        self.levels[self.base_stride] = base
-        if chain is not None:
-            first, parent, child_offset, levels, down_maps = chain.result()
-            if base.perm is not None:
-                parent, child_offset = parent[base.perm], child_offset[base.perm]
-            self.levels.update(levels)
-            self.down_maps.update(down_maps)
-            self.down_maps[self.base_stride] = self._down_map(base, first, parent, child_offset)
+        self.levels: Dict[int, Level] = {self.base_stride: base}
+        self.down_maps: Dict[int, DownMap] = {}
 
     def overhead(self, stride: int) -> float:
         return overhead_for_width(self.widths.get(stride, 64))
@@ -863,15 +834,8 @@ class CoordinateManager:
         if stride in self.down_maps:
             return self.down_maps[stride]
         fine = self.level(stride)
-        coarse, parent, child_offset = self._coarser(fine.coords, stride, line_plans_allowed(self.device))
-        self.levels[2 * stride] = coarse
-        dm = self.down_maps[stride] = self._down_map(fine, coarse, parent, child_offset)
-        return dm
-
-    def _coarser(self, fc: torch.Tensor, stride: int, lines: bool) -> Tuple[Level, torch.Tensor, torch.Tensor]:
-        """The set at ``2 * stride`` above the sites ``fc`` (rows in any order), with each fine
-        row's parent (a row of the new set) and kernel-2 offset inside it."""
         t2 = 2 * stride
+        fc = fine.coords
         lat = _lattice(fc, t2)
         # the kernel-2 offset of each fine site inside its parent: the parities of its lattice
         # coordinates at the fine stride (x fastest, as MinkowskiEngine)
@@ -883,29 +847,14 @@ class CoordinateManager:
         rep[parent] = torch.arange(len(parent), device=fc.device)  # any fine site of each coarse one
         coarse = Level(lat[rep] * _const((1, t2, t2, t2), fc.device), t2, order_fixed=False,
                        device=self.device, overhead=self.overhead(t2), keep_table=self.keep_tables,
-                       offset_major_sites=self.offset_major_sites, sorted_keys=(packer, ukeys), lines=lines)
+                       offset_major_sites=self.offset_major_sites, sorted_keys=(packer, ukeys))
         if coarse.perm is not None:
             parent = _inverse(coarse.perm)[parent]
-        return coarse, parent, child_offset
-
-    def _down_map(self, fine: Level, coarse: Level, parent: torch.Tensor, child_offset: torch.Tensor) -> DownMap:
-        return DownMap(fine, coarse, parent, child_offset, device=self.device, overhead=self.overhead(fine.stride),
-                       offsets=fine.n <= self.offset_major_sites)
-
-    def _coarse_chain(self, coords: torch.Tensor, coarsest: int, lines: bool):
-        """Every set from twice the base stride to ``coarsest`` above the input sites, and the
-        down maps between them; the base set's map to the first of them waits for the base
-        set's row order: (that set, each input row's parent and offset, levels, down maps)."""
-        stride = self.base_stride
-        first, parent, child_offset = self._coarser(coords, stride, lines)
-        levels, down_maps = {2 * stride: first}, {}
-        fine, stride = first, 2 * stride
-        while 2 * stride <= coarsest:
-            coarse, p, o = self._coarser(fine.coords, stride, lines)
-            levels[2 * stride] = coarse
-            down_maps[stride] = self._down_map(fine, coarse, p, o)
-            fine, stride = coarse, 2 * stride
-        return first, parent, child_offset, levels, down_maps
+        self.levels[t2] = coarse
+        dm = DownMap(fine, coarse, parent, child_offset, device=self.device, overhead=self.overhead(stride),
+                     offsets=fine.n <= self.offset_major_sites)
+        self.down_maps[stride] = dm
+        return dm
 
     def stats(self) -> Dict[int, Dict[str, float]]:
         return {s: lv.stats() for s, lv in sorted(self.levels.items())}

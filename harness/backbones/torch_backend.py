@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernel_map import CoordinateManager
 from .ops import sparse_conv
 from .sparse import SparseTensor, check_input
 from .workers import restore_caller_threads
@@ -191,12 +190,14 @@ class TorchOps:
     def wrap(coords: torch.Tensor, feats: torch.Tensor, in_channels: int,
              widths: Optional[Dict[int, int]] = None) -> Tuple[SparseTensor, None]:
         check_input(coords, feats, in_channels)
-        # Every coordinate set the network uses, before its first layer: on a GPU building
-        # one waits for the device (output sizes), so built mid-forward each set emptied the
-        # queue and left the GPU idle while the host caught up (H100, 100k voxels, steps
-        # alternating in one process: fp32 66.3 ms, was 68.6; TF32 47.6, was 49.9).
-        manager = CoordinateManager(coords, reorder=True, widths=widths, coarsest=max(widths) if widths else None)
-        return SparseTensor(manager.to_internal(feats), manager=manager), None
+        x = SparseTensor(feats, coords, reorder=True, widths=widths)
+        if widths:
+            # Every coordinate set the network uses, before its first layer: on a GPU building
+            # one waits for the device (output sizes), so built mid-forward each set emptied the
+            # queue and left the GPU idle while the host caught up (H100, 100k voxels, steps
+            # alternating in one process: fp32 66.3 ms, was 68.6; TF32 47.6, was 49.9).
+            x.manager.level(max(widths))
+        return x, None
 
     @staticmethod
     def unwrap(x: SparseTensor, ctx) -> torch.Tensor:

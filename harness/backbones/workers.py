@@ -27,7 +27,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-__all__ = ["caller_threads_for", "restore_caller_threads", "run_beside", "run_tasks", "worker_count"]
+__all__ = ["caller_threads_for", "restore_caller_threads", "run_tasks", "worker_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,36 +102,6 @@ class _Pool:
             raise errors[0]
         return results
 
-    def submit(self, fn: Callable[[], Any]) -> "_Pending":
-        pending = _Pending()
-
-        def job() -> None:
-            try:
-                with torch.no_grad():
-                    pending.value = fn()
-            except BaseException as exc:  # re-raised by result()
-                pending.error = exc
-            finally:
-                pending.done.set()
-
-        self.jobs.put(job)
-        return pending
-
-
-class _Pending:
-    """The result of :func:`run_beside`'s call, once it has run."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.value: Any = None
-        self.error: Optional[BaseException] = None
-
-    def result(self) -> Any:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
 
 def _after_fork_in_child() -> None:
     global _LOCK, _POOL
@@ -200,36 +170,16 @@ def worker_count(device: torch.device) -> int:
     return _configured_threads()
 
 
-def _pool(n: int) -> _Pool:
-    global _POOL
-    with _LOCK:
-        if _POOL is None or _POOL.n != n or _POOL.pid != os.getpid():
-            _POOL = _Pool(n)  # (re)created after a fork or a change of torch.set_num_threads
-        return _POOL
-
-
 def run_tasks(fn: Callable[[int, int], Any], n_tasks: int, device: torch.device) -> List[Any]:
     """``[fn(i, worker) for i in range(n_tasks)]``, on the worker pool when it helps, with
     ``worker`` in ``range(worker_count(device))`` naming the thread (for its scratch buffers).
     Tasks must write disjoint memory; results come back in task order."""
+    global _POOL
     n = worker_count(device)
     if n <= 1 or n_tasks <= 1:
         return [fn(i, 0) for i in range(n_tasks)]
-    return _pool(n).run(fn, n_tasks)
-
-
-def run_beside(fn: Callable[[], Any], device: torch.device) -> _Pending:
-    """Start ``fn()`` on a worker thread (single-threaded torch ops, no autograd graph) while
-    the caller goes on; ``.result()`` waits for it and returns its value or raises its error.
-    With one worker, or off the CPU, ``fn`` runs here and now; so do pool runs inside ``fn``
-    (a worker runs its tasks itself). A pool run of the caller's meanwhile waits for ``fn``."""
-    n = worker_count(device)
-    if n <= 1:
-        pending = _Pending()
-        try:
-            pending.value = fn()
-        except BaseException as exc:
-            pending.error = exc
-        pending.done.set()
-        return pending
-    return _pool(n).submit(fn)
+    with _LOCK:
+        if _POOL is None or _POOL.n != n or _POOL.pid != os.getpid():
+            _POOL = _Pool(n)  # (re)created after a fork or a change of torch.set_num_threads
+        pool = _POOL
+    return pool.run(fn, n_tasks)
