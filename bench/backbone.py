@@ -453,6 +453,8 @@ def _secs(t: float, unit_of: Optional[float] = None) -> str:
 
 
 def render(results: Dict) -> str:
+    from harness.reporting.stats import median_interval
+
     env = results["env"]
     lines = ["# Backbone benchmark: Res16UNet34C forward+backward", "",
              f"Command: `{results['command']}`  ",
@@ -468,8 +470,10 @@ def render(results: Dict) -> str:
              "(coords, feats) + forward + backward, kernel maps built inside the step on both backends; "
              "the backends alternate step by step; median of the timed steps (min in brackets); `pairs`: "
              "timed steps per backend (after a warm-up; more where a step is short).", "",
-             "`ME / torch` is the ratio of the medians; `per pair` is the median (and range) of the ratios of "
-             "the steps run back to back (load from other jobs that drifts during the run cancels in each pair).", "",
+             "`ME / torch` is the ratio of the medians; `per pair` is the median of the ratios of the steps run "
+             "back to back (load from other jobs that drifts during the run cancels in each pair), in square "
+             "brackets a distribution-free 95% confidence interval for that median (order statistics; with too "
+             "few pairs for 95%, the full range and its coverage), in parentheses the range.", "",
              "| voxels | neighbours/site | useful GFLOP/step | backend | pairs | time per step | ME / torch | per pair | GFLOP/s | of fp32 peak | peak memory (MB) |",
              "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["rows"]:
@@ -479,7 +483,11 @@ def render(results: Dict) -> str:
             med, mn = statistics.median(ts), min(ts)
             ratio = f"{statistics.median(me) / med:.2f}x" if me and b != "minkowski" else ("1.00x" if b == "minkowski" else "")
             pairs = [m / t for m, t in zip(me, ts)] if me and b != "minkowski" else []
-            per_pair = (f"{statistics.median(pairs):.2f}x ({min(pairs):.2f}-{max(pairs):.2f})" if pairs else "")
+            per_pair = ""
+            if pairs:
+                lo, hi, cov = median_interval(pairs)
+                level = "" if cov >= 0.95 else f" at {cov:.0%}"
+                per_pair = f"{statistics.median(pairs):.2f}x [{lo:.2f}-{hi:.2f}{level}] ({min(pairs):.2f}-{max(pairs):.2f})"
             gfs = fl["step_gflop"] / med
             mem = row["memory"].get(b)
             mem_s = f"{mem.get('cuda_peak_mb', mem['step_mb']):.0f}" if mem else "n/a"
@@ -537,7 +545,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--backends", nargs="+", default=None)
-    p.add_argument("--out", default=str(ROOT / "reports" / "bench" / "backbone.md"))
+    p.add_argument("--out", default=None, help="the report (default: reports/bench/backbone.md; with --render, "
+                   "the markdown file next to the JSON); its data go to the same name with .json")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="write the report of an earlier run again from its JSON (a newer layout), measuring nothing")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--cpu-sizes", type=int, nargs="*", default=[100000],
@@ -546,6 +557,12 @@ def main(argv=None) -> int:
     p.add_argument("--memory-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     p.add_argument("--cpu-child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        out = Path(args.out) if args.out else src.with_suffix(".md")
+        out.write_text(render(json.loads(src.read_text())))
+        print(f"bench wrote {out}")
+        return 0
     use_input(p, args)
     _set_threads(args.threads)
     import harness  # noqa: F401  (before torch and ME: OpenMP and OpenBLAS settings, see harness/__init__.py)
@@ -614,7 +631,7 @@ def main(argv=None) -> int:
         c, f = make_input(n0)
         results["drift"] = bf16_drift(c, f, device)
         results["drift_voxels"] = len(c)
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "reports" / "bench" / "backbone.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(results))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))

@@ -1,9 +1,12 @@
-"""The backbone benchmark's inputs: partial scans of synthetic rooms and batches of real ScanNet meshes."""
+"""The backbone benchmark's inputs (partial scans of synthetic rooms, batches of real ScanNet meshes) and report."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
+from bench import backbone
 from bench.backbone import scan_batch, scan_files
 from harness.backbones.synthetic import partial_scan
 from tests.data_helpers import sample
@@ -59,3 +62,26 @@ def test_timing_rounds_follow_repeats_then_the_time_budget():
         times = time_backends(["torch"], coords, feats, "cpu", warmup=1, **kw)
         counts[key] = len(times["torch"])
     assert counts == {"no budget": 2, "budget": 3, "budget below repeats": 2}
+
+
+def _results(torch_times, me_times):
+    env = {"cpu": "test CPU", "threads": 2, "ncpu": 2, "device": "cpu", "torch": "x", "minkowski": "0.5.4",
+           "date": "2026-11-27 00:00", "peak_fp32": 100.0, "peak_bf16": 200.0}
+    row = {"sites": 1000, "neighbours": 9.0, "flops": {"step_gflop": 10.0, "executed_step_gflop": 11.0},
+           "times": {"torch": torch_times, "minkowski": me_times}, "memory": {}, "gemm_s": None, "issued": {}}
+    return {"command": "python bench/backbone.py", "env": env, "rows": [row], "padding": {}, "other_cores": 0.0}
+
+
+def test_report_gives_the_per_pair_median_with_its_order_statistic_interval(tmp_path):
+    # ME / torch per pair: 1.5, 1.6, ..., 2.5 in a shuffled order; for 11 pairs the 95% interval
+    # of the median runs from the 2nd to the 10th smallest ratio (coverage 1 - 24/2048)
+    ratios = [1.9, 1.5, 2.3, 1.6, 2.0, 2.5, 1.7, 2.2, 1.8, 2.4, 2.1]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_results([2.0] * 11, [2.0 * r for r in ratios])))
+    assert backbone.main(["--render", str(path)]) == 0
+    line = next(s for s in (tmp_path / "run.md").read_text().splitlines() if s.startswith("| 1000 |") and "| torch |" in s)
+    assert "| 2.00x [1.60-2.40] (1.50-2.50) |" in line
+    # three pairs cannot cover 95%: the full range, with its coverage 1 - 2/8
+    path.write_text(json.dumps(_results([1.0] * 3, [2.0, 1.8, 2.2])))
+    backbone.main(["--render", str(path)])
+    assert "| 2.00x [1.80-2.20 at 75%] (1.80-2.20) |" in (tmp_path / "run.md").read_text()

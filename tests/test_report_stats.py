@@ -12,7 +12,7 @@ import math
 import pytest
 
 from harness.report import ReportSettings, build_table, legend, render_markdown
-from harness.reporting.stats import best_of_group, holm, mean_std, paired_test
+from harness.reporting.stats import best_of_group, holm, mean_std, median_interval, paired_test
 from tests.test_report import make_store
 
 
@@ -167,3 +167,26 @@ def test_one_seed_says_no_test(tmp_path):
     assert t.best.loc["csc", "s3dis-semseg"]  # paper's rule with one seed
     notes = " ".join(legend(t))
     assert "n=1: no test" in notes and "untested with one seed" in notes
+
+
+@pytest.mark.parametrize("n, low, high, coverage", [
+    (11, 2, 10, 1 - 2 * 12 / 2048),  # P(B <= 1) = (1 + 11) / 2^11; k = 3 would cover 1 - 2 * 67 / 2048 = 0.935
+    (9, 2, 8, 1 - 2 * 10 / 512),  # 0.961; k = 3: 1 - 2 * 46 / 512 = 0.82
+    (8, 1, 8, 1 - 2 / 256),  # k = 2 would cover 1 - 2 * 9 / 256 = 0.930
+    (6, 1, 6, 1 - 2 / 64),  # 0.969
+    (5, 1, 5, 1 - 2 / 32),  # 0.9375: too few values for 95%, the full range
+    (1, 1, 1, 0.0),
+])
+def test_median_interval_takes_the_order_statistics_of_the_binomial_rule(n, low, high, coverage):
+    values = [float(v) for v in range(n, 0, -1)]  # any order
+    lo, hi, cov = median_interval(values)
+    assert (lo, hi) == (low, high)
+    assert cov == pytest.approx(coverage, abs=1e-12)
+
+
+def test_median_interval_of_35_values_covers_95_percent_and_no_narrower_one_does():
+    lo, hi, cov = median_interval(range(1, 36))
+    # by hand from the binomial table for n = 35: P(B <= 11) = 0.0205, P(B <= 12) = 0.0448
+    assert (lo, hi) == (12, 24) and cov == pytest.approx(1 - 2 * 0.0205, abs=5e-4)
+    with pytest.raises(ValueError):
+        median_interval([])
