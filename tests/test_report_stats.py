@@ -190,3 +190,7 @@ def test_median_interval_of_35_values_covers_95_percent_and_no_narrower_one_does
     assert (lo, hi) == (12, 24) and cov == pytest.approx(1 - 2 * 0.0205, abs=5e-4)
     with pytest.raises(ValueError):
         median_interval([])
+    # many values (no float overflow in 2^n): the normal approximation, median +- 1.96 sqrt(n) / 2
+    lo, hi, cov = median_interval(range(2001))
+    assert abs(lo - (1000 - 1.96 * 2001 ** 0.5 / 2)) < 2 and abs(hi - (1000 + 1.96 * 2001 ** 0.5 / 2)) < 2
+    assert 0.95 <= cov < 0.96

@@ -74,7 +74,7 @@ def median_interval(values: Sequence[float], level: float = 0.95) -> Tuple[float
     n = len(x)
     if n == 0:
         raise ValueError("median_interval: no values")
-    below = [math.comb(n, i) / 2.0 ** n for i in range(n + 1)]  # P(B = i), B ~ Binomial(n, 1/2)
+    below = [math.comb(n, i) / 2 ** n for i in range(n + 1)]  # P(B = i), B ~ Binomial(n, 1/2); exact ints
     k, cdf = 1, below[0]  # cdf = P(B <= k - 1): the chance the median lies below x[k - 1]
     while k < (n + 1) // 2 and 1.0 - 2.0 * (cdf + below[k]) >= level:
         cdf += below[k]
