@@ -452,6 +452,10 @@ def _secs(t: float, unit_of: Optional[float] = None) -> str:
     return f"{t * 1e3:.1f} ms" if (t if unit_of is None else unit_of) < 1.0 else f"{t:.2f} s"
 
 
+# Confidence level of the interval given for each per-pair median ratio.
+PAIR_INTERVAL_LEVEL = 0.95
+
+
 def render(results: Dict) -> str:
     from harness.reporting.stats import median_interval
 
@@ -472,8 +476,9 @@ def render(results: Dict) -> str:
              "timed steps per backend (after a warm-up; more where a step is short).", "",
              "`ME / torch` is the ratio of the medians; `per pair` is the median of the ratios of the steps run "
              "back to back (load from other jobs that drifts during the run cancels in each pair), in square "
-             "brackets a distribution-free 95% confidence interval for that median (order statistics; with too "
-             "few pairs for 95%, the full range and its coverage), in parentheses the range.", "",
+             f"brackets a distribution-free {PAIR_INTERVAL_LEVEL:.0%} confidence interval for that median (order "
+             f"statistics; with too few pairs for {PAIR_INTERVAL_LEVEL:.0%}, the full range and its coverage), in "
+             "parentheses the range.", "",
              "| voxels | neighbours/site | useful GFLOP/step | backend | pairs | time per step | ME / torch | per pair | GFLOP/s | of fp32 peak | peak memory (MB) |",
              "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["rows"]:
@@ -485,8 +490,8 @@ def render(results: Dict) -> str:
             pairs = [m / t for m, t in zip(me, ts)] if me and b != "minkowski" else []
             per_pair = ""
             if pairs:
-                lo, hi, cov = median_interval(pairs)
-                level = "" if cov >= 0.95 else f" at {cov:.0%}"
+                lo, hi, cov = median_interval(pairs, PAIR_INTERVAL_LEVEL)
+                level = "" if cov >= PAIR_INTERVAL_LEVEL else f" at {cov:.0%}"
                 per_pair = f"{statistics.median(pairs):.2f}x [{lo:.2f}-{hi:.2f}{level}] ({min(pairs):.2f}-{max(pairs):.2f})"
             gfs = fl["step_gflop"] / med
             mem = row["memory"].get(b)
