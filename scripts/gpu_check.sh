@@ -3,6 +3,7 @@
 #
 #   scripts/gpu_check.sh prepare        # here (internet): the wheels the GPU machine lacks, into .whl/
 #   scripts/gpu_check.sh run OUT_DIR    # there: the CUDA tests, then the CUDA benchmark into OUT_DIR
+#   scripts/gpu_check.sh core OUT_DIR   # the same without the 20k/300k sweep and the replay (~5 min)
 #
 # The GPU image has torch, numpy, pytest, pyyaml and rich but not omegaconf (the test fixtures
 # import it); `prepare` downloads it for Python 3.12. `run` installs the wheels into /tmp/site,
@@ -28,8 +29,8 @@ prepare)
     done
     ls .whl
     ;;
-run)
-    out="${2:?usage: scripts/gpu_check.sh run OUT_DIR}"
+run|core)
+    out="${2:?usage: scripts/gpu_check.sh run|core OUT_DIR}"
     mkdir -p "$out"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
@@ -42,14 +43,16 @@ run)
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_backbone_cuda.py || status=1
     timeout 180 python3 bench/backbone.py --device cuda --sizes 20000 100000 300000 --repeats 8 --warmup 2 \
         --out "$out/backbone-cuda.md" || status=1
-    timeout 90 python3 -m bench.gpu_sweep --sizes 20000 300000 --repeats 4 --out "$out/sweep-20k-300k" \
-        || status=1
-    timeout 60 python3 -m bench.gpu_replay --voxels 100000 --out "$out/gpu-replay.md" > /dev/null || status=1
+    if [ "$1" = run ]; then
+        timeout 90 python3 -m bench.gpu_sweep --sizes 20000 300000 --repeats 4 --out "$out/sweep-20k-300k" \
+            || status=1
+        timeout 60 python3 -m bench.gpu_replay --voxels 100000 --out "$out/gpu-replay.md" > /dev/null || status=1
+    fi
     sleep 1  # let tee write the log out
     exit "$status"
     ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac
