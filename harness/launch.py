@@ -136,7 +136,7 @@ def run_pretrain(spec: JobSpec, sync: bool = True) -> Dict[str, Any]:
 
     result = {"status": DONE, "kind": PRETRAIN, "id": spec.id, "method": spec.method, "seed": spec.seed,
               "checkpoint": str(path), "config_hash": spec.config_hash, "wall_seconds": round(time.time() - start, 2),
-              "method_version": method_cfg.version, **_provenance(), **ctx.extra}
+              "method_version": method_cfg.version, **_provenance(), **_runtime(ctx), **ctx.extra}
     if dist.is_main():
         store.write(PRETRAIN, spec.id, result)
     return result
@@ -174,7 +174,7 @@ def run_finetune(spec: JobSpec) -> Dict[str, Any]:
               "value": float(metrics[metric]), "metrics": metrics, "config_hash": spec.config_hash,
               "pretrain_hash": spec.pretrain_hash, "checkpoint": pre["checkpoint"],
               "wall_seconds": round(time.time() - start, 2), "task_version": task_cfg.version,
-              "method_version": pre.get("method_version"), **_provenance(), **ctx.extra}
+              "method_version": pre.get("method_version"), **_provenance(), **_runtime(ctx), **ctx.extra}
     if dist.is_main():
         store.write(FINETUNE, spec.id, result)
     return result
@@ -248,6 +248,20 @@ def _provenance() -> Dict[str, Any]:
 
     return {"git_commit": git_commit(), "host": socket.gethostname(), "started": _STARTED.get("at"),
             "finished": now_iso(), "log": _log_path(), **_slurm_info()}
+
+
+def _runtime(ctx: Any) -> Dict[str, Any]:
+    """What computed the number: the device (with the GPU's name), the torch version and the
+    backbone backend that ``auto`` resolved to; the same cell on a CPU and on a GPU rounds its
+    sums differently, so the table's numbers are only comparable where these agree."""
+    import torch
+
+    from harness.backbones import resolve_backend
+
+    device = str(ctx.device)
+    if ctx.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(ctx.device)})"
+    return {"device": device, "torch": torch.__version__, "backend": resolve_backend(ctx.backbone.backend)}
 
 
 # When the current job (this attempt) started: set by Job.__call__, read into the result.

@@ -8,6 +8,7 @@ import json
 from datetime import datetime
 
 import pytest
+import torch
 
 from tests._sweeps import COLORIZATION, SWEEP, cli, install_plugin, local_args, result, tiny
 
@@ -43,6 +44,10 @@ def test_local_sweep_isolates_a_failure_and_reruns_only_it(tmp_path, cache_dir, 
     scratch = result(run, "finetune", "scratch__scannet-semseg__s0")
     assert scratch["status"] == "done" and 0.0 <= scratch["value"] <= 1.0
     assert datetime.fromisoformat(scratch["started"]) <= datetime.fromisoformat(scratch["finished"])
+    # where the number was computed: tiny.yaml asks for device auto and backend torch
+    assert scratch["device"].split(" ")[0] == ("cuda" if torch.cuda.is_available() else "cpu"), scratch
+    assert (scratch["torch"], scratch["backend"]) == (torch.__version__, "torch"), scratch
+    assert (pre.get("device"), pre.get("torch")) == (None, None), "a failed job records no runtime"
     assert "(1 ran, 0 reused, 2 failed)" in text, text
     report = (run / "report" / "table1.md").read_text()
     assert "colorization / scannet-semseg: failed: pre-training colorization__s0 failed" in report, report
