@@ -114,8 +114,10 @@ class LocalLauncherConfig:
     # Processes per job (DistributedDataParallel, gloo on CPU / NCCL on GPUs; needs executor: local);
     # each gets cpus // (parallel x tasks_per_node) threads and, with GPUs, one GPU.
     tasks_per_node: int = 1
-    # GPUs per job handed to its processes (0 = none; set to tasks_per_node for one GPU per process).
-    gpus_per_node: int = 0
+    # GPUs each job sees (0 = none: submitit hides every GPU from a job given none); null = one
+    # per process of a job where this machine has CUDA and the sweep's device is not cpu, else 0.
+    # Each job gets the GPUs that the fewest running jobs are using.
+    gpus_per_node: Optional[int] = None
 
 
 @dataclass

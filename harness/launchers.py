@@ -15,6 +15,7 @@ Both check their inputs (``validate``) before anything runs or is submitted.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -134,10 +135,64 @@ def validate_batch_split(plan: Plan, processes: Callable[[JobSpec], int], layout
                                   "or another process count")
 
 
+def visible_gpu_indices(env: Optional[str], count: int) -> List[int]:
+    """The GPU indices a ``CUDA_VISIBLE_DEVICES`` value names (``None``: all ``count``); CUDA
+    ignores every entry from the first negative one on."""
+    from harness.config import ConfigError
+
+    if env is None:
+        return list(range(count))
+    names = [x.strip() for x in env.split(",") if x.strip()]
+    if not all(x.lstrip("-").isdigit() for x in names):
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={env!r}: the local launcher hands GPUs to its jobs by index; "
+                          "name them by index (0,1,...) rather than by UUID")
+    return [int(x) for x in itertools.takewhile(lambda x: int(x) >= 0, names)]
+
+
+def local_gpus() -> List[int]:
+    """Indices of the GPUs this process may hand to local jobs (submitit's local executor sets
+    each job's ``CUDA_VISIBLE_DEVICES`` from them): none without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return visible_gpu_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+
+
+class GpuPool:
+    """Hands each local job ``per_job`` of ``gpus``, those the fewest running jobs use (ties:
+    the lower index), so parallel jobs spread over a machine's GPUs and share them only when
+    there are more jobs than GPUs."""
+
+    def __init__(self, gpus: List[int], per_job: int):
+        self.users = {g: 0 for g in gpus}
+        self.per_job = per_job
+
+    def take(self) -> List[int]:
+        order = sorted(self.users, key=lambda g: (self.users[g], list(self.users).index(g)))
+        chosen = sorted(order[:self.per_job])
+        for g in chosen:
+            self.users[g] += 1
+        return chosen
+
+    def give(self, gpus: List[int]) -> None:
+        for g in gpus:
+            self.users[g] -= 1
+
+
 class LocalLauncher:
     def __init__(self, cfg: Any, console: Any = None):
         self.cfg = cfg
         self.console = console
+
+    def gpus_per_job(self, device: str) -> int:
+        """``launcher.local.gpus_per_node``, or where it is null, one GPU per process of a job
+        when this machine has CUDA and ``device`` is not cpu (else none)."""
+        explicit = _cfg_get(self.cfg, "gpus_per_node")
+        if explicit is not None:
+            return int(explicit)
+        tasks = int(_cfg_get(self.cfg, "tasks_per_node") or 1)
+        return tasks if device != "cpu" and local_gpus() else 0
 
     def validate(self, plan: Plan, sweep: Any) -> None:
         from harness.config import ConfigError
@@ -145,12 +200,33 @@ class LocalLauncher:
         validate_inputs(plan, sweep)
         where = getattr(sweep, "path", "sweep")
         tasks = int(_cfg_get(self.cfg, "tasks_per_node") or 1)
+        if _cfg_get(self.cfg, "executor") not in ("local", "debug"):
+            raise ConfigError(f"{where}: launcher.local.executor is {_cfg_get(self.cfg, 'executor')!r}; "
+                              "it must be local or debug")
         if tasks < 1:
             raise ConfigError(f"{where}: launcher.local.tasks_per_node must be >= 1, got {tasks}")
         if tasks > 1 and _cfg_get(self.cfg, "executor") == "debug":
             raise ConfigError(f"{where}: launcher.local.tasks_per_node={tasks} needs launcher.local.executor: local "
                               "(the debug executor runs each job in this one process)")
         validate_batch_split(plan, lambda spec: tasks, lambda spec: f"launcher.local.tasks_per_node={tasks}", where)
+        if _cfg_get(self.cfg, "executor") == "debug":
+            return  # jobs run in this process and see its GPUs
+        for device in sorted({spec.device for spec in plan.jobs}):
+            gpus, have = self.gpus_per_job(device), local_gpus()
+            if gpus < 0:
+                raise ConfigError(f"{where}: launcher.local.gpus_per_node must be >= 0 or null, got {gpus}")
+            if gpus > len(have):
+                raise ConfigError(f"{where}: launcher.local.gpus_per_node={gpus}, but this machine has "
+                                  f"{len(have)} GPU(s) to hand out")
+            if device.startswith("cuda"):
+                if not have:
+                    raise ConfigError(f"{where}: device: {device}, but this machine has no GPU that torch can use "
+                                      "(device: auto runs on the CPU there)")
+                if gpus < tasks:
+                    raise ConfigError(f"{where}: device: {device} with launcher.local.tasks_per_node={tasks} needs "
+                                      f"one GPU per process, but launcher.local.gpus_per_node={gpus} (jobs see only "
+                                      "the GPUs they are given); set it to "
+                                      f"{tasks} or null")
 
     def run(self, plan: Plan, store: Store) -> SweepOutcome:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -166,15 +242,17 @@ class LocalLauncher:
         for j in todo:
             j.threads, j.tasks_per_node, j.nodes = threads, tasks, 1
         folder = store.root / "logs"
+        pools: Dict[str, GpuPool] = {}  # per device setting: the GPUs handed to its jobs
         if cfg.executor == "debug":
             executor: Any = _InProcessExecutor()
         else:
-            executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cfg.executor)
-            params: Dict[str, Any] = {"timeout_min": cfg.timeout_min, "tasks_per_node": tasks}
-            if int(_cfg_get(cfg, "gpus_per_node") or 0):
-                params["gpus_per_node"] = int(_cfg_get(cfg, "gpus_per_node"))
-            executor.update_parameters(**params)
+            executor = submitit.LocalExecutor(folder=folder / "%j")
+            executor.update_parameters(timeout_min=cfg.timeout_min, tasks_per_node=tasks)
+            for device in {spec.device for spec in todo}:
+                if self.gpus_per_job(device):
+                    pools[device] = GpuPool(local_gpus(), self.gpus_per_job(device))
         running: Dict[str, tuple] = {}  # id -> (job, spec, start, task)
+        held: Dict[str, List[int]] = {}  # id -> the GPUs its job was given
         waiting = list(todo)
         start = time.time()
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -197,6 +275,11 @@ class LocalLauncher:
                         outcome.failed[spec.id] = state
                         progress.advance(overall)
                         continue
+                    if cfg.executor != "debug":
+                        pool = pools.get(spec.device)
+                        held[spec.id] = pool.take() if pool else []
+                        # submitit sets each job's CUDA_VISIBLE_DEVICES from these (none: "")
+                        executor.update_parameters(gpus_per_node=len(held[spec.id]), visible_gpus=tuple(held[spec.id]))
                     job = executor.submit(Job(), spec)
                     task = progress.add_task(f"  {spec.kind} {spec.id}", total=None)
                     running[spec.id] = (job, spec, time.time(), task)
@@ -209,6 +292,8 @@ class LocalLauncher:
                     if not job.done():
                         continue
                     del running[jid]
+                    if held.get(jid):
+                        pools[spec.device].give(held.pop(jid))
                     progress.remove_task(task)
                     progress.advance(overall)
                     outcome.seconds[jid] = round(time.time() - t0, 1)
