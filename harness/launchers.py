@@ -616,6 +616,7 @@ class SlurmLauncher:
 
         validate_inputs(plan, sweep)
         where = getattr(sweep, "path", "sweep")
+        self.validate_gpus(plan, where)
         for tool in ("sbatch", "squeue", "sinfo", "scancel"):
             if shutil.which(tool) is None:
                 raise ConfigError(f"launcher slurm: '{tool}' is not on PATH; run from a SLURM login node "
@@ -646,6 +647,19 @@ class SlurmLauncher:
             return f"{res['source']['nodes']}={res['nodes']} x {res['source']['tasks_per_node']}={res['tasks_per_node']}"
 
         validate_batch_split(plan, processes, layout, where)
+
+    def validate_gpus(self, plan: Plan, where: str) -> None:
+        """``device: cuda`` needs a GPU for each process of a node (process k uses GPU k)."""
+        from harness.config import ConfigError
+
+        for stage in self._stages(plan):
+            devices = sorted({spec.device for spec in plan.jobs if spec.kind == stage and spec.device.startswith("cuda")})
+            res = stage_resources(self.cfg, stage)
+            gpus, tasks = int(res.get("gpus_per_node") or 0), int(res["tasks_per_node"])
+            if devices and gpus < tasks:
+                raise ConfigError(f"{where}: device: {devices[0]}, but {res['source']['gpus_per_node']}={gpus} leaves "
+                                  f"some of the {tasks} processes per node ({res['source']['tasks_per_node']}) "
+                                  f"without a GPU ({stage} jobs); request at least {tasks} GPUs per node")
 
     @staticmethod
     def _stages(plan: Plan) -> List[str]:

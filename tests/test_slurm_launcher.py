@@ -58,8 +58,8 @@ def test_no_gpus_and_site_default_memory_are_left_out():
     assert gpu_hours(res) == 0.0
 
 
-def _spec(kind, jid, method, run, pre=None, inline=False, h="h"):
-    return JobSpec(kind, jid, method, 0, str(run), {}, {}, {}, "cpu", "scannet", {}, column="c" if kind == FINETUNE
+def _spec(kind, jid, method, run, pre=None, inline=False, h="h", device="cpu"):
+    return JobSpec(kind, jid, method, 0, str(run), {}, {}, {}, device, "scannet", {}, column="c" if kind == FINETUNE
                    else None, task="semseg" if kind == FINETUNE else None, pretrain_id=pre, pretrain_hash="p" + pre
                    if pre else None, config_hash=h, inline_pretrain=inline)
 
@@ -141,3 +141,25 @@ def test_a_requeued_job_that_already_finished_returns_its_result(tmp_path):
     stored = {"status": "done", "config_hash": "hh", "value": 0.5}
     Store(tmp_path).write(FINETUNE, spec.id, stored)
     assert Job()(spec) == stored
+
+
+@pytest.mark.parametrize("device, over, message", [
+    ("cuda", {"gpus_per_node": 0}, "device: cuda, but launcher.slurm.gpus_per_node=0 leaves some of the 1 processes"),
+    ("cuda", {"gpus_per_node": 1, "finetune": {"tasks_per_node": 2}},
+     "launcher.slurm.gpus_per_node=1 leaves some of the 2 processes per node (launcher.slurm.finetune.tasks_per_node)"),
+    ("cuda", {"gpus_per_node": 2, "tasks_per_node": 2}, None),
+    ("auto", {"gpus_per_node": 0}, None),  # auto runs on the CPU where the job has no GPU
+])
+def test_cuda_jobs_need_a_gpu_per_process(tmp_path, device, over, message):
+    from harness.config import ConfigError
+
+    run = tmp_path / "run"
+    plan = Plan("t", run, pretrain=[_spec(PRETRAIN, "B__s0", "B", run, device=device)],
+                finetune=[_spec(FINETUNE, "B__x__s0", "B", run, pre="B__s0", device=device)], methods=["B"])
+    launcher = SlurmLauncher(slurm_cfg(**over))
+    if message is None:
+        launcher.validate_gpus(plan, "sweep.yaml")
+    else:
+        with pytest.raises(ConfigError) as err:
+            launcher.validate_gpus(plan, "sweep.yaml")
+        assert message in str(err.value), str(err.value)
