@@ -169,8 +169,7 @@ class GpuPool:
         self.per_job = per_job
 
     def take(self) -> List[int]:
-        order = sorted(self.users, key=lambda g: (self.users[g], list(self.users).index(g)))
-        chosen = sorted(order[:self.per_job])
+        chosen = sorted(sorted(self.users, key=self.users.get)[:self.per_job])  # stable: ties keep order
         for g in chosen:
             self.users[g] += 1
         return chosen
@@ -211,8 +210,9 @@ class LocalLauncher:
         validate_batch_split(plan, lambda spec: tasks, lambda spec: f"launcher.local.tasks_per_node={tasks}", where)
         if _cfg_get(self.cfg, "executor") == "debug":
             return  # jobs run in this process and see its GPUs
+        have = local_gpus()
         for device in sorted({spec.device for spec in plan.jobs}):
-            gpus, have = self.gpus_per_job(device), local_gpus()
+            gpus = self.gpus_per_job(device)
             if gpus < 0:
                 raise ConfigError(f"{where}: launcher.local.gpus_per_node must be >= 0 or null, got {gpus}")
             if gpus > len(have):
@@ -249,8 +249,9 @@ class LocalLauncher:
             executor = submitit.LocalExecutor(folder=folder / "%j")
             executor.update_parameters(timeout_min=cfg.timeout_min, tasks_per_node=tasks)
             for device in {spec.device for spec in todo}:
-                if self.gpus_per_job(device):
-                    pools[device] = GpuPool(local_gpus(), self.gpus_per_job(device))
+                per_job = self.gpus_per_job(device)
+                if per_job:
+                    pools[device] = GpuPool(local_gpus(), per_job)
         running: Dict[str, tuple] = {}  # id -> (job, spec, start, task)
         held: Dict[str, List[int]] = {}  # id -> the GPUs its job was given
         waiting = list(todo)
