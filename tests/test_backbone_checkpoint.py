@@ -92,14 +92,129 @@ def test_me_era_pth_with_wrapper_prefixes_and_final_of_other_width(tmp_path):
     assert torch.equal(dst.block8[0].conv1.kernel, src.block8[0].conv1.kernel)
 
 
-def test_pth_with_pickled_objects_is_refused_not_unpickled(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("unpickled!",))
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
 
-    torch.save({"state_dict": small().state_dict(), "cfg": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="weights-only"):
-        load_backbone(small(), tmp_path / "evil.pth")
+
+def test_pickled_objects_are_not_unpickled_and_the_weights_still_load(tmp_path, capsys):
+    """A pickled object whose class weights_only refuses is read as an inert stand-in: its
+    reduce function (print here) never runs, and the report names the entry."""
+    src = small()
+    torch.save({"state_dict": src.state_dict(), "cfg": _Evil()}, tmp_path / "evil.pth")
+    rep = load_backbone(small(), tmp_path / "evil.pth")
+    assert "unpickled!" not in capsys.readouterr().out
+    assert rep.ignored == {"cfg": "builtins.print"} and len(rep.loaded) == len(src.state_dict())
+
+
+class _DictOfWeights(dict):
+    pass
+
+
+def test_an_object_that_cannot_be_stood_in_for_is_refused_with_the_reason(tmp_path):
+    torch.save({"state_dict": _DictOfWeights(small().state_dict())}, tmp_path / "sub.pth")
+    with pytest.raises(ValueError, match=r"sub\.pth: cannot read as a weights-only torch checkpoint "
+                                         r"\(UnpicklingError: Can only SETITEMS") as err:
+        load_backbone(small(), tmp_path / "sub.pth")
+    assert "\x1b" not in str(err.value) and "weights_only` set to `False" not in str(err.value)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_published_style_checkpoint_with_config_namespace_and_numpy_scalar(tmp_path, zipped):
+    """PointContrast/CSC trainers save their OmegaConf config, downstream ones an
+    argparse.Namespace and numpy best scores next to the weights (both torch.save formats)."""
+    import argparse
+
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(2)
+    src = small(out_channels=32)
+    obj = {"curr_iter": 3000, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()},
+           "config": OmegaConf.create({"net": {"model": "Res16UNet14A", "planes": [8, 8]}, "opt": {"lr": 0.1}}),
+           "args": argparse.Namespace(voxel_size=0.025), "best_val": np.float64(61.2)}
+    torch.save(obj, tmp_path / "pc.pth", _use_new_zipfile_serialization=zipped)
+    dst = small(out_channels=20)
+    rep = load_backbone(dst, tmp_path / "pc.pth")
+    assert set(rep.ignored) == {"config", "args", "best_val"}
+    assert rep.ignored["config"] == "omegaconf.dictconfig.DictConfig" and rep.ignored["args"] == "argparse.Namespace"
+    assert rep.meta == {"curr_iter": 3000} and set(rep.skipped) == {"final.kernel", "final.bias"}
+    assert torch.equal(dst.block8[0].conv2.kernel, src.block8[0].conv2.kernel)
+
+
+def test_files_are_told_apart_by_their_bytes_not_their_suffix(tmp_path):
+    path = save_backbone(tmp_path / "b.safetensors", small(), META)
+    (tmp_path / "b.st").write_bytes(path.read_bytes())
+    assert read_checkpoint(tmp_path / "b.st")[1]["method"] == "csc"
+    torch.save({"state_dict": small().state_dict()}, tmp_path / "x.pth")
+    (tmp_path / "x.safetensors").write_bytes((tmp_path / "x.pth").read_bytes())
+    assert len(read_checkpoint(tmp_path / "x.safetensors")[0]) == len(small().state_dict())
+
+
+def test_a_page_or_a_truncated_file_is_named_for_what_it_is(tmp_path):
+    (tmp_path / "page.pth").write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
+    with pytest.raises(ValueError, match=r"page\.pth: not a checkpoint.*HTML or XML page"):
+        load_backbone(small(), tmp_path / "page.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="it is empty"):
+        load_backbone(small(), tmp_path / "empty.pth")
+    torch.save({"state_dict": small().state_dict()}, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.pth: cannot read") as err:
+        load_backbone(small(), tmp_path / "cut.pth")
+    assert "re-save" not in str(err.value)
+    path = save_backbone(tmp_path / "b.safetensors", small(), META)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=r"b\.safetensors: cannot read as safetensors"):
+        load_backbone(small(), path)
+
+
+def test_a_deeper_network_is_refused_unless_allowed(tmp_path):
+    deep = build_backbone("Res16UNet14A", in_channels=3, out_channels=4, backend="torch",
+                          layers=(2, 1, 1, 1, 1, 1, 1, 1), planes=SMALL["planes"])
+    torch.save({"state_dict": deep.state_dict()}, tmp_path / "deep.pth")
+    with pytest.raises(ValueError, match=r"belong to modules this .* lacks, e\.g\. \['block1\.1\."):
+        load_backbone(small(), tmp_path / "deep.pth")
+    rep = load_backbone(small(), tmp_path / "deep.pth", allow_unexpected=True)
+    assert all(k.startswith("block1.1.") for k in rep.skipped) and rep.skipped
+    # tensors of modules the network has no part of (a pre-training head) are only skipped
+    sd = {**small().state_dict(), "projector.0.weight": torch.zeros(4, 4)}
+    torch.save(sd, tmp_path / "head.pth")
+    assert load_backbone(small(), tmp_path / "head.pth").skipped == {"projector.0.weight": "unexpected"}
+
+
+def test_every_expected_meta_key_is_checked_or_reported_unchecked(tmp_path, caplog):
+    path = save_backbone(tmp_path / "b.safetensors", small(), META)
+    with pytest.raises(ValueError, match=r"'method': expected 'pointcontrast', found 'csc'"):
+        load_backbone(small(), path, expect={"method": "pointcontrast"})
+    with pytest.raises(ValueError, match=r"'input_features': expected 'xyz', found 'rgb'"):
+        load_backbone(small(), path, expect={"input_features": "xyz"})
+    with pytest.raises(ValueError, match="unknown meta key.*voxelsize"):
+        load_backbone(small(), path, expect={"voxelsize": 0.02})
+    torch.save({"state_dict": small().state_dict()}, tmp_path / "old.pth")
+    with caplog.at_level(logging.WARNING, logger="harness.backbones.checkpoint"):
+        rep = load_backbone(small(), tmp_path / "old.pth", expect={"voxel_size": 0.02})
+    assert rep.unchecked == ["voxel_size"] and "records no voxel_size" in caplog.text
+
+
+def test_extra_prefixes_are_stripped(tmp_path):
+    src = small()
+    torch.save({f"encoder_q.{k}": v for k, v in src.state_dict().items()}, tmp_path / "moco.pth")
+    with pytest.raises(ValueError, match="extra_prefixes"):
+        load_backbone(small(), tmp_path / "moco.pth")
+    dst = small()
+    load_backbone(dst, tmp_path / "moco.pth", extra_prefixes=("encoder_q.",))
+    assert torch.equal(dst.conv0p1s1.kernel, src.conv0p1s1.kernel)
+
+
+def test_save_takes_an_omegaconf_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"optimizer": {"betas": [0.9, 0.99], "lr": "${base}"}, "base": 0.1})
+    path = save_backbone(tmp_path / "b.safetensors", small(), {**META, "config": cfg})
+    assert read_checkpoint(path)[1]["config"] == {"optimizer": {"betas": [0.9, 0.99], "lr": 0.1}, "base": 0.1}
 
 
 def test_missing_file_is_an_error(tmp_path):

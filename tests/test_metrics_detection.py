@@ -79,6 +79,16 @@ def test_sharing_a_face_with_partial_overlap_elsewhere():
     assert box3d_iou(box(), box(0.5, 0.5, 0.5, 1, 1, 1)) == pytest.approx(1 / 8)
 
 
+def test_coinciding_edges_where_votenets_clipping_errs():
+    # x ranges [-0.5, -0.3] and [-0.6, -0.4], y and z equal: overlap 0.1 of a union of 0.3
+    # (VoteNet's box3d_iou gives 0.6 here, found by comparing the two on random boxes)
+    a = np.array([-0.4, 0.7, -0.8, 0.2, 0.8, 0.9, 0.0])
+    b = np.array([-0.5, 0.7, -0.8, 0.2, 0.8, 0.9, 0.0])
+    assert box3d_iou(a, b) == pytest.approx(1 / 3)
+    c = np.array([0.0, 0.2, 0.0, 0.3, 0.7, 1.0, 0.0])  # VoteNet: 4.37 against itself
+    assert box3d_iou(c, c) == pytest.approx(1.0)
+
+
 def test_disjoint_boxes():
     assert box3d_iou(box(), box(cx=5)) == 0.0
     assert box3d_iou(box(), box(cz=3)) == 0.0  # same footprint, above

@@ -4,20 +4,28 @@ Export: backbone weights only, in safetensors, with a JSON meta in the safetenso
 (key ``"harness"``): backbone, layers, planes, in_channels, input_features, voxel_size,
 method, config, harness_version, git_commit.
 
-Load: our ``.safetensors`` and ME-era ``.pth``/``.pt`` files (``torch.load(weights_only=True)``,
-which never unpickles arbitrary objects; the weights may sit under ``state_dict``, ``model``
-or ``model_state``). Prefixes ``module.``, ``model.`` and ``backbone.`` are stripped from
-every key; tensors whose shape differs are refused (``final.*`` is only skipped, since
-downstream tasks rebuild it); the meta is compared with what the caller expects. The loader
-reports what it loaded, skipped (with the reason) and left missing, as a log line and a table.
+Load: our safetensors files and ME-era ``torch.save`` files (``.pth``/``.pt``), told apart by
+their first bytes, not their suffix. A ``torch.save`` file goes through
+``torch.load(weights_only=True)``, which never unpickles arbitrary objects; the training
+configs, argument namespaces and numpy scalars that published checkpoints keep next to their
+weights are read as inert stand-ins (:class:`_Ignored`: no class of theirs is imported, no code
+of theirs runs) and reported as ignored. The weights may sit under ``state_dict``, ``model``
+or ``model_state``. Prefixes ``module.``, ``model.`` and ``backbone.`` are stripped from every
+key; tensors whose shape differs are refused (``final.*`` is only skipped, since downstream
+tasks rebuild it), and so are tensors of the network's own modules that it does not have (a
+deeper network); the meta is compared with what the caller expects. The loader reports what it
+loaded, skipped (with the reason), left missing and ignored, as a log line and a table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -39,12 +47,13 @@ PathLike = Union[str, os.PathLike]
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, list):
-        return [_jsonable(x) for x in v]
+    """Plain JSON values of configs (OmegaConf's containers are Mappings and Sequences)."""
     if isinstance(v, Mapping):
         return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
     if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 1) == 0:
         return v.item()
     return v
@@ -145,37 +154,151 @@ def _find_state_dict(obj: Any, path: Path, depth: int = 0) -> Dict[str, torch.Te
                      f"{', '.join(_NESTED)}); top level has {found}")
 
 
-def read_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(state_dict, meta) of a ``.safetensors`` checkpoint (meta from its header) or an
-    ME-era ``.pth``/``.pt`` file (meta: the non-tensor scalars next to the weights, if any)."""
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _Ignored:
+    """Stands in for a pickled object of a class the weights-only reader does not allow (a
+    training config, an ``argparse.Namespace``, a numpy scalar). Made from nothing and keeping
+    nothing, so no class of the file's is imported and no code of the file's runs."""
+
+    origin = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Ignored":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<not read: {self.origin}>"
+
+
+def _stand_in(name: str) -> type:
+    return type(name.rsplit(".", 1)[-1], (_Ignored,), {"origin": name, "__module__": __name__})
+
+
+def _file_format(path: Path) -> str:
+    """``safetensors``, ``zip`` (``torch.save`` since torch 1.6) or ``pickle`` (older
+    ``torch.save``), from the first bytes; anything else is refused, naming what it starts with."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
+    what = "it is empty" if not head else f"it begins with {head!r}"
+    if head.lstrip()[:1] == b"<":
+        what += " (an HTML or XML page: a failed download?)"
+    raise ValueError(f"{path}: not a checkpoint: neither a safetensors file nor a torch.save file; {what}")
+
+
+def _torch_error(path: Path, exc: BaseException) -> ValueError:
+    """torch.load's failure in one line, without its advice to load unsafely."""
+    text = _ANSI.sub("", str(exc))
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
+        text = text.split("Please use `torch.serialization")[0]
+    reason = " ".join(text.split())
+    return ValueError(f"{path}: cannot read as a weights-only torch checkpoint ({type(exc).__name__}: {reason})")
+
+
+def _allowing(names: set):
+    """A context in which ``torch.load(weights_only=True)`` reads each of ``names`` as a stand-in."""
+    if not names:
+        return contextlib.nullcontext()
+    return torch.serialization.safe_globals([(_stand_in(n), n) for n in sorted(names)])
+
+
+def _torch_load(path: Path, fmt: str) -> Tuple[Any, List[str]]:
+    """``torch.load(weights_only=True)`` with every global it refuses read as an
+    :class:`_Ignored` stand-in: (object, the stand-ins' names). The zip format names them up
+    front; the older one, and anything found only while reading, one refusal at a time."""
+    names: set = set()
+    if fmt == "zip":
+        try:
+            with open(path, "rb") as f:
+                names.update(torch.serialization.get_unsafe_globals_in_checkpoint(f))
+        except Exception:  # torch < 2.5 or an unreadable archive: torch.load says what is wrong
+            pass
+    for _ in range(256):
+        try:
+            with _allowing(names), open(path, "rb") as f:  # a file object: torch.load's own suffix rules stay out
+                return torch.load(f, map_location="cpu", weights_only=True), sorted(names)
+        except pickle.UnpicklingError as exc:
+            found = _UNSAFE_GLOBAL.search(_ANSI.sub("", str(exc)))
+            name = found.group(1) if found else ""
+            name = name if "." in name else f"builtins.{name}"  # torch's message drops "builtins."
+            if found is None or name in names or not hasattr(torch.serialization, "safe_globals"):
+                raise _torch_error(path, exc) from exc
+            names.add(name)
+        except Exception as exc:  # a corrupt archive, a truncated file
+            raise _torch_error(path, exc) from exc
+    raise ValueError(f"{path}: more than 256 kinds of pickled objects besides the tensors")
+
+
+def _ignored_entries(obj: Any, prefix: str = "", depth: int = 0) -> Dict[str, str]:
+    """Where the stand-ins sit in a loaded checkpoint (two levels deep): key -> class name."""
+    if isinstance(obj, _Ignored):
+        return {prefix.rstrip(".") or "(top level)": obj.origin}
+    out: Dict[str, str] = {}
+    if isinstance(obj, Mapping) and depth < 2:
+        for k, v in obj.items():
+            out.update(_ignored_entries(v, f"{prefix}{k}.", depth + 1))
+    return out
+
+
+def _read(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, str]]:
+    """(state_dict, meta, ignored entries: key -> class name) of a checkpoint file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    fmt = _file_format(path)
+    if fmt == "safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        sd = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+            sd = load_file(str(path))
+        except Exception as exc:  # SafetensorError: a damaged header or a truncated file
+            raise ValueError(f"{path}: cannot read as safetensors ({type(exc).__name__}: {exc})") from exc
         meta: Dict[str, Any] = {}
         if META_KEY in header:
             try:
                 meta = json.loads(header[META_KEY])
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: the '{META_KEY}' metadata is not valid JSON: {exc}") from exc
-        return sd, meta
+        return sd, meta, {}
+    obj, stand_ins = _torch_load(path, fmt)
+    ignored = _ignored_entries(obj) if stand_ins else {}
+    if ignored:
+        logger.info("ckpt.read %s: not read (pickled %s): %s", path, ", ".join(stand_ins),
+                    ", ".join(f"{k} ({v})" for k, v in ignored.items()))
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for disallowed globals, RuntimeError for non-torch files
-        raise ValueError(f"{path}: cannot read as a weights-only torch checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}). Files holding pickled objects "
-                         "other than tensors are refused; re-save the state_dict alone in an environment "
-                         "you trust.") from exc
-    sd = _find_state_dict(obj, path)
+        sd = _find_state_dict(obj, path)
+    except ValueError as exc:
+        if ignored:
+            raise ValueError(f"{exc}; not read (pickled objects): {', '.join(ignored)}") from None
+        raise
     meta = {}
     if isinstance(obj, Mapping):
         meta = {k: v for k, v in obj.items() if isinstance(v, (int, float, str, bool))}
+    return sd, meta, ignored
+
+
+def read_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(state_dict, meta) of a safetensors checkpoint (meta from its header) or an ME-era
+    ``torch.save`` file (meta: the plain scalars next to the weights, if any)."""
+    sd, meta, _ = _read(path)
     return sd, meta
 
 
@@ -188,6 +311,8 @@ class LoadReport:
     skipped: Dict[str, str] = field(default_factory=dict)  # checkpoint key -> reason
     missing: List[str] = field(default_factory=list)  # module keys left at their initial values
     meta: Dict[str, Any] = field(default_factory=dict)
+    ignored: Dict[str, str] = field(default_factory=dict)  # file entry -> class of the pickled object not read
+    unchecked: List[str] = field(default_factory=list)  # expected meta keys the file does not record
 
     def summary(self) -> str:
         return (f"ckpt.load loaded={len(self.loaded)} skipped={len(self.skipped)} missing={len(self.missing)} "
@@ -209,6 +334,10 @@ class LoadReport:
         t.add_row("loaded", str(len(self.loaded)), short(self.loaded, 6))
         t.add_row("skipped", str(len(self.skipped)), short(f"{k} ({v})" for k, v in self.skipped.items()))
         t.add_row("missing", str(len(self.missing)), short(self.missing))
+        if self.ignored:
+            t.add_row("not read", str(len(self.ignored)), short(f"{k} ({v})" for k, v in self.ignored.items()))
+        if self.unchecked:
+            t.add_row("unchecked meta", str(len(self.unchecked)), short(self.unchecked))
         return t
 
 
@@ -235,26 +364,36 @@ def _is_optional(key: str) -> bool:
 
 def load_backbone(module: torch.nn.Module, path: PathLike, expect: Optional[Mapping[str, Any]] = None,
                   strict_meta_keys: Sequence[str] = ("voxel_size", "in_channels", "backbone"),
-                  allow_missing: bool = False, console=None) -> LoadReport:
+                  allow_missing: bool = False, allow_unexpected: bool = False,
+                  extra_prefixes: Sequence[str] = (), console=None) -> LoadReport:
     """Load backbone weights from ``path`` into ``module`` and report what happened.
 
-    ``expect``: meta values the caller requires (e.g. ``{"voxel_size": 0.02}``); the
-    module's own name, in_channels, layers and planes are expected too. Each key of
-    ``strict_meta_keys`` present in both must agree, else ValueError naming the key, the
-    expected and the found value. A shape mismatch of a key other than ``final.*`` is a
-    ValueError; a ``final.*`` mismatch is skipped. Zero loaded backbone tensors, or (unless
-    ``allow_missing``) module tensors other than ``final.*`` left missing, are errors too.
+    ``expect``: meta values the caller requires (keys of ``META_KEYS``, e.g.
+    ``{"voxel_size": 0.02}``); the module's own name, in_channels, layers and planes are
+    expected too. Each key of ``expect``, ``strict_meta_keys``, layers and planes that the
+    file records must agree, else ValueError naming the key, the expected and the found value;
+    a key of ``expect`` the file does not record (an ME-era ``.pth`` has no meta) is reported
+    as unchecked. A shape mismatch of a key other than ``final.*`` is a ValueError; a
+    ``final.*`` mismatch is skipped. Zero loaded backbone tensors are an error, and so are,
+    unless allowed, module tensors other than ``final.*`` left missing (``allow_missing``) and
+    file tensors of the module's own top-level modules that it lacks (``allow_unexpected``: a
+    deeper network). ``extra_prefixes`` are stripped besides ``STRIP_PREFIXES`` (e.g.
+    ``encoder_q.``).
     """
     path = Path(path)
-    sd, meta = read_checkpoint(path)
-    sd = strip_prefixes(sd)
+    unknown = sorted(set(expect or {}) - set(META_KEYS))
+    if unknown:
+        raise ValueError(f"load_backbone: unknown meta key(s) in expect: {', '.join(unknown)} "
+                         f"(known: {', '.join(META_KEYS)})")
+    sd, meta, ignored = _read(path)
+    sd = strip_prefixes(sd, tuple(STRIP_PREFIXES) + tuple(extra_prefixes))
     exp: Dict[str, Any] = {}
     for attr, key in (("name", "backbone"), ("in_channels", "in_channels"), ("layers", "layers"),
                       ("planes", "planes")):
         if hasattr(module, attr):
             exp[key] = getattr(module, attr)
     exp.update(dict(expect or {}))
-    for key in strict_meta_keys:
+    for key in dict.fromkeys([*strict_meta_keys, *(expect or {})]):
         if key in exp and key in meta and not _same(key, exp[key], meta[key]):
             raise ValueError(f"{path}: meta mismatch for {key!r}: expected {exp[key]!r}, found {meta[key]!r}")
     for key in ("layers", "planes"):  # architecture is always checked when the meta has it
@@ -262,7 +401,8 @@ def load_backbone(module: torch.nn.Module, path: PathLike, expect: Optional[Mapp
             raise ValueError(f"{path}: meta mismatch for {key!r}: expected {list(exp[key])!r}, found {meta[key]!r} "
                              "(a checkpoint of another architecture)")
     target = module.state_dict()
-    report = LoadReport(path=str(path), meta=dict(meta))
+    report = LoadReport(path=str(path), meta=dict(meta), ignored=ignored,
+                        unchecked=[k for k in (expect or {}) if k not in meta])
     to_load: Dict[str, torch.Tensor] = {}
     for key, t in sd.items():
         if key not in target:
@@ -281,15 +421,26 @@ def load_backbone(module: torch.nn.Module, path: PathLike, expect: Optional[Mapp
     n_backbone = sum(1 for k in to_load if not k.startswith("final."))
     if n_backbone == 0:
         raise ValueError(f"{path}: no backbone tensor matches this {type(module).__name__} "
-                         f"({len(sd)} tensors in the file, e.g. {list(sd)[:3]}); a checkpoint of another architecture?")
+                         f"({len(sd)} tensors in the file, e.g. {list(sd)[:3]}; the module's are e.g. "
+                         f"{list(target)[:3]}); a checkpoint of another architecture, a prefix to strip "
+                         "(extra_prefixes), or a wrapper passed instead of its backbone?")
     hard_missing = [k for k in report.missing if not _is_optional(k)]
     if hard_missing and not allow_missing:
         raise ValueError(f"{path}: {len(hard_missing)} backbone tensors are not in the checkpoint, e.g. "
                          f"{hard_missing[:5]}; a checkpoint of another architecture? (allow_missing=True to accept)")
+    own = {k.split(".", 1)[0] for k in target}
+    extra = [k for k, why in report.skipped.items()
+             if why == "unexpected" and k.split(".", 1)[0] in own and not _is_optional(k)]
+    if extra and not allow_unexpected:
+        raise ValueError(f"{path}: {len(extra)} tensors of the checkpoint belong to modules this "
+                         f"{type(module).__name__} lacks, e.g. {extra[:5]}; a deeper network (other layers)? "
+                         "(allow_unexpected=True to load the rest)")
     with torch.no_grad():
         for key, t in to_load.items():
             target[key].copy_(t.to(dtype=target[key].dtype))
     logger.info(report.summary())
+    for key in report.unchecked:
+        logger.warning("ckpt.load %s records no %s: expected %r, not checked", path, key, exp[key])
     try:
         from rich.console import Console
 

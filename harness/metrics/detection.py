@@ -16,8 +16,11 @@ volume.  The BEV intersection of the two rotated rectangles is computed
 exactly (up to rounding) by clipping one rectangle with the four half-planes
 of the other (Sutherland-Hodgman on convex quadrilaterals, vectorised over box
 pairs); boxes that touch along an edge or a face, or at a corner, have IoU 0.
-(VoteNet's own clipping errs or raises on those degenerate cases; it is not
-used here.)
+VoteNet's own clipping (``polygon_clip`` + ``ConvexHull``) errs or raises on
+those cases and also wherever edges of the two boxes coincide, identical boxes
+included (e.g. an identical pair scored 4.37, two boxes of true IoU 1/3 scored
+0.6); it is not used here. Everywhere else the two agree (15,000 random pairs
+against VoteNet's ``box3d_iou``, 2026-11-27).
 
 AP, per class ``c`` with IoU threshold ``t``:
 

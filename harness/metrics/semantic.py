@@ -17,7 +17,8 @@ all points of all scenes):
   non-ignored points has no IoU.  Two conventions (``absent``):
   ``"nan"`` (ScanNet's ``evaluate_semantic_label.py``; also used for S3DIS,
   which ships no evaluation script): its IoU is NaN
-  and ``miou`` is the mean over the other classes (NaN if none is left);
+  and ``miou`` is the mean over the other classes (NaN if none is left; the
+  script itself prints per-class IoUs and no mean);
   ``"zero"`` (SemanticKITTI's ``np_ioueval.py``: ``tp / (tp + fp + fn +
   1e-15)``): its IoU is 0 and it counts in the mean.  They differ only on
   splits that lack a class, e.g. a few scans.
