@@ -52,6 +52,12 @@ class Method(abc.ABC):
     def export(self, path: Path, ctx: Any) -> Path:
         """Write the backbone weights (canonical format) to ``path`` and return it."""
 
+    @classmethod
+    def fingerprint(cls, cfg: Any) -> str:
+        """What the result depends on besides the config ("" = nothing): e.g. the bytes of a file
+        the config names, so that a new file under the same path is not taken as done."""
+        return ""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.group not in GROUPS:

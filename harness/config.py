@@ -15,11 +15,12 @@ import json
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from harness.api import GROUPS
 from harness.registry import DATASETS, METHODS, TASKS, RegistryError
 
 
@@ -393,7 +394,12 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
 
     methods: Dict[str, DictConfig] = {}
     for name, extra in cfg.methods.items():
-        methods[name] = plugin_config("method", name, extra, root, prefix=f"methods.{name}", source=str(path))
+        methods[name] = plugin_config("method", method_of(name, extra), extra, root, prefix=f"methods.{name}",
+                                      source=str(path))
+        group = methods[name].get("group") or METHODS.get(methods[name].method).group
+        if group not in GROUPS:
+            raise ConfigError(f"{path}: methods.{name}.group: {group!r} is not a row group of Table 1 "
+                              f"({', '.join(GROUPS)})")
 
     # Datasets used: the pre-training one plus every column's.
     used = [cfg.pretrain_dataset] + [c.dataset for c in cfg.columns.values()]
@@ -421,6 +427,14 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
                               f"'{col.task}' (it supports {', '.join(ds_cls.tasks)})")
         columns[cid] = task_cfg
     return ResolvedSweep(path=path, cfg=cfg, methods=methods, datasets=datasets, columns=columns)
+
+
+def method_of(row: str, cfg: Any) -> str:
+    """The registered method of a sweep's row: its config's ``method`` where it names one (rows
+    of one method under several names, e.g. two published checkpoints), else the row's name."""
+    if isinstance(cfg, Mapping) and cfg.get("method"):
+        return str(cfg.get("method"))
+    return row
 
 
 def _select(cfg: DictConfig, key: str, names: Optional[Sequence[str]], path: Path) -> None:

@@ -121,14 +121,15 @@ def _prepared(dataset: Any) -> Any:
 
 def run_pretrain(spec: JobSpec, sync: bool = True) -> Dict[str, Any]:
     """Pre-train ``spec.method`` and export its backbone; returns (and stores) the result."""
-    from harness.config import plugin_config
+    from harness.config import method_of, plugin_config
     from harness.registry import METHODS
 
     store = Store(Path(spec.run_dir))
     workdir = claim_workdir(store.job_dir(PRETRAIN, spec.id), spec.config_hash, sync)
     start = time.time()
-    method_cfg = plugin_config("method", spec.method, spec.method_cfg)
-    method = METHODS.get(spec.method)(method_cfg)
+    name = method_of(spec.method, spec.method_cfg)
+    method_cfg = plugin_config("method", name, spec.method_cfg)
+    method = METHODS.get(name)(method_cfg)
     ctx = _build_context(spec, spec.dataset, spec.dataset_cfg, None, workdir)
     torch_seed(spec.seed)
     path = method.pretrain(ctx)

@@ -86,7 +86,10 @@ def validate_inputs(plan: Plan, sweep: Any) -> None:
     where = getattr(sweep, "path", "sweep")
     try:
         for name in plan.methods:
-            METHODS.get(name, where=f"{where}: methods.{name}")
+            method = METHODS.get(sweep.methods[name].method, where=f"{where}: methods.{name}")
+            if "path" in sweep.methods[name] and not Path(str(sweep.methods[name].path)).expanduser().is_file():
+                raise ConfigError(f"{where}: methods.{name}.path: checkpoint file {sweep.methods[name].path} "
+                                  f"does not exist (method {method.__name__})")
         for spec in plan.finetune:
             TASKS.get(spec.task, where=f"{where}: columns.{spec.column}")
     except RegistryError as exc:

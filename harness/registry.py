@@ -234,6 +234,7 @@ _BUILTIN: Dict[Registry, Dict[str, str]] = {
         "csc": "baselines.csc:CSC",
         "depthcontrast": "baselines.depthcontrast:DepthContrast",
         "image_guided": "methods.image_guided.method:ImageGuided",
+        "published": "baselines.published:Published",
     },
     DATASETS: {
         "scannet": "harness.data.scannet:ScanNet",

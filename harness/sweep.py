@@ -94,13 +94,15 @@ def make_plan(sweep: ResolvedSweep) -> Plan:
                 report=to_plain(cfg.report))
     pre_ds = cfg.pretrain_dataset
     for method, mcfg in sweep.methods.items():
-        cls = METHODS.get(method)
-        plan.groups[method] = cls.group
+        cls = METHODS.get(mcfg.method)
+        plan.groups[method] = mcfg.get("group") or cls.group
         inline = len(cls.consumes) == 0
         for seed in cfg.seeds:
             method_cfg = to_plain(mcfg)
+            inputs = cls.fingerprint(mcfg)
             p_hash = config_hash("pretrain", method, getattr(cls, "version", "1"), method_cfg, backbone,
-                                 to_plain(sweep.datasets[pre_ds]) if not inline else None, seed)
+                                 to_plain(sweep.datasets[pre_ds]) if not inline else None, seed,
+                                 *([inputs] if inputs else []))
             p_id = pretrain_id(method, seed)
             p_spec = JobSpec(PRETRAIN, p_id, method, seed, str(run_dir), method_cfg, backbone, trainer, cfg.device,
                              pre_ds, to_plain(sweep.datasets[pre_ds]), config_hash=p_hash)
