@@ -39,11 +39,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
     table = Table(title="Registered methods")
     for col in ("name", "group", "consumes", "source"):
         table.add_column(col)
+    broken = 0
     for name in METHODS.names():
-        cls = METHODS.get(name)
+        try:
+            cls = METHODS.get(name)
+        except Exception as exc:  # a broken plugin is listed with its error; the others still show
+            broken += 1
+            table.add_row(name, "[red]broken[/red]", f"[red]{type(exc).__name__}: {exc}[/red]", METHODS.origin(name))
+            continue
         table.add_row(name, cls.group, ", ".join(cls.consumes) or "—", METHODS.origin(name))
     console.print(table)
-    return 0
+    return 1 if broken else 0
 
 
 def _load(args: argparse.Namespace):
@@ -142,16 +148,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     target = Path(args.run)
     cfg_report: Dict[str, Any] = {}
-    if target.is_file():  # a sweep config: its run directory and its report settings
+    plan: Optional[Dict[str, Any]] = None
+    if target.is_file():  # a sweep config: its cells (as its overrides make them) and its report settings
         from harness.config import load_sweep, to_plain
+        from harness.sweep import make_plan
 
         sweep = load_sweep(target, args.overrides)
-        target, cfg_report = sweep.run_dir, to_plain(sweep.cfg.report)
+        target, cfg_report, plan = sweep.run_dir, to_plain(sweep.cfg.report), make_plan(sweep).to_dict()
     elif args.overrides:
         raise ValueError(f"key=value overrides ({' '.join(args.overrides)}) need the sweep YAML, not a run directory")
     if not target.is_dir():
         raise FileNotFoundError(f"{target}: no such run directory (give runs/<sweep> or a sweep config)")
-    plan = Store(target).read_plan()
+    plan = plan or Store(target).read_plan()
     if plan is None:
         raise FileNotFoundError(f"{target}: no plan.json; is this a sweep run directory (runs/<sweep>)?")
     settings_src = cfg_report or plan.get("report") or {}
@@ -241,7 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        msg = str(exc).strip("'\"")
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError quotes its message
         err_console.print(f"[bold red]error:[/bold red] {msg}", highlight=False)
         return 2
     except KeyboardInterrupt:

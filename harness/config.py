@@ -10,6 +10,7 @@ Torch-free: the CLI validates a sweep (``--dry-run``) without loading a model.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -247,6 +249,18 @@ def load_yaml(path: Union[str, Path]) -> DictConfig:
     return cfg
 
 
+def _known_keys(cfg: DictConfig, schema: type, key: str, full: str, guess: bool = True) -> str:
+    """" Known keys of <parent>: ..." of the mapping that lacks ``key`` (a nested one's own keys),
+    after a guess at the one meant (where ``guess``)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    known = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else [f.name for f in fields(schema)]
+    close = difflib.get_close_matches(leaf, known, n=1) or [k for k in known if leaf and k.startswith(leaf)][:1]
+    label = full.rpartition(".")[0]
+    return (f" Did you mean '{close[0]}'?" if guess and close else "") \
+        + f" Known keys{f' of {label}' if label else ''}: " + ", ".join(known)
+
+
 def structured(schema: type, *layers: Any, where: Sequence[str] = (), prefix: str = "") -> DictConfig:
     """Merge ``layers`` (dicts or DictConfigs) onto ``schema``; errors name ``where[i]`` and the key.
 
@@ -267,8 +281,8 @@ def structured(schema: type, *layers: Any, where: Sequence[str] = (), prefix: st
             full = f"{prefix}.{key}" if prefix and key else (prefix or key)
             detail = str(exc).split("\n")[0]
             if "not in" in detail or "Key '" in detail and "not in" in detail:
-                known = ", ".join(f.name for f in fields(schema))
-                raise ConfigError(f"{source}: unknown key '{full}' ({detail}). Known keys: {known}") from exc
+                raise ConfigError(f"{source}: unknown key '{full}' ({detail})."
+                                  f"{_known_keys(cfg, schema, key, full, guess='Did you mean' not in detail)}") from exc
             raise ConfigError(f"{source}: bad value for '{full}': {detail}") from exc
     OmegaConf.set_readonly(cfg, False)
     return cfg
@@ -282,8 +296,15 @@ def parse_overrides(items: Iterable[str]) -> DictConfig:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. seeds=[0,1])")
     try:
         return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"bad override: {_describe(exc)}") from exc
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        for item in items:  # name the override at fault
+            try:
+                OmegaConf.from_dotlist([item])
+            except (OmegaConfBaseException, yaml.YAMLError) as one:
+                why = _describe(one) if isinstance(one, OmegaConfBaseException) else " ".join(
+                    str(x) for x in (getattr(one, "problem", None), getattr(one, "context", None)) if x) or str(one)
+                raise ConfigError(f"bad override {item!r}: {why}") from exc
+        raise ConfigError(f"bad override: {_describe(exc) if isinstance(exc, OmegaConfBaseException) else exc}") from exc
 
 
 def to_plain(cfg: Any) -> Any:
@@ -391,11 +412,17 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
     if not cfg.methods:
         raise ConfigError(f"{path}: 'methods' is empty: name at least one method")
     check_report_config(cfg.report, str(path))
+    check_backbone_and_device(cfg, str(path))
+
+    def source(section: str, name: str) -> str:
+        """Where a plugin's settings come from, for its errors."""
+        touched = isinstance(over.get(section), Mapping) and name in over.get(section)
+        return f"{path} + command-line override" if touched else str(path)
 
     methods: Dict[str, DictConfig] = {}
     for name, extra in cfg.methods.items():
         methods[name] = plugin_config("method", method_of(name, extra), extra, root, prefix=f"methods.{name}",
-                                      source=str(path))
+                                      source=source("methods", name))
         group = methods[name].get("group") or METHODS.get(methods[name].method).group
         if group not in GROUPS:
             raise ConfigError(f"{path}: methods.{name}.group: {group!r} is not a row group of Table 1 "
@@ -406,13 +433,15 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
     datasets: Dict[str, DictConfig] = {}
     for name in dict.fromkeys(used):
         datasets[name] = plugin_config("dataset", name, cfg.datasets.get(name), root, prefix=f"datasets.{name}",
-                                       source=str(path))
+                                       source=source("datasets", name))
     for name in cfg.datasets:
         if name not in datasets:
-            raise ConfigError(f"{path}: datasets.{name} is configured but no column or pre-training uses it")
+            close = difflib.get_close_matches(str(name), list(datasets), n=1)
+            raise ConfigError(f"{path}: datasets.{name} is configured but no column or pre-training uses it"
+                              + (f" (did you mean '{close[0]}'?)" if close else f" (used: {', '.join(datasets)})"))
 
-    for task, over in cfg.tasks.items():  # checked alone first, so that an error names tasks.<task>.<key>
-        plugin_config("task", task, over, root, prefix=f"tasks.{task}", source=str(path))
+    for task, task_over in cfg.tasks.items():  # checked alone first, so that an error names tasks.<task>.<key>
+        plugin_config("task", task, task_over, root, prefix=f"tasks.{task}", source=source("tasks", task))
     columns: Dict[str, DictConfig] = {}
     for cid, col in cfg.columns.items():
         for key in ("dataset", "task"):
@@ -453,6 +482,27 @@ def _select(cfg: DictConfig, key: str, names: Optional[Sequence[str]], path: Pat
 
 REPORT_FORMATS = ("md", "csv", "tex", "html", "png")
 CORRECTIONS = ("none", "holm")
+
+
+def check_backbone_and_device(cfg: Any, source: str) -> None:
+    """What every job of the sweep would otherwise fail on, found before anything runs."""
+    from harness.backbones import BACKENDS, canonical_name
+
+    try:
+        canonical_name(cfg.backbone.name)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: backbone.name: {exc}") from None
+    if cfg.backbone.backend not in BACKENDS:
+        raise ConfigError(f"{source}: backbone.backend must be one of {', '.join(BACKENDS)}, "
+                          f"got {cfg.backbone.backend!r}")
+    for key in ("layers", "planes"):
+        value = cfg.backbone[key]
+        if value is not None and (len(value) != 8 or any(int(v) < 1 for v in value)):
+            raise ConfigError(f"{source}: backbone.{key} must be 8 positive integers (one per stage of the "
+                              f"U-Net), got {list(value)}")
+    device = str(cfg.device)
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def check_report_config(report: Any, source: str) -> None:

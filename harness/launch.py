@@ -356,7 +356,9 @@ def record_failure(spec: JobSpec, exc: BaseException, rank_errors: Optional[List
     record = {
         "status": FAILED, "kind": spec.kind, "id": spec.id, "method": spec.method, "column": spec.column,
         "dataset": spec.dataset, "task": spec.task, "seed": spec.seed, "config_hash": spec.config_hash,
-        "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(tb[-8:]), "log": _log_path(),
+        "error": f"{type(exc).__name__}: {exc}" if str(exc) or not isinstance(exc, KeyboardInterrupt)
+        else "KeyboardInterrupt: interrupted (Ctrl-C or SIGINT); the next launch resumes it from its last checkpoint",
+        "traceback": "".join(tb[-8:]), "log": _log_path(),
         "host": socket.gethostname(), "started": _STARTED.get("at"), "finished": now_iso(), **_slurm_info(),
     }
     if rank_errors:

@@ -244,6 +244,9 @@ class LocalLauncher:
         outcome.skipped = [j.id for j in plan.jobs if j not in todo]
         for j in todo:
             j.threads, j.tasks_per_node, j.nodes = threads, tasks, 1
+            # an earlier attempt's result must not stand for this one (a cell would read its
+            # pre-training's old failure while the pre-training runs again)
+            store.archive(j.kind, j.id)
         folder = store.root / "logs"
         pools: Dict[str, GpuPool] = {}  # per device setting: the GPUs handed to its jobs
         if cfg.executor == "debug":

@@ -76,6 +76,16 @@ def test_unknown_method_lists_known_names(tmp_path):
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key=value"):
         load_sweep(TABLE1, ["seeds"])
+    # an unclosed bracket: one error naming the override, not a YAML parser traceback
+    with pytest.raises(ConfigError, match=r"bad override 'methods\.csc=\{steps: 100': did not find expected"):
+        load_sweep(TABLE1, ["seeds=[0]", "methods.csc={steps: 100"])
+
+
+def test_cli_errors_keep_their_quotes():
+    from tests._sweeps import cli
+
+    rc, _, err = cli("sweep", TABLE1, "report.correction=bonferroni", "--dry-run")
+    assert rc == 2 and err.strip().endswith("got 'bonferroni'"), err
 
 
 def test_missing_file():
@@ -125,3 +135,33 @@ def test_a_subset_of_rows_and_columns_plans_the_same_cells():
     assert all(full[k] == h for k, h in jobs.items())
     with pytest.raises(ConfigError, match=r"--methods scratch,cs: cs not in the sweep's methods"):
         load_sweep(TABLE1, methods=["scratch", "cs"])
+
+
+def test_a_nested_unknown_key_lists_its_own_mappings_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'tasks\.semseg\.augment\.max_pointz'.*"
+                                          r"Known keys of tasks\.semseg\.augment: rotate_z, ") as err:
+        load_sweep(TABLE1, ["tasks.semseg.augment.max_pointz=1"])
+    assert "max_points" in str(err.value) and "output_dir" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"command-line override: unknown key 'launcher\.slurm\.gpus'.* "
+                                          r"Did you mean 'gpus_per_node'\? Known keys of launcher\.slurm: "):
+        load_sweep(TABLE1, ["launcher.slurm.gpus=1"])
+
+
+def test_an_override_of_a_plugin_is_named_as_one():
+    with pytest.raises(ConfigError, match=r"table1\.yaml \+ command-line override: unknown key 'methods\.csc\.stepz'"):
+        load_sweep(TABLE1, ["methods.csc.stepz=10"])
+    with pytest.raises(ConfigError, match=r"datasets\.scanet is configured but .* \(did you mean 'scannet'\?\)"):
+        load_sweep(TABLE1, ["datasets.scanet={}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("backbone.name=Res16UNet99", r"backbone\.name: Unknown backbone 'Res16UNet99'"),
+    ("backbone.backend=mink", r"backbone\.backend must be one of auto, torch, minkowski, got 'mink'"),
+    ("backbone.planes=[8,8]", r"backbone\.planes must be 8 positive integers .* got \[8, 8\]"),
+    ("backbone.layers=[1,1,1,1,0,1,1,1]", r"backbone\.layers must be 8 positive integers"),
+    ("device=tpu", r"device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_settings_every_job_would_fail_on_stop_the_sweep_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(TABLE1, [override])
+    load_sweep(TABLE1, ["backbone.name=res16unet34c", "device=cuda:0"])  # case-insensitive name; cuda:N

@@ -117,3 +117,17 @@ def test_builtin_registries_import_no_torch():
             "import harness.config, harness.sweep; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_harness_methods_lists_a_broken_plugin_with_its_error_and_the_rest():
+    from harness.registry import METHODS
+    from tests._sweeps import cli
+
+    METHODS.register("broken_for_test", "no_such_module_for_test:Method")
+    try:
+        rc, out, _ = cli("methods")
+    finally:
+        METHODS._entries.pop("broken_for_test")
+    assert rc == 1
+    assert "broken_for_test" in out and "could not be imported" in out and "no_such_module_for_test" in out, out
+    assert "image_guided" in out and "Single-scan" in out, out

@@ -63,6 +63,32 @@ def test_local_sweep_isolates_a_failure_and_reruns_only_it(tmp_path, cache_dir, 
     assert json.loads((run / "plan.json").read_text())["methods"] == ["scratch", "colorization"]
 
 
+def test_a_rerun_does_not_read_the_previous_attempts_failure(tmp_path, cache_dir, small_scannet, plugin):
+    """The pre-training failed last time (say, a bug since fixed): this launch runs it again, and
+    its cell waits for the new attempt instead of failing on the old result, which is kept aside."""
+    out = tmp_path / "runs"
+    run = out / "table1"
+    args = ["sweep", SWEEP, *tiny(out, cache_dir), *local_args(), f"methods.colorization={COLORIZATION}",
+            "--methods", "colorization"]
+    rc, text, err = cli(*args)
+    assert rc == 0, text + err
+    pre_path = run / "pretrain" / "colorization__s0" / "result.json"
+    pre = json.loads(pre_path.read_text())
+    pre_path.write_text(json.dumps({**pre, "status": "failed", "error": "KeyError: 'semantic'"}))
+    (run / "cells" / "colorization__scannet-semseg__s0" / "result.json").unlink()
+    rc, text, err = cli(*args)
+    assert rc == 0 and "(2 ran, 0 reused, 0 failed)" in text, text + err
+    assert result(run, "finetune", "colorization__scannet-semseg__s0")["status"] == "done"
+    kept = list((run / "pretrain" / "colorization__s0" / "attempts").glob("result-*.json"))
+    assert [json.loads(p.read_text())["error"] for p in kept] == ["KeyError: 'semantic'"]
+    # the report of the YAML with other overrides shows those overrides' cells, not the last launch's
+    rc, text, err = cli("report", SWEEP, *tiny(out, cache_dir), f"methods.colorization={COLORIZATION}", "seeds=[0,1]")
+    assert rc == 0, text + err
+    report = (run / "report" / "table1.md").read_text()
+    assert "colorization / scannet-semseg: not run yet (waits for pre-training colorization__s1) (seed 1)" in report
+    assert "scratch / scannet-semseg: not run yet (seeds 0, 1)" in report, report
+
+
 def test_bad_inputs_stop_before_anything_runs(tmp_path, cache_dir):
     out = tmp_path / "runs"
     base = ["sweep", SWEEP, *tiny(out, cache_dir), *local_args()]
@@ -120,3 +146,16 @@ def test_a_job_runs_where_stderr_is_no_file(monkeypatch):
     finally:
         if was:
             faulthandler.enable(file=sys.__stderr__)
+
+
+def test_an_interrupted_job_says_so(tmp_path):
+    from harness.launch import record_failure
+    from harness.sweep import JobSpec
+    from harness.store import Store
+
+    spec = JobSpec(kind="finetune", id="m__c__s0", method="m", seed=0, run_dir=str(tmp_path), method_cfg={},
+                   backbone={}, trainer={}, device="cpu", dataset="scannet", dataset_cfg={})
+    record_failure(spec, KeyboardInterrupt())
+    assert Store(tmp_path).read("finetune", "m__c__s0")["error"].startswith("KeyboardInterrupt: interrupted (Ctrl-C")
+    record_failure(spec, ValueError("bad value"))
+    assert Store(tmp_path).read("finetune", "m__c__s0")["error"] == "ValueError: bad value"

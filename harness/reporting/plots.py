@@ -172,7 +172,8 @@ def plot_finetune_curves(table: "Table") -> Dict[str, bytes]:
             label = method_title(m) if m not in labelled else None
             labelled.add(m)
             if "loss" in train:
-                ax_loss.plot(*train["loss"], color=colours.get(m), linewidth=1.0, alpha=0.85, label=label)
+                ax_loss.plot(*train["loss"], color=colours.get(m), linewidth=1.0, alpha=0.85, label=label,
+                             marker="o" if len(train["loss"][0]) == 1 else None, markersize=3)
             steps, values = val.get(metric, ([], [])) if metric else ([], [])
             steps, values = list(steps), [100.0 * v for v in values]
             final = table.values(m, c.id).get(seed)
@@ -230,7 +231,8 @@ def plot_pretrain_curves(table: "Table") -> Optional[bytes]:
         key = (m, stage)
         label = f"{method_title(m)} ({stage})" if key not in labelled else None
         labelled.add(key)
-        ax.plot(*train["loss"], color=colours.get(m), linestyle=ls, linewidth=1.0, alpha=0.85, label=label)
+        ax.plot(*train["loss"], color=colours.get(m), linestyle=ls, linewidth=1.0, alpha=0.85, label=label,
+                marker="o" if len(train["loss"][0]) == 1 else None, markersize=3)  # one logged point shows
     if not ax.lines:
         return None
     ax.set_xlabel("step")
