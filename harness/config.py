@@ -428,6 +428,13 @@ def load_sweep(path: Union[str, Path], overrides: Iterable[str] = (), config_roo
             raise ConfigError(f"{path}: methods.{name}.group: {group!r} is not a row group of Table 1 "
                               f"({', '.join(GROUPS)})")
 
+    pre_cls = DATASETS.get(cfg.pretrain_dataset, where=f"{path}: pretrain_dataset")
+    for name, mcfg in methods.items():
+        wants = [c for c in METHODS.get(mcfg.method).consumes if c != "scenes"]
+        if wants and not pre_cls.has_frames:
+            raise ConfigError(f"{path}: pretrain_dataset: {cfg.pretrain_dataset} has no RGB-D frames, which "
+                              f"methods.{name} consumes ({', '.join(wants)}); pre-training uses scannet")
+
     # Datasets used: the pre-training one plus every column's.
     used = [cfg.pretrain_dataset] + [c.dataset for c in cfg.columns.values()]
     datasets: Dict[str, DictConfig] = {}

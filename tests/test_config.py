@@ -165,3 +165,10 @@ def test_settings_every_job_would_fail_on_stop_the_sweep_at_load(override, messa
     with pytest.raises(ConfigError, match=message):
         load_sweep(TABLE1, [override])
     load_sweep(TABLE1, ["backbone.name=res16unet34c", "device=cuda:0"])  # case-insensitive name; cuda:N
+
+
+def test_a_pretraining_dataset_without_the_frames_a_method_consumes_is_refused():
+    with pytest.raises(ConfigError, match=r"pretrain_dataset: s3dis has no RGB-D frames, which "
+                                          r"methods\.pointcontrast consumes \(frame_pairs\)"):
+        load_sweep(TABLE1, ["pretrain_dataset=s3dis"])
+    load_sweep(TABLE1, ["pretrain_dataset=s3dis"], methods=["scratch"])  # Scratch reads no data
