@@ -275,10 +275,11 @@ class LocalLauncher:
                         continue
                     waiting.remove(spec)
                     if state != "ok":
+                        pre = store.read(PRETRAIN, spec.pretrain_id or "") or {}
                         store.write(spec.kind, spec.id, {
                             "status": FAILED, "kind": spec.kind, "id": spec.id, "method": spec.method,
                             "column": spec.column, "dataset": spec.dataset, "task": spec.task, "seed": spec.seed,
-                            "config_hash": spec.config_hash, "error": state, "log": None})
+                            "config_hash": spec.config_hash, "error": state, "log": pre.get("log")})
                         outcome.failed[spec.id] = state
                         progress.advance(overall)
                         continue
