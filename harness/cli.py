@@ -183,7 +183,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     overrides = to_plain(parse_overrides(args.overrides)) if args.overrides else None
     prepare_command(args.dataset, args.root, cache_dir=args.cache_dir, overrides=overrides, force=args.force,
-                    console=console)
+                    console=console, frames=not args.no_frames)
     return 0
 
 
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--root", help="the release in its official layout (default: the embedded miniature)")
     d.add_argument("--cache-dir", help="where the cache goes (default: the dataset config's cache_dir)")
     d.add_argument("--force", action="store_true", help="rebuild the cache even if it is complete")
+    d.add_argument("--no-frames", action="store_true",
+                   help="skip the RGB-D frames (ScanNet's .sens): enough for fine-tuning, not for pre-training")
     d.add_argument("overrides", nargs="*", help="dataset config overrides, e.g. frame_skip=25")
     d.set_defaults(func=cmd_data_prepare)
 

@@ -128,3 +128,33 @@ def test_prepare_command_exports_scannet_frames(tmp_path):
     summary = prepare_command("scannet", None, str(tmp_path), overrides=overrides, console=Console(file=io.StringIO()))
     assert summary["scenes"] == {"train": 1, "val": 1}
     assert summary["frames"] == 2  # scene0000_00's stream also holds one invalid frame, skipped
+
+
+def test_scannet_without_sens_is_found_before_converting_and_no_frames_prepares_it(tmp_path):
+    import shutil
+
+    overrides = {"embedded": {"train_scenes": 1, "val_scenes": 1, "frames_per_scene": 2, "mesh_spacing": 0.15,
+                              "depth_size": [20, 16], "color_size": [40, 32]}}
+    made = prepare_command("scannet", None, str(tmp_path / "gen"), overrides=overrides,
+                           console=Console(file=io.StringIO()))
+    root = tmp_path / "release"
+    shutil.copytree(made["root"], root)
+    for sens in root.rglob("*.sens"):  # a download without the RGB-D streams (the largest part)
+        sens.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no frames for scene0000_00: .*scene0000_00\.sens .*--no-frames"):
+        prepare_command("scannet", str(root), str(tmp_path / "cache"), console=Console(file=io.StringIO()))
+    assert not list((tmp_path / "cache").rglob("manifest.json")), "nothing converted before the check"
+    summary = prepare_command("scannet", str(root), str(tmp_path / "cache"), console=Console(file=io.StringIO()),
+                              frames=False)
+    assert summary["scenes"] == {"train": 1, "val": 1} and summary["frames"] == 0
+
+
+def test_scenes_without_labels_are_reported(tmp_path):
+    root = _kitti_release(tmp_path / "kitti")
+    import shutil
+
+    shutil.rmtree(root / "dataset" / "sequences" / "08" / "labels")  # a sequence released without labels
+    out = io.StringIO()
+    summary = prepare_command("semantickitti", str(root), str(tmp_path / "cache"), console=Console(file=out, width=300))
+    assert summary["unlabelled"] == {"val": 2}
+    assert "2 of 2 val scenes have no semantic labels" in out.getvalue()

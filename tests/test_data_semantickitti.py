@@ -92,6 +92,14 @@ def test_hand_written_label_exact(tmp_path):
     np.testing.assert_array_equal(s["instance_label"], [IGNORE, 0, 0])
 
 
+def test_root_may_be_the_release_folder_dataset_or_sequences(tmp_path):
+    write_sequence(tmp_path, "08", np.zeros((2, 4), np.float32), [40, 40])
+    for root in (tmp_path, tmp_path / "dataset", tmp_path / "dataset" / "sequences"):
+        assert reader(root, tmp_path).scenes("val") == ["08/000000"], root
+    with pytest.raises(FileNotFoundError, match="dataset/ itself, or sequences/ itself"):
+        reader(tmp_path / "dataset" / "sequences" / "08", tmp_path)
+
+
 def test_learning_map_covers_the_release_ids():
     raw = np.array([0, 1, 10, 11, 13, 15, 16, 18, 20, 30, 31, 32, 40, 44, 48, 49, 50, 51, 52, 60, 70, 71, 72, 80,
                     81, 99, 252, 253, 254, 255, 256, 257, 258, 259])

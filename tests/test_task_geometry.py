@@ -213,3 +213,15 @@ def test_scene_data_instance_and_box_targets(small_scannet):
     plain = SceneData(small_scannet, "train", 0.05, aug, limit=1).sample(0, np.random.default_rng(3))
     assert "instance_centre" not in plain and "boxes" not in plain
     assert np.array_equal(plain["coords"], s["coords"]) and np.array_equal(plain["semantic"], s["semantic"])
+
+
+def test_a_sample_without_the_labels_a_task_needs_names_its_scene():
+    import numpy as np
+    import pytest
+
+    from harness.tasks.common import collate
+
+    sample = {"coords": np.zeros((2, 3), np.int32), "feats": np.zeros((2, 3), np.float32), "name": "08/000000"}
+    with pytest.raises(ValueError, match=r"scene 08/000000 has no semantic labels: .*--force"):
+        collate([sample])
+    assert collate([sample], ())["coords"].shape == (2, 4)

@@ -268,6 +268,10 @@ def prepare_command(dataset_name_: str, root: Optional[str], cache_dir: Optional
     ds = DATASETS.get(dataset_name_)(cfg)
     console.print(f"[bold]{dataset_name_}[/]: validating {ds.root}")
     scene_lists = validate(ds, splits)
+    export_frames = frames and getattr(ds, "has_frames", False) and "train" in scene_lists
+    if export_frames:  # before any conversion: a missing .sens is found now, not after the scenes
+        for scene in scene_lists["train"]:
+            getattr(ds, "frame_source", lambda _: None)(scene)
     n_scenes = len(dict.fromkeys(s for sp in splits for s in scene_lists[sp]))
     console.print(f"  {', '.join(f'{sp}: {len(scene_lists[sp])}' for sp in splits)} scenes; every file present")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -280,7 +284,7 @@ def prepare_command(dataset_name_: str, root: Optional[str], cache_dir: Optional
 
         directory = prepare(ds, splits, progress=report, force=force)
         n_frames = 0
-        if frames and getattr(ds, "has_frames", False) and "train" in scene_lists:
+        if export_frames:
             ftask = bar.add_task(f"exporting {dataset_name_} frames", total=len(scene_lists["train"]), scene="")
             for k, scene in enumerate(scene_lists["train"]):
                 bar.update(ftask, completed=k, scene=scene)
@@ -301,7 +305,18 @@ def prepare_command(dataset_name_: str, root: Optional[str], cache_dir: Optional
         table.add_row("frames (train)", f"{n_frames:,}")
     table.add_row("size", f"{size / 2**20:.1f} MiB")
     table.add_row("seconds", str(summary["seconds"]))
+    unlabelled = {sp: [sc for sc in man["splits"][sp] if "semantic" not in man["scenes"][sc]["arrays"]]
+                  for sp in splits} if "semseg" in getattr(ds, "tasks", ()) else {}
+    summary["unlabelled"] = {sp: len(v) for sp, v in unlabelled.items() if v}
+    if summary["unlabelled"]:
+        table.add_row("[yellow]no labels[/]", ", ".join(f"{sp} {n}" for sp, n in summary["unlabelled"].items()))
     console.print(table)
+    for sp, names in unlabelled.items():
+        if names:
+            console.print(f"[yellow]warning:[/] {len(names)} of {len(man['splits'][sp])} {sp} scenes have no "
+                          f"semantic labels (e.g. {names[0]}): the release lacks their label files, or they were "
+                          "added after this cache was made (--force rebuilds it)", highlight=False)
+            log.warning("prepare.unlabelled dataset=%s split=%s scenes=%d", dataset_name_, sp, len(names))
     log.info("prepare.summary dataset=%s scenes=%d points=%d bytes=%d dir=%s", dataset_name_, n_scenes, points, size,
              directory)
     return summary

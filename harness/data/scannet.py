@@ -114,8 +114,12 @@ class ScanNet(Dataset):
     def scenes(self, split: str) -> List[str]:
         path = self.root / f"scannetv2_{split}.txt"
         if not path.is_file():
+            hint = (f"; {self.root} looks like the scans/ folder itself, give its parent" if self.root.name == "scans"
+                    else f"; {self.root} is a scene folder, give the release root" if self.root.name.startswith("scene")
+                    else "")
             raise FileNotFoundError(f"ScanNet split file {path} not found (expected scannetv2_train.txt and "
-                                    f"scannetv2_val.txt in {self.root})")
+                                    f"scannetv2_val.txt in {self.root}, next to scans/; they come from ScanNet's "
+                                    f"Tasks/Benchmark/ folder, not from the download script){hint}")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
     # -- scenes ---------------------------------------------------------------------------------
@@ -124,7 +128,8 @@ class ScanNet(Dataset):
 
     def axis_alignment(self, scene: str) -> np.ndarray:
         path = self.scene_dir(scene) / f"{scene}.txt"
-        if not path.is_file():
+        if not path.is_file():  # test scenes ship none; for others the boxes stay in the scan's frame
+            log.warning("scannet.no_alignment scene=%s file=%s: points and boxes stay unaligned", scene, path)
             return np.eye(4)
         for line in path.read_text().splitlines():
             if line.startswith("axisAlignment"):
@@ -213,14 +218,25 @@ class ScanNet(Dataset):
         skip = getattr(self.cfg, "frame_skip", None)
         return int(skip) if skip is not None else (1 if self.embedded else 25)
 
-    def frames_dir(self, scene: str) -> Path:
-        """The SensReader export of ``scene``: under frames_root, or exported from its .sens now."""
+    def frame_source(self, scene: str) -> Path:
+        """Where ``scene``'s frames come from (a SensReader export or the .sens), without reading
+        them; FileNotFoundError naming both places when neither is there."""
         d = self.frames_root / scene
         if (d / "pose").is_dir():
             return d
         sens = self.scene_dir(scene) / f"{scene}.sens"
         if not sens.is_file():
-            raise FileNotFoundError(f"no frames for {scene}: neither an export in {d} (pose/ missing) nor {sens}")
+            raise FileNotFoundError(f"no frames for {scene}: neither an export in {d} (pose/ missing) nor {sens} "
+                                    "(frames are for pre-training; `harness data prepare scannet --no-frames` "
+                                    "prepares the scenes alone)")
+        return sens
+
+    def frames_dir(self, scene: str) -> Path:
+        """The SensReader export of ``scene``: under frames_root, or exported from its .sens now."""
+        source = self.frame_source(scene)
+        if source.is_dir():
+            return source
+        sens = source
         from harness.data.cache import ensure_generated
         from harness.data.sens import export_sens
 

@@ -171,13 +171,14 @@ class SemanticKITTI(Dataset):
             if not root.is_dir():
                 raise FileNotFoundError(f"SemanticKITTI root {root} (datasets.semantickitti.root) is not a directory")
         self.root = root
-        for cand in (root / "dataset" / "sequences", root / "sequences"):
+        for cand in (root / "dataset" / "sequences", root / "sequences", *([root] if root.name == "sequences" else [])):
             if cand.is_dir():
                 self.sequences_dir = cand
                 break
         else:
             raise FileNotFoundError(f"SemanticKITTI: neither {root / 'dataset' / 'sequences'} nor "
-                                    f"{root / 'sequences'} exists")
+                                    f"{root / 'sequences'} exists (root: the folder holding dataset/sequences/, "
+                                    "dataset/ itself, or sequences/ itself)")
         self._poses: Dict[str, Optional[np.ndarray]] = {}
 
     def sequences(self, split: str) -> List[str]:

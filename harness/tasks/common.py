@@ -115,6 +115,7 @@ class SceneData:
             "crop": sel,
             "transform": T,
             "scene": i,
+            "name": self.names[i],
         }
         if semantic is not None:
             out["semantic"] = vox.labels.astype(np.int64)
@@ -235,6 +236,12 @@ def thing_classes(ds: Any, configured: Optional[Sequence[int]], key: str) -> Lis
 
 def collate(samples: Sequence[Dict[str, Any]], keys: Sequence[str] = ("semantic",)) -> Dict[str, Any]:
     """Concatenate samples into backbone input: coords (sum M, 4) int32 with the batch index first."""
+    for s in samples:
+        lacking = [k for k in keys if k not in s]
+        if lacking:
+            raise ValueError(f"scene {s.get('name', s.get('scene'))} has no {', '.join(lacking)} labels: its "
+                             "release lacks the label files, or its cache was prepared before they were added "
+                             "(harness data prepare <dataset> --root ... --force)")
     coords = [np.concatenate([np.full((len(s["coords"]), 1), b, np.int32), s["coords"]], 1)
               for b, s in enumerate(samples)]
     batch: Dict[str, Any] = {
