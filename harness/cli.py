@@ -20,15 +20,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from rich.console import Console
+from rich.markup import escape as rich_escape
 
-from harness.config import ConfigError
+from harness.config import ClusterError, ConfigError
 from harness.registry import RegistryError
 
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 err_console = Console(stderr=True, soft_wrap=True)
 
-USER_ERRORS = (ConfigError, RegistryError, FileNotFoundError, NotADirectoryError, ValueError)
+USER_ERRORS = (ConfigError, RegistryError, FileNotFoundError, NotADirectoryError, ValueError, ClusterError)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -60,6 +61,17 @@ def _load(args: argparse.Namespace):
 
 def _names(value: Optional[str]) -> Optional[List[str]]:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _sweep_command(args: argparse.Namespace, *extra: str) -> str:
+    """This sweep's command line again, quoted for a shell (overrides hold brackets and spaces)."""
+    import shlex
+
+    words = ["harness", "sweep", str(args.config), *args.overrides]
+    for flag in ("launcher", "methods", "columns"):
+        if getattr(args, flag, None):
+            words += [f"--{flag}", getattr(args, flag)]
+    return shlex.join(words + list(extra))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -110,7 +122,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not outcome.waited:
         stopped = getattr(launcher, "wait", False)  # asked to wait, but stopped (time limit, no squeue, Ctrl-C)
         console.print(("stopped following the jobs (they keep running)" if stopped else "not waiting for the jobs")
-                      + f": follow them with [bold]harness sweep {args.config} {' '.join(args.overrides)} --status"
+                      + f": follow them with [bold]{rich_escape(_sweep_command(args, '--status'))}"
                       "[/bold]; re-run this command to collect the report (and resubmit what failed)", highlight=False)
         return 1 if stopped else 0
     for jid, sec in outcome.seconds.items():

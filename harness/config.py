@@ -30,6 +30,11 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file, the key and the value."""
 
 
+class ClusterError(RuntimeError):
+    """The cluster cannot be asked what a launch needs to know (e.g. squeue does not answer);
+    nothing was submitted. Like ConfigError, one line for the user, not a traceback."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared schemas
 

@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import submitit
 
@@ -129,11 +129,12 @@ def validate_batch_split(plan: Plan, processes: Callable[[JobSpec], int], layout
         n = processes(spec)
         if n <= 1:
             continue
-        cfg, section = (spec.method_cfg, f"methods.{spec.method}") if spec.kind == PRETRAIN else \
-            (spec.task_cfg or {}, f"columns.{spec.column} ({spec.task})")
+        cfg = spec.method_cfg if spec.kind == PRETRAIN else (spec.task_cfg or {})
         for key, value in _batch_sizes(cfg):
             if value % n:
-                raise ConfigError(f"{where}: {section}.{key}={value} (the global batch of job {spec.id}) does not "
+                keys = f"methods.{spec.method}.{key}={value}" if spec.kind == PRETRAIN else \
+                    f"tasks.{spec.task}.{key}={value} (or columns.{spec.column}.recipe.{key})"
+                raise ConfigError(f"{where}: {keys}: the global batch of job {spec.id} does not "
                                   f"divide evenly over its {n} processes ({layout(spec)}); use a multiple of {n} "
                                   "or another process count")
 
@@ -435,6 +436,57 @@ def sbatch_flags(res: Dict[str, Any]) -> List[str]:
     return flags
 
 
+def _gres_gpus(gres: str) -> int:
+    """GPUs in an sinfo GRES string such as ``gpu:a100:4(S:0-1)`` or ``gpu:8`` (0 for ``(null)``)."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def unmet_resources(res: Dict[str, Any], nodes: List[Tuple[int, int, str, str]]) -> List[str]:
+    """Which of ``res`` no node of its partition can give, each as "<key>=<value>: <why>";
+    ``nodes``: (CPUs, memory MB, GRES, features) of the partition's nodes, as sinfo lists them."""
+    if not nodes:
+        return []
+    src = res["source"]
+    out: List[str] = []
+    cpus = int(res["cpus_per_task"]) * int(res["tasks_per_node"])
+    if cpus > max(n[0] for n in nodes):
+        out.append(f"{src['cpus_per_task']}={res['cpus_per_task']} x {src['tasks_per_node']}={res['tasks_per_node']}: "
+                   f"{cpus} CPUs per node, its nodes have at most {max(n[0] for n in nodes)}")
+    if res.get("mem_gb") and float(res["mem_gb"]) * 1024 > max(n[1] for n in nodes):
+        out.append(f"{src['mem_gb']}={res['mem_gb']}: its nodes have at most {max(n[1] for n in nodes) / 1024:.1f} GB")
+    if int(res["nodes"]) > len(nodes):
+        out.append(f"{src['nodes']}={res['nodes']}: it has {len(nodes)} node{'s' if len(nodes) > 1 else ''}")
+    gpus = max(_gres_gpus(n[2]) for n in nodes)
+    if res.get("gpus_per_node") and int(res["gpus_per_node"]) > gpus:
+        out.append(f"{src['gpus_per_node']}={res['gpus_per_node']}: its nodes have at most {gpus} GPUs")
+    if res.get("constraint"):
+        features = {f for n in nodes for f in n[3].split(",") if f and f != "(null)"}
+        wanted = [f for f in str(res["constraint"]).replace("&", ",").replace("|", ",").split(",") if f]
+        if any(f not in features for f in wanted):
+            out.append(f"{src['constraint']}={res['constraint']}: its nodes' features are "
+                       f"{', '.join(sorted(features)) or 'none'}")
+    return out
+
+
+def partition_nodes(partition: Optional[str]) -> List[Tuple[int, int, str, str]]:
+    """(CPUs, memory MB, GRES, features) of each node of ``partition`` (the default one when
+    None); empty when sinfo does not answer."""
+    out = _run(["sinfo", "-h", "-N", *(["-p", partition] if partition else []), "-o", "%N|%c|%m|%G|%f"])
+    if out is None or out.returncode != 0:
+        return []
+    nodes: Dict[str, Tuple[int, int, str, str]] = {}
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 5 and parts[1].isdigit() and parts[2].rstrip("+").isdigit():
+            nodes[parts[0]] = (int(parts[1]), int(parts[2].rstrip("+")), parts[3], parts[4])
+    return list(nodes.values())
+
+
 def executor_parameters(res: Dict[str, Any], cfg: Any, job_name: str) -> Dict[str, Any]:
     """``submitit.SlurmExecutor.update_parameters`` arguments for one submission."""
     params: Dict[str, Any] = {
@@ -644,7 +696,10 @@ class SlurmLauncher:
             test = _run(["sbatch", "--test-only", *flags, "--wrap", "true"])
             if test is None or test.returncode != 0:
                 msg = test.stderr.strip().replace("\n", "; ") if test is not None else "no answer within 30 s"
-                raise ConfigError(f"{where}: launcher.slurm ({stage} jobs): sbatch rejects {' '.join(flags)}: {msg}")
+                unmet = unmet_resources(res, partition_nodes(part)) if test is not None else []
+                at_fault = f"{'; '.join(unmet)} (partition {part or 'default'}). " if unmet else ""
+                raise ConfigError(f"{where}: launcher.slurm ({stage} jobs): {at_fault}sbatch rejects "
+                                  f"{' '.join(flags)}: {msg}")
 
         def processes(spec: JobSpec) -> int:
             res = stage_resources(self.cfg, spec.kind)
@@ -714,7 +769,9 @@ class SlurmLauncher:
         records = read_records(store)
         queue = squeue(r["job_id"] for r in records.values()) if records else {}
         if queue is None:
-            raise RuntimeError("squeue does not answer: cannot tell which jobs of an earlier launch are still queued; "
+            from harness.config import ClusterError
+
+            raise ClusterError("squeue does not answer: cannot tell which jobs of an earlier launch are still queued; "
                                "nothing submitted")
         jobids: Dict[str, str] = {}
         stale = []

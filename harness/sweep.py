@@ -85,6 +85,14 @@ def cell_id(method: str, column: str, seed: int) -> str:
     return f"{method}__{column}__s{seed}"
 
 
+def data_identity(dataset_cfg: Any) -> Dict[str, Any]:
+    """A dataset's settings as far as they decide results: where its caches go does not (a cache
+    moved to a shared file system must not make every finished or running job stale)."""
+    plain = dict(to_plain(dataset_cfg) or {})
+    plain.pop("cache_dir", None)
+    return plain
+
+
 def make_plan(sweep: ResolvedSweep) -> Plan:
     cfg = sweep.cfg
     run_dir = sweep.run_dir
@@ -101,7 +109,7 @@ def make_plan(sweep: ResolvedSweep) -> Plan:
             method_cfg = to_plain(mcfg)
             inputs = cls.fingerprint(mcfg)
             p_hash = config_hash("pretrain", method, getattr(cls, "version", "1"), method_cfg, backbone,
-                                 to_plain(sweep.datasets[pre_ds]) if not inline else None, seed,
+                                 data_identity(sweep.datasets[pre_ds]) if not inline else None, seed,
                                  *([inputs] if inputs else []))
             p_id = pretrain_id(method, seed)
             p_spec = JobSpec(PRETRAIN, p_id, method, seed, str(run_dir), method_cfg, backbone, trainer, cfg.device,
@@ -114,7 +122,7 @@ def make_plan(sweep: ResolvedSweep) -> Plan:
                 ds_plain = to_plain(sweep.datasets[col.dataset])
                 task_cls = TASKS.get(col.task)
                 f_hash = config_hash("finetune", method, col.task, getattr(task_cls, "version", "1"), task_plain,
-                                     ds_plain, backbone, p_hash, seed)
+                                     data_identity(ds_plain), backbone, p_hash, seed)
                 plan.finetune.append(JobSpec(
                     FINETUNE, cell_id(method, column, seed), method, seed, str(run_dir), method_cfg, backbone, trainer,
                     cfg.device, col.dataset, ds_plain, column=column, task=col.task, task_cfg=task_plain,

@@ -172,3 +172,15 @@ def test_a_pretraining_dataset_without_the_frames_a_method_consumes_is_refused()
                                           r"methods\.pointcontrast consumes \(frame_pairs\)"):
         load_sweep(TABLE1, ["pretrain_dataset=s3dis"])
     load_sweep(TABLE1, ["pretrain_dataset=s3dis"], methods=["scratch"])  # Scratch reads no data
+
+
+def test_moving_the_caches_keeps_every_jobs_identity():
+    from harness.sweep import make_plan
+
+    def hashes(*over):
+        return {j.id: j.config_hash for j in make_plan(load_sweep(TABLE1, list(over))).jobs}
+
+    here = hashes()
+    assert hashes("datasets.scannet.cache_dir=/shared/cache", "datasets.s3dis.cache_dir=/shared/cache") == here
+    moved = hashes("datasets.s3dis.root=/data/s3dis")  # other data: the S3DIS cells are other jobs
+    assert {k for k in here if moved[k] != here[k]} == {k for k in here if "__s3dis-" in k}

@@ -163,3 +163,25 @@ def test_cuda_jobs_need_a_gpu_per_process(tmp_path, device, over, message):
         with pytest.raises(ConfigError) as err:
             launcher.validate_gpus(plan, "sweep.yaml")
         assert message in str(err.value), str(err.value)
+
+
+def test_resources_no_node_can_give_are_named_by_their_keys():
+    from harness.launchers import _gres_gpus, unmet_resources
+
+    assert _gres_gpus("gpu:a100:4(S:0-1)") == 4 and _gres_gpus("gpu:8,shard:2") == 8 and _gres_gpus("(null)") == 0
+    nodes = [(64, 512000, "gpu:a100:4(S:0-1)", "a100,ib"), (32, 256000, "(null)", "cpu")]
+    source = {k: f"launcher.slurm.{k}" for k in ("cpus_per_task", "tasks_per_node", "mem_gb", "nodes",
+                                                 "gpus_per_node", "constraint")}
+    fits = {"cpus_per_task": 16, "tasks_per_node": 4, "mem_gb": 500, "nodes": 2, "gpus_per_node": 4,
+            "constraint": "a100", "source": source}
+    assert unmet_resources(fits, nodes) == []
+    unmet = unmet_resources({**fits, "cpus_per_task": 17, "mem_gb": 600, "nodes": 3, "gpus_per_node": 8,
+                             "constraint": "h100&ib", "source": {**source, "mem_gb": "launcher.slurm.pretrain.mem_gb"}},
+                            nodes)
+    assert unmet == ["launcher.slurm.cpus_per_task=17 x launcher.slurm.tasks_per_node=4: 68 CPUs per node, "
+                     "its nodes have at most 64",
+                     "launcher.slurm.pretrain.mem_gb=600: its nodes have at most 500.0 GB",
+                     "launcher.slurm.nodes=3: it has 2 nodes",
+                     "launcher.slurm.gpus_per_node=8: its nodes have at most 4 GPUs",
+                     "launcher.slurm.constraint=h100&ib: its nodes' features are a100, cpu, ib"]
+    assert unmet_resources(fits, []) == []  # sinfo did not answer: nothing to say

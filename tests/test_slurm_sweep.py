@@ -117,6 +117,9 @@ def test_relaunch_submits_only_what_failed(failing_then_fixed):
     f = failing_then_fixed
     rc, text, err = f["submit_b"]
     assert rc == 0 and "2 jobs submitted, 0 followed" in text, text + err
+    # the printed follow-up command pastes into a shell: overrides quoted, the launcher kept
+    follow = " ".join(text.split())
+    assert "--launcher slurm --status" in follow and f"'methods.colorization={COLORIZATION}'" in follow, text
     rc, text, err = f["collect_b"]
     assert rc == 0 and "0 failed)" in text, text + err
     assert "0 jobs submitted" in text or "(0 ran, 3 reused" in text, text  # followed B's jobs, or they had ended
@@ -239,7 +242,8 @@ def test_signalled_requeued_and_cancelled_jobs_resume_to_the_same_metric(tmp_pat
      "launcher.slurm.partition: partition 'nope' does not exist on this cluster (partitions: "),
     ("launcher.slurm.pretrain.partition=nope",
      "launcher.slurm.pretrain.partition: partition 'nope' does not exist on this cluster"),
-    ("launcher.slurm.finetune.gpus_per_node=64", "launcher.slurm (finetune jobs): sbatch rejects "),
+    ("launcher.slurm.finetune.gpus_per_node=64", "launcher.slurm (finetune jobs): launcher.slurm.finetune."
+                                                 "gpus_per_node=64: its nodes have at most 0 GPUs (partition "),
     ("datasets.scannet.root=/nonexistent/scannet", "datasets.scannet.root: data directory /nonexistent/scannet "
                                                    "does not exist"),
     ("methods.nosuchmethod={}", "Unknown method 'nosuchmethod'"),
