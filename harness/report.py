@@ -250,6 +250,11 @@ def build_table(run_dir: Path, plan: Optional[Dict[str, Any]] = None, settings: 
         for c in col_ids:
             if (m, c) not in values or (BASELINE, c) not in values:
                 continue
+            if set(values[(m, c)]) != set(values[(BASELINE, c)]):
+                # The delta printed compares means over different seeds; a test over the common
+                # seeds would judge another difference (it may even have the other sign).
+                n_pairs.loc[m, c] = len(set(values[(m, c)]) & set(values[(BASELINE, c)]))
+                continue
             test = paired_test(values[(m, c)], values[(BASELINE, c)], settings.alpha)
             n_pairs.loc[m, c] = test.n
             t.loc[m, c], lo.loc[m, c], hi.loc[m, c] = test.t, test.ci_low, test.ci_high
@@ -392,9 +397,11 @@ def legend(table: Table) -> List[str]:
         notes.append(f"Bold: best of its group per column, only where a paired t-test (α={a:g}) separates it "
                      f"from every other member of its group; a tie within noise is not bold.")
     else:
-        notes.append("Bold: highest value of its group per column (as in the paper; untested with one seed).")
+        notes.append("Bold: highest value of its group per column (as in the paper; untested with one seed; "
+                     "a tie is bold for nobody).")
     if any(int(x) < nmax for x in table.n.values.ravel() if int(x) > 0):
-        notes.append("n=k: a cell with fewer seeds than the others.")
+        notes.append("n=k: a cell with fewer seeds than the others (its delta, over other seeds than Scratch's, "
+                     "is not tested).")
     planned = table.cells_planned
     cells = len(table.methods) * len(table.columns)
     if table.missing:

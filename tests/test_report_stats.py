@@ -93,9 +93,13 @@ def test_best_of_group_ties_within_noise():
     apart = {"pointcontrast": {0: 60.0, 1: 62.0, 2: 61.0}, "csc": {0: 62.0, 1: 65.0, 2: 63.0}}
     assert best_of_group(apart, 0.05) == {"pointcontrast": False, "csc": True}
     assert best_of_group(apart, 0.01) == {"pointcontrast": False, "csc": False}
-    # one seed: untestable, the paper's rule (highest value) decides; equal values share the bold
+    # one seed: untestable, the paper's rule (highest value) decides; a tie is bold for nobody, as
+    # in the paper's KITTI column (DepthContrast 42.0, Ours 42.0: neither bold)
     assert best_of_group({"a": {0: 1.0}, "b": {0: 2.0}}, 0.05) == {"a": False, "b": True}
-    assert best_of_group({"a": {0: 2.0}, "b": {0: 2.0}, "c": {}}, 0.05) == {"a": True, "b": True, "c": False}
+    assert best_of_group({"a": {0: 42.0}, "b": {0: 42.0}, "c": {}}, 0.05) == {"a": False, "b": False, "c": False}
+    # several seeds: two members with equal means are not separated, whatever the third does
+    same = {"a": {0: 1.0, 1: 2.0, 2: 3.0}, "b": {0: 1.0, 1: 2.0, 2: 3.0}, "c": {0: -9.0, 1: -9.5, 2: -9.2}}
+    assert best_of_group(same, 0.05) == {"a": False, "b": False, "c": False}
 
 
 def _three_seed_store(tmp_path):
@@ -194,3 +198,25 @@ def test_median_interval_of_35_values_covers_95_percent_and_no_narrower_one_does
     lo, hi, cov = median_interval(range(2001))
     assert abs(lo - (1000 - 1.96 * 2001 ** 0.5 / 2)) < 2 and abs(hi - (1000 + 1.96 * 2001 ** 0.5 / 2)) < 2
     assert 0.95 <= cov < 0.96
+
+
+def test_a_delta_over_other_seeds_than_scratchs_is_not_tested_and_the_report_is_written(tmp_path):
+    """Scratch has seeds 0-2, PointContrast 0-1 (seed 2 lost): the printed delta compares means
+    over different seeds (62.55 - 63.67 = -1.1) while a test over seeds 0-1 would find +2.05
+    (p = 0.016); no star may stand on the -1.1. The plots are drawn and every file written."""
+    from harness.report import write_report
+    from tests.test_report import make_store
+
+    values = {("scratch", "s3dis-semseg"): [0.600, 0.610, 0.700],
+              ("pointcontrast", "s3dis-semseg"): [0.620, 0.631, 0.5],
+              # a constant shift over every seed: a zero-width interval, rounding must not break the bars
+              ("scratch", "scannet-semseg"): [0.440, 0.654, 0.629],
+              ("csc", "scannet-semseg"): [0.425, 0.639, 0.614]}
+    store = make_store(tmp_path, values, seeds=(0, 1, 2))
+    (store.root / "cells" / "pointcontrast__s3dis-semseg__s2" / "result.json").unlink()
+    t = build_table(store.root)
+    assert t.delta.loc["pointcontrast", "s3dis-semseg"] == pytest.approx(62.55 - 63.6666667)
+    assert not t.significant.loc["pointcontrast", "s3dis-semseg"] and math.isnan(t.p.loc["pointcontrast", "s3dis-semseg"])
+    assert t.significant.loc["csc", "scannet-semseg"]  # -1.5 on every seed
+    paths = write_report(t, tmp_path / "rep", ["md", "png"])
+    assert {"md", "deltas.png"} <= set(paths), paths

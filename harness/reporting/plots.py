@@ -103,8 +103,8 @@ def plot_deltas(table: "Table") -> Optional[bytes]:
             xs.append(j + left + width * (i + 0.5))
             ys.append(d)
             a, b = table.ci_low.loc[m, c.id], table.ci_high.loc[m, c.id]
-            lo.append(0.0 if math.isnan(a) else d - a)
-            hi.append(0.0 if math.isnan(b) else b - d)
+            lo.append(0.0 if math.isnan(a) else max(0.0, d - a))  # >= 0: a zero-width interval rounds
+            hi.append(0.0 if math.isnan(b) else max(0.0, b - d))
             stars.append(bool(table.significant.loc[m, c.id]))
         if not xs:
             continue
@@ -250,12 +250,16 @@ def _slug(s: str) -> str:
 def make_plots(table: "Table") -> Dict[str, bytes]:
     """Every plot the table's data allows, as {file name: PNG bytes}."""
     out: Dict[str, bytes] = {}
-    deltas = plot_deltas(table)
-    if deltas is not None:
-        out["deltas.png"] = deltas
-    out.update(plot_finetune_curves(table))
-    pre = plot_pretrain_curves(table)
-    if pre is not None:
-        out["curves-pretrain.png"] = pre
+    for name, draw in (("deltas.png", plot_deltas), ("", plot_finetune_curves),
+                       ("curves-pretrain.png", plot_pretrain_curves)):
+        try:  # a plot that cannot be drawn must not cost the report its tables
+            picture = draw(table)
+        except Exception as exc:  # noqa: BLE001 - matplotlib raises many kinds
+            log.warning("report.plot_failed plot=%s error=%s: %s", name or "curves-finetune", type(exc).__name__, exc)
+            continue
+        if isinstance(picture, dict):
+            out.update(picture)
+        elif picture is not None:
+            out[name] = picture
     log.info("report.plots n=%d names=%s", len(out), ",".join(out))
     return out

@@ -12,8 +12,9 @@ The choice, documented once:
   ``p < alpha`` (``report.alpha``, 0.05 by default); equivalently the ``1 - alpha`` t confidence
   interval of ``mean(d)`` excludes 0, and that interval is what the error bars of the delta plot
   show. With fewer than 2 paired seeds there is no test ("n=1: no test"), never a made-up one.
-  The delta printed is the difference of the two cell means; with the same seeds on both sides it
-  equals ``mean(d)``; in a partial sweep the test uses only the seeds both have (``n_pairs``).
+  The delta printed is the difference of the two cell means, which equals ``mean(d)`` when both
+  sides have the same seeds; where they do not (a partial sweep) the delta is not tested, since a
+  test over the common seeds would judge another difference, possibly of the other sign.
   A bootstrap interval is not used: with the 2-5 seeds a sweep affords, resampling 3 values gives
   intervals that are too narrow.
 - **Many cells, many tests.** A table of 4 methods x 7 columns makes 28 tests; at alpha = 0.05 about
@@ -125,23 +126,23 @@ def holm(pvalues: Sequence[float]) -> List[float]:
 def best_of_group(values: Mapping[str, Mapping[int, float]], alpha: float) -> Dict[str, bool]:
     """Which members of one row group are bold in one column (see the module docstring).
 
-    ``values``: member -> {seed: value}. Members with equal highest means share the lead; each
-    leader is bold when it beats every non-leader (paired test where >= 2 common seeds, the
-    higher value otherwise).
+    ``values``: member -> {seed: value}. The member with the highest mean is bold when it beats
+    every other member (paired test where >= 2 common seeds, the higher value otherwise); a tie
+    for the highest mean is bold for nobody (as in the paper: KITTI, 42.0 and 42.0, neither bold).
     """
     means = {m: mean_std(v.values())[0] for m, v in values.items() if len(v)}
+    means = {m: x for m, x in means.items() if not math.isnan(x)}
     bold = {m: False for m in values}
     if not means:
         return bold
     top = max(means.values())
     leaders = [m for m, x in means.items() if x == top]
-    others = [m for m in means if m not in leaders]
-    for lead in leaders:
-        separated = True
-        for other in others:
-            test = paired_test(values[lead], values[other], alpha)
-            if test.n >= 2 and not (test.significant(alpha) and test.mean > 0):
-                separated = False
-                break
-        bold[lead] = separated
+    if len(leaders) > 1:
+        return bold
+    lead = leaders[0]
+    for other in (m for m in means if m != lead):
+        test = paired_test(values[lead], values[other], alpha)
+        if test.n >= 2 and not (test.significant(alpha) and test.mean > 0):
+            return bold
+    bold[lead] = True
     return bold
