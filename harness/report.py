@@ -106,6 +106,8 @@ class Table:
     # Published values (percent) aligned to this table, from harness.reporting.published.
     published: Optional[pd.DataFrame] = None
     published_source: str = ""
+    # Row -> the registered method it runs (a row named otherwise, e.g. csc_long: {method: csc}).
+    method_of: Dict[str, str] = field(default_factory=dict)
 
     @property
     def n_max(self) -> int:
@@ -279,7 +281,9 @@ def build_table(run_dir: Path, plan: Optional[Dict[str, Any]] = None, settings: 
                                 col_ids.index(x[1]) if x[1] in col_ids else 99))
     table = Table(plan["sweep"], cols, methods, groups, mean, std, n, delta, best, missing, metrics, results,
                   p=p, t=t, n_pairs=n_pairs, ci_low=lo, ci_high=hi, significant=significant, settings=settings,
-                  seeds=list(plan.get("seeds") or []), cells_planned=planned, run_dir=Path(run_dir))
+                  seeds=list(plan.get("seeds") or []), cells_planned=planned, run_dir=Path(run_dir),
+                  method_of={j["method"]: str((j.get("method_cfg") or {}).get("method") or j["method"])
+                             for j in plan["jobs"]})
     if compare:
         attach_published(table, compare)
     return table
@@ -294,7 +298,7 @@ def attach_published(table: Table, name: str) -> Table:
     lookup = {(r.method, r.dataset, r.task): float(r.value) for r in frame.itertuples()}
     for m in table.methods:
         for c in table.columns:
-            pub.loc[m, c.id] = lookup.get((m, c.dataset, c.task), math.nan)
+            pub.loc[m, c.id] = lookup.get((table.method_of.get(m, m), c.dataset, c.task), math.nan)
     table.published, table.published_source = pub, source
     return table
 

@@ -310,3 +310,18 @@ def test_sweep_report_config_is_checked(tmp_path):
         load_sweep(sweep, ["report.correction=bonferroni"])
     with pytest.raises(ConfigError, match="unknown key 'report.alhpa'"):
         load_sweep(sweep, ["report.alhpa=0.1"])
+
+
+def test_a_row_named_otherwise_gets_its_methods_published_values(tmp_path):
+    import json
+
+    store = make_store(tmp_path, _values(), seeds=(0, 1))
+    plan = json.loads((store.root / "plan.json").read_text())
+    for j in plan["jobs"]:  # the csc row renamed: csc_long: {method: csc}
+        if j["method"] == "csc":
+            j["method"], j["method_cfg"] = "csc_long", {"method": "csc", "steps": 60000}
+    plan["methods"] = ["csc_long" if m == "csc" else m for m in plan["methods"]]
+    plan["groups"]["csc_long"] = plan["groups"].pop("csc")
+    (store.root / "plan.json").write_text(json.dumps(plan))
+    t = build_table(store.root, compare="published")
+    assert t.published.loc["csc_long", "s3dis-semseg"] == 69.0
