@@ -256,7 +256,9 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
 
 
 class ProjectionHead(nn.Module):
-    """The published 2-layer MLP (Linear, ReLU, Linear; no BatchNorm)."""
+    """The published voxel trunk's 2-layer head: Linear, Linear, with no non-linearity and no
+    BatchNorm between them. DepthContrast's ``res16unet.py`` builds ``SMLP(mlp_dim)``, whose
+    ``use_relu`` defaults to False (``models/trunks/smlp.py``); only its point trunk's MLP has a ReLU."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__()
@@ -264,7 +266,7 @@ class ProjectionHead(nn.Module):
         self.fc2 = nn.Linear(hidden, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)))
+        return self.fc2(self.fc1(x))
 
 
 class DepthContrastModel(nn.Module):

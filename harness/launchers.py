@@ -76,20 +76,21 @@ def _progress_of(spec: JobSpec) -> Optional[tuple]:
 
 def validate_inputs(plan: Plan, sweep: Any) -> None:
     """Checks shared by every launcher, before anything runs: methods and tasks resolve to
-    classes, and every data directory a dataset config names exists (``root``, ``*_root``).
+    classes, every data directory a dataset config names exists (``root``, ``*_root``), and
+    every weights file a method config names (``path``, ``*_weights``).
 
     Raises ``ConfigError`` naming the sweep file and the dotted key.
     """
-    from harness.config import ConfigError
+    from harness.config import ConfigError, to_plain
     from harness.registry import METHODS, TASKS, RegistryError
 
     where = getattr(sweep, "path", "sweep")
     try:
         for name in plan.methods:
-            method = METHODS.get(sweep.methods[name].method, where=f"{where}: methods.{name}")
-            if "path" in sweep.methods[name] and not Path(str(sweep.methods[name].path)).expanduser().is_file():
-                raise ConfigError(f"{where}: methods.{name}.path: checkpoint file {sweep.methods[name].path} "
-                                  f"does not exist (method {method.__name__})")
+            METHODS.get(sweep.methods[name].method, where=f"{where}: methods.{name}")
+            for key, value in _weight_files(to_plain(sweep.methods[name])):
+                if not Path(str(value)).expanduser().is_file():
+                    raise ConfigError(f"{where}: methods.{name}.{key}: weights file {value} does not exist")
         for spec in plan.finetune:
             TASKS.get(spec.task, where=f"{where}: columns.{spec.column}")
     except RegistryError as exc:
@@ -105,6 +106,19 @@ def validate_inputs(plan: Plan, sweep: Any) -> None:
             if not path.is_dir():
                 what = "does not exist" if not path.exists() else "is not a directory"
                 raise ConfigError(f"{where}: datasets.{name}.{key}: data directory {value} {what}")
+
+
+def _weight_files(cfg: Any, prefix: str = "") -> List[tuple]:
+    """(dotted key, value) of every file a method's config names for weights to load: ``path``
+    (a published checkpoint) and ``*_weights`` keys (e.g. stage1.encoder_weights), when set."""
+    out: List[tuple] = []
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            if isinstance(value, dict):
+                out += _weight_files(value, f"{prefix}{key}.")
+            elif value and (key == "path" or str(key).endswith("_weights")) and isinstance(value, str):
+                out.append((f"{prefix}{key}", value))
+    return out
 
 
 def _batch_sizes(cfg: Any, prefix: str = "") -> List[tuple]:

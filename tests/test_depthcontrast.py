@@ -352,3 +352,15 @@ def test_pretrain_export_and_semseg_loads_it(small_scannet, tmp_path):
     result = TASKS.get("semseg")(task_cfg).run(fctx)
     assert fctx.extra["checkpoint_load"] == {"loaded": len(state), "skipped": 0, "missing": 2}  # final.kernel/bias
     assert 0.0 <= result["miou"] <= 1.0
+
+
+def test_the_projection_head_is_affine_as_in_the_published_voxel_trunk():
+    """SMLP(mlp_dim) of DepthContrast's res16unet: two linear layers, use_relu False."""
+    import torch
+
+    from baselines.depthcontrast import ProjectionHead
+
+    torch.manual_seed(0)
+    head = ProjectionHead(16, 16, 8)
+    x, zero = torch.randn(5, 16), torch.zeros(1, 16)
+    torch.testing.assert_close(head(-2 * x) - head(zero), -2 * (head(x) - head(zero)), rtol=1e-5, atol=1e-6)

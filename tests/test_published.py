@@ -62,10 +62,19 @@ def test_a_published_row_is_checked_before_anything_runs(tmp_path, cache_dir):
     out = tmp_path / "runs"
     base = ["sweep", SWEEP, *tiny(out, cache_dir), *local_args()]
     rc, _, err = cli(*base, f"methods.gone={{method: published, path: {tmp_path / 'gone.pth'}}}")
-    assert rc == 2 and f"methods.gone.path: checkpoint file {tmp_path / 'gone.pth'} does not exist" in err, err
+    assert rc == 2 and f"methods.gone.path: weights file {tmp_path / 'gone.pth'} does not exist" in err, err
     _release(tmp_path / "pc.pth", seed=0)
     rc, _, err = cli(*base, f"methods.pc={{method: published, path: {tmp_path / 'pc.pth'}, group: Multiscan}}")
     assert rc == 2 and "methods.pc.group: 'Multiscan' is not a row group" in err, err
     rc, _, err = cli(*base, "methods.pc={method: publishd}")
     assert rc == 2 and "Unknown method 'publishd'" in err, err
+    assert not out.exists()
+
+
+def test_an_encoder_weights_file_that_is_not_there_stops_the_sweep(tmp_path, cache_dir):
+    out = tmp_path / "runs"
+    rc, _, err = cli("sweep", SWEEP, *tiny(out, cache_dir), *local_args(),
+                     f"methods.image_guided={{stage1: {{encoder_weights: {tmp_path / 'r18.pth'}}}}}")
+    assert rc == 2 and f"methods.image_guided.stage1.encoder_weights: weights file {tmp_path / 'r18.pth'} " \
+                       "does not exist" in err, err
     assert not out.exists()

@@ -115,7 +115,8 @@ def build_net(cfg: Any, seed: int) -> ResUNet:
     if cfg.encoder_weights:
         load_encoder_weights(net.encoder, cfg.encoder_weights)
     else:
-        log.info("stage1.encoder init=random (no encoder_weights given)")
+        log.warning("stage1.encoder init=random: no encoder_weights given (the paper starts the encoder from "
+                    "ImageNet weights; set stage1.encoder_weights to a torchvision ResNet file)")
     return net
 
 
