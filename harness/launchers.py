@@ -108,29 +108,26 @@ def validate_inputs(plan: Plan, sweep: Any) -> None:
                 raise ConfigError(f"{where}: datasets.{name}.{key}: data directory {value} {what}")
 
 
-def _weight_files(cfg: Any, prefix: str = "") -> List[tuple]:
-    """(dotted key, value) of every file a method's config names for weights to load: ``path``
-    (a published checkpoint) and ``*_weights`` keys (e.g. stage1.encoder_weights), when set."""
-    out: List[tuple] = []
+def _leaves(cfg: Any, prefix: str = "") -> Iterable[Tuple[str, str, Any]]:
+    """(dotted key, key, value) of every value of a plain nested config that is not a mapping."""
     if isinstance(cfg, dict):
         for key, value in cfg.items():
             if isinstance(value, dict):
-                out += _weight_files(value, f"{prefix}{key}.")
-            elif value and (key == "path" or str(key).endswith("_weights")) and isinstance(value, str):
-                out.append((f"{prefix}{key}", value))
-    return out
+                yield from _leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", str(key), value
 
 
-def _batch_sizes(cfg: Any, prefix: str = "") -> List[tuple]:
+def _weight_files(cfg: Any) -> List[tuple]:
+    """(dotted key, value) of every file a method's config names for weights to load: ``path``
+    (a published checkpoint) and ``*_weights`` keys (e.g. stage1.encoder_weights), when set."""
+    return [(dotted, v) for dotted, k, v in _leaves(cfg)
+            if isinstance(v, str) and v and (k == "path" or k.endswith("_weights"))]
+
+
+def _batch_sizes(cfg: Any) -> List[tuple]:
     """(dotted key, value) of every ``batch_size`` in a job's plain config (nested stages too)."""
-    out: List[tuple] = []
-    if isinstance(cfg, dict):
-        for key, value in cfg.items():
-            if key == "batch_size" and isinstance(value, int):
-                out.append((f"{prefix}{key}", value))
-            elif isinstance(value, dict):
-                out += _batch_sizes(value, f"{prefix}{key}.")
-    return out
+    return [(dotted, v) for dotted, k, v in _leaves(cfg) if k == "batch_size" and isinstance(v, int)]
 
 
 def validate_batch_split(plan: Plan, processes: Callable[[JobSpec], int], layout: Callable[[JobSpec], str],
