@@ -20,8 +20,38 @@ def test_info_nce_by_hand():
     k = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     expect = (math.log(1 + math.exp(-0.8)) + math.log(1 + math.exp(-1.6))) / 2
     assert math.isclose(float(info_nce(q, k, 0.5)), expect, rel_tol=1e-6)
-    assert math.isclose(float(pixel_info_nce(q, k, 0.5)), expect, rel_tol=1e-6)
     assert math.isclose(float(point_pixel_info_nce(q, k, 0.5)), expect, rel_tol=1e-6)
+
+
+def test_pixel_loss_is_simclrs_nt_xent_by_hand():
+    # the same vectors as pixels: a0 = (1, 0), a1 = (0, 1) in view A, b0 = (1, 0), b1 = (0.6, 0.8)
+    # in view B, tau = 0.5. Each of the four is an anchor against the three others (logits
+    # 2 x dot): a0: a1 0, b0 2 (positive), b1 1.2; a1: a0 0, b0 0, b1 1.6 (positive);
+    # b0: a0 2 (positive), a1 0, b1 1.2; b1: a0 1.2, a1 1.6 (positive), b0 1.2
+    e = math.exp
+    rows = [-math.log(e(2) / (e(0) + e(2) + e(1.2))), -math.log(e(1.6) / (1 + 1 + e(1.6))),
+            -math.log(e(2) / (e(2) + 1 + e(1.2))), -math.log(e(1.6) / (e(1.2) + e(1.6) + e(1.2)))]
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    assert math.isclose(float(pixel_info_nce(a, b, 0.5)), sum(rows) / 4, rel_tol=1e-6)
+    assert math.isclose(float(pixel_info_nce(b, a, 0.5)), sum(rows) / 4, rel_tol=1e-6)  # symmetric
+
+
+def test_pixel_loss_against_a_loop_over_anchors_chunked_or_not():
+    g = np.random.default_rng(3)
+    a = g.normal(size=(9, 5))
+    b = a + 0.3 * g.normal(size=(9, 5))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    z = np.concatenate([a, b])
+    total = 0.0
+    for i in range(18):
+        pos = (i + 9) % 18
+        others = [j for j in range(18) if j != i]
+        total += -z[i] @ z[pos] / 0.4 + math.log(sum(math.exp(z[i] @ z[j] / 0.4) for j in others))
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    assert math.isclose(float(pixel_info_nce(ta, tb, 0.4)), total / 18, rel_tol=1e-6)  # logits in float32
+    assert math.isclose(float(pixel_info_nce(ta, tb, 0.4, chunk=4)), total / 18, rel_tol=1e-6)
 
 
 def test_info_nce_three_pairs_tau_04_by_hand():
@@ -127,10 +157,12 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_negatives_come_from_every_rank(tmp_path):
-    # four unit vectors at 0, 90, 180, 270 degrees, two per rank, each its own positive, tau = 0.5:
-    # against the global batch every row has logits 2 (itself), 0, 0 (orthogonal), -2 (opposite):
-    #   loss = -log(e^2 / (e^2 + 2 + e^-2)) = log(1 + 2 e^-2 + e^-4)
-    # (a rank-local loss would see only 2 candidates: log(1 + e^-2) on both ranks)
+    # four unit vectors at 0, 90, 180, 270 degrees, two per rank, each seen identically in both
+    # views, tau = 0.5. An anchor's 7 candidates in the global batch (itself excluded): its other
+    # view (logit 2, the positive), both views of the two orthogonal pixels (0, four times) and
+    # both views of the opposite one (-2, twice):
+    #   loss = -log(e^2 / (e^2 + 4 + 2 e^-2)) = log(1 + 4 e^-2 + 2 e^-4)
+    # (a rank-local loss would see 3 candidates: log(1 + 2 e^-2) on both ranks)
     import socket
 
     import torch.multiprocessing as mp
@@ -139,7 +171,7 @@ def test_negatives_come_from_every_rank(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
-    expect = math.log(1 + 2 * math.exp(-2) + math.exp(-4))
+    expect = math.log(1 + 4 * math.exp(-2) + 2 * math.exp(-4))
     for rank in (0, 1):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert math.isclose(out["loss"], expect, rel_tol=1e-6)

@@ -3,8 +3,9 @@
 Per image two augmented views (random resized crop, flip, colour jitter) with every output
 pixel's source coordinates; positives are pixel pairs of the two views whose source coordinates
 lie within ``match_radius`` (1.5 px); up to ``pixels_per_image`` (4092) pairs are sampled per
-image; every other sampled pixel of the (global) batch, other images included, is a negative;
-InfoNCE at tau 0.4. SGD (lr 0.01, momentum 0.9, dampening 0.1, wd 1e-4), lr x0.99 every 1000
+image; SimCLR's symmetric loss (NT-Xent) at tau 0.4: each pixel of both views is an anchor,
+its match in the other view the positive, every other sampled pixel of the (global) batch, of
+either view and other images, a negative. SGD (lr 0.01, momentum 0.9, dampening 0.1, wd 1e-4), lr x0.99 every 1000
 steps, the encoder frozen for the first ``freeze_encoder_steps`` (50) steps.
 
 Runs through the shared ``Trainer`` under the name ``stage1`` (checkpoint ``ckpt/stage1-last.pt``,
