@@ -42,3 +42,19 @@ def test_embedded_scene(small_scannet):
     assert len(s["boxes"]) == len(s["box_labels"]) > 0
     assert set(s["box_labels"].tolist()) <= set(ds.instance_classes)
     assert ds.raw_to_nyu40()["couch"] == 6
+
+
+def test_a_scene_without_alignment_is_read_unaligned_with_a_warning(small_scannet, tmp_path, caplog):
+    import logging
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(small_scannet.root, root, ignore=shutil.ignore_patterns("*.sens", "frames"))
+    (root / "scans" / "scene0002_00" / "scene0002_00.txt").unlink()
+    ds = ScanNet(config(ScanNetConfig, root=str(root), cache_dir=str(tmp_path / "cache")))
+    with caplog.at_level(logging.WARNING, logger="harness.data.scannet"):
+        np.testing.assert_array_equal(ds.axis_alignment("scene0002_00"), np.eye(4))
+    assert "scannet.no_alignment scene=scene0002_00" in caplog.text
+    assert not np.allclose(small_scannet.axis_alignment("scene0002_00"), np.eye(4))  # the original has one
+    with pytest.raises(FileNotFoundError, match=r"looks like the scans/ folder itself, give its parent"):
+        ScanNet(config(ScanNetConfig, root=str(root / "scans"), cache_dir=str(tmp_path / "cache"))).scenes("train")
