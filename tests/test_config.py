@@ -104,12 +104,17 @@ def test_task_not_supported_by_dataset(tmp_path, monkeypatch):
 
 def test_paper_sweep_resolves_and_names_a_missing_data_root(monkeypatch):
     """table1-paper.yaml: every method, task and column recipe passes the schemas (roots pointed
-    at the embedded data here), and an unset root variable is one error naming file and key."""
+    at the embedded data here, the image-guided encoder said to start at random), and an unset
+    root or ImageNet-weights variable is one error naming file, key and variable."""
     from harness.sweep import make_plan
 
     paper = REPO / "configs" / "sweeps" / "table1-paper.yaml"
     embedded = [f"datasets.{d}.root=null" for d in ("scannet", "s3dis", "semantickitti", "sunrgbd")]
-    sweep = load_sweep(paper, embedded)
+    monkeypatch.delenv("IMAGENET_RESNET18", raising=False)
+    with pytest.raises(ConfigError, match=r"table1-paper.yaml: methods.image_guided.stage1.encoder_weights: "
+                                          r".*IMAGENET_RESNET18"):
+        load_sweep(paper, embedded)
+    sweep = load_sweep(paper, embedded + ["methods.image_guided.stage1.encoder_weights=null"])
     plan = make_plan(sweep)
     assert len(plan.pretrain) == 4 * 3 and len(plan.finetune) == 5 * 7 * 3  # Scratch needs no pre-training
     assert sweep.columns["semantickitti-semseg"].optimizer.head_lr_scale == 40.0
@@ -117,7 +122,7 @@ def test_paper_sweep_resolves_and_names_a_missing_data_root(monkeypatch):
     assert sweep.columns["sunrgbd-detection"].use_heading and not sweep.columns["scannet-detection"].use_heading
     monkeypatch.delenv("SCANNET_ROOT", raising=False)
     with pytest.raises(ConfigError, match=r"table1-paper.yaml: datasets.scannet.root: .*SCANNET_ROOT"):
-        load_sweep(paper)
+        load_sweep(paper, ["methods.image_guided.stage1.encoder_weights=null"])
 
 
 def test_a_subset_of_rows_and_columns_plans_the_same_cells():

@@ -85,13 +85,27 @@ def test_random_crop_box_respects_scale_and_ratio():
 
 def test_match_pixels_by_hand():
     # view A: 1x3 pixels at source x = 0, 2, 4; view B: 1x2 pixels at x = 2.5, 10 (all y = 0).
-    # A0 is 2.5 from B0 (no match), A1 is 0.5 from B0, A2 is 1.5 from B0 (within 1.5: a match)
+    # A0 is 2.5 from B0 (no match), A1 is 0.5 from B0, A2 is 1.5 from B0 (within 1.5, but B0
+    # is A1's: one pair per B pixel, the nearest)
     a = np.array([[[0.0, 0.0], [2.0, 0.0], [4.0, 0.0]]])
     b = np.array([[[2.5, 0.0], [10.0, 0.0]]])
     ia, ib = match_pixels(a, b, 1.5)
-    assert ia.tolist() == [1, 2] and ib.tolist() == [0, 0]
+    assert ia.tolist() == [1] and ib.tolist() == [0]
     ia, ib = match_pixels(a, b, 1.0)
     assert ia.tolist() == [1] and ib.tolist() == [0]
+    # B1 moved to x = 4.5: A2 (0.5 from it) now has a B pixel of its own
+    ia, ib = match_pixels(a, np.array([[[2.5, 0.0], [4.5, 0.0]]]), 1.5)
+    assert ia.tolist() == [1, 2] and ib.tolist() == [0, 1]
+
+
+def test_a_zoomed_in_view_pairs_each_b_pixel_once_with_its_nearest_a_pixel():
+    # A: 4 pixels at x = 0, 0.5, 1, 1.5 (twice B's resolution); B: 2 pixels at x = 0.6, 1.6.
+    # Nearest B of each A: A0 -> B0 (0.6), A1 -> B0 (0.1), A2 -> B0 (0.4), A3 -> B1 (0.1).
+    # B0 goes to A1 (nearest), B1 to A3.
+    a = np.array([[[0.0, 0.0], [0.5, 0.0], [1.0, 0.0], [1.5, 0.0]]])
+    b = np.array([[[0.6, 0.0], [1.6, 0.0]]])
+    ia, ib = match_pixels(a, b, 1.5)
+    assert ia.tolist() == [1, 3] and ib.tolist() == [0, 1]
 
 
 def test_matched_pixels_of_two_views_show_the_same_source_point():

@@ -153,12 +153,18 @@ def match_pixels(coords_a: np.ndarray, coords_b: np.ndarray, radius: float) -> T
     """Pixel pairs of two views whose source coordinates lie within ``radius`` pixels.
 
     For every pixel of view A (flat index, row-major), its nearest pixel of view B in source
-    coordinates; the pairs farther apart than ``radius`` are dropped. Returns (idx_a, idx_b).
+    coordinates; the pairs farther apart than ``radius`` are dropped, and where several A pixels
+    found the same B pixel (view A zoomed in further than B) only the nearest keeps it. Why: in
+    the NT-Xent loss a B pixel listed twice is a negative identical to the positive of each of
+    its copies. Returns (idx_a, idx_b), sorted by idx_a, each index at most once.
     """
     from scipy.spatial import cKDTree
 
     a = coords_a.reshape(-1, 2)
     b = coords_b.reshape(-1, 2)
     dist, nn_b = cKDTree(b).query(a, k=1, distance_upper_bound=np.nextafter(radius, np.inf))  # bound is strict
-    ok = np.isfinite(dist) & (dist <= radius)
-    return np.nonzero(ok)[0].astype(np.int64), nn_b[ok].astype(np.int64)
+    idx_a = np.nonzero(np.isfinite(dist) & (dist <= radius))[0]
+    order = np.lexsort((idx_a, dist[idx_a], nn_b[idx_a]))  # by B pixel, nearest (then lowest A) first
+    first = np.unique(nn_b[idx_a[order]], return_index=True)[1]
+    idx_a = np.sort(idx_a[order[first]])
+    return idx_a.astype(np.int64), nn_b[idx_a].astype(np.int64)
