@@ -4,12 +4,15 @@ the 3D augmentations."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
-from harness.data.frames import Frame
+from harness.data.frames import Frame, project
 from methods.image_guided.stage2 import (Stage2Config, frame_sample, point_pixels, prepare_image,
                                          sample_pixel_features)
 
@@ -120,3 +123,65 @@ def test_point_pixel_link_survives_dropout_rotation_scaling_and_voxelisation(wor
     np.testing.assert_allclose(v_from_colour, np.rint(s["uv"][:, 1]), atol=0)
     # the unmeasured strip (depth columns 0..4, colour columns < ~10) has no points at all
     assert s["uv"][:, 0].min() >= 9
+
+
+# -- intrinsics against the stored image size --------------------------------------------------
+
+K_FULL = np.array([[1170.0, 0.0, 647.5], [0.0, 1170.0, 483.5], [0.0, 0.0, 1.0]])  # a 1296x968 colour camera
+
+
+def test_intrinsics_of_a_resized_export_are_rescaled_to_the_pixel_the_point_was_resized_to():
+    from harness.data.frames import intrinsics_for
+
+    assert intrinsics_for(K_FULL, (1296, 968), 1296, 968, Path("c.jpg")) is K_FULL
+    K = intrinsics_for(K_FULL, (1296, 968), 648, 484, Path("c.jpg"))
+    # a point seen at pixel centre (100, 200) of the full image lies at ((100.5) / 2 - 0.5, (200.5) / 2 - 0.5)
+    p = np.array([[(100 - 647.5) / 1170.0 * 3.0, (200 - 483.5) / 1170.0 * 3.0, 3.0]])
+    np.testing.assert_allclose(project(p, K_FULL)[0], [[100.0, 200.0]])
+    np.testing.assert_allclose(project(p, K)[0], [[49.75, 99.75]])
+    # ScanNet's SensReader resize to 640x480 scales x and y by slightly different factors
+    K = intrinsics_for(K_FULL, (1296, 968), 640, 480, Path("c.jpg"))
+    np.testing.assert_allclose(project(p, K)[0], [[100.5 * 640 / 1296 - 0.5, 200.5 * 480 / 968 - 0.5]])
+
+
+def test_an_image_that_does_not_fit_its_intrinsics_is_named():
+    from harness.data.frames import intrinsics_for
+
+    with pytest.raises(ValueError, match=r"c.jpg: image is 480x480, its intrinsics are for 1296x968"):
+        intrinsics_for(K_FULL, (1296, 968), 480, 480, Path("c.jpg"))
+    # no recorded size: a principal point far from the image centre gives the resize away
+    with pytest.raises(ValueError, match=r"c.jpg: image is 640x480 but .* principal point at \(647.5, 483.5\), "
+                                         r"i.e. for an image of about 1296x968"):
+        intrinsics_for(K_FULL, None, 640, 480, Path("c.jpg"))
+    assert intrinsics_for(K_FULL, None, 1296, 968, Path("c.jpg")) is K_FULL
+
+
+def test_a_frame_loads_with_intrinsics_for_its_stored_images(tmp_path):
+    from harness.data.frames import FrameRef, write_depth_png
+
+    Image.fromarray(np.zeros((484, 648, 3), np.uint8)).save(tmp_path / "0.jpg")
+    write_depth_png(tmp_path / "0.png", np.ones((480, 640), np.float32))
+    np.savetxt(tmp_path / "0.txt", np.eye(4))
+    K_depth = np.array([[580.0, 0.0, 319.5], [0.0, 580.0, 239.5], [0.0, 0.0, 1.0]])
+    ref = FrameRef("s", 0, tmp_path / "0.jpg", tmp_path / "0.png", tmp_path / "0.txt", K_FULL, K_depth,
+                   color_size=(1296, 968), depth_size=(640, 480))
+    frame = ref.load()
+    np.testing.assert_allclose(frame.k_color[0], [585.0, 0.0, 323.5])
+    assert frame.k_depth is K_depth
+    ref.color_size = None
+    with pytest.raises(ValueError, match="0.jpg: image is 648x484"):
+        ref.load()
+
+
+def test_frames_padded_to_one_shape_but_of_different_sizes_are_not_batched():
+    """640x480 and 630x470 images pad to the same tensor; the batch has one valid size, so it
+    would misplace the border of one of them: refused, naming both sizes."""
+    from methods.image_guided.stage2 import collate_frames
+
+    def sample(valid_hw):
+        return {"coords": np.zeros((1, 3), np.int32), "rows": np.zeros(1, np.int64), "feats": np.zeros((1, 3), np.float32),
+                "uv": np.zeros((1, 2), np.float32), "image": torch.zeros(3, 480, 640), "valid_hw": valid_hw}
+
+    assert collate_frames([sample((480, 640)), sample((480, 640))])["valid_hw"].tolist() == [480, 640]
+    with pytest.raises(ValueError, match=r"different colour image sizes \(height, width\) \[\(470, 630\), \(480, 640\)\]"):
+        collate_frames([sample((480, 640)), sample((470, 630))])

@@ -225,3 +225,22 @@ def test_a_sample_without_the_labels_a_task_needs_names_its_scene():
     with pytest.raises(ValueError, match=r"scene 08/000000 has no semantic labels: .*--force"):
         collate([sample])
     assert collate([sample], ())["coords"].shape == (2, 4)
+
+
+def test_flip_axes_mirror_only_the_named_axes():
+    """With rotation and scale off the transform is diag(+-1, +-1, 1): "x" never mirrors y
+    (SUN RGB-D's views face +y, VoteNet flips x only), "xy" mirrors each about half the time."""
+    from harness.data.augment import AugmentConfig, random_transform
+
+    def signs(axes):
+        cfg = AugmentConfig(rotate_z=0.0, scale_min=1.0, scale_max=1.0, flip=True, flip_axes=axes)
+        rng = np.random.default_rng(0)
+        return np.array([np.diag(random_transform(rng, cfg))[:3] for _ in range(400)])
+
+    x_only = signs("x")
+    assert set(x_only[:, 0]) == {-1.0, 1.0} and set(x_only[:, 1]) == {1.0} and set(x_only[:, 2]) == {1.0}
+    both = signs("xy")
+    assert 0.4 < (both[:, 0] < 0).mean() < 0.6 and 0.4 < (both[:, 1] < 0).mean() < 0.6
+    assert set(signs("y")[:, 0]) == {1.0}
+    with pytest.raises(ValueError, match=r"augment.flip_axes .* got 'z'"):
+        signs("z")

@@ -23,8 +23,9 @@ class AugmentConfig:
     # isotropic scale, uniform in [scale_min, scale_max]
     scale_min: float = 0.9
     scale_max: float = 1.1
-    # mirror x and/or y with probability 0.5 each
+    # mirror each axis of flip_axes ("xy", "x" or "y") with probability 0.5
     flip: bool = True
+    flip_axes: str = "xy"
     # keep each point with probability 1 - point_dropout (density augmentation)
     point_dropout: float = 0.0
     # colour: brightness/contrast jitter amplitude and per-channel noise std (0..255 units)
@@ -55,10 +56,17 @@ def random_transform(rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray
     S = np.eye(4)
     S[:3, :3] *= rng.uniform(cfg.scale_min, cfg.scale_max)
     if cfg.flip:
-        for axis in (0, 1):
+        for axis in flip_axes(cfg.flip_axes):
             if rng.uniform() < 0.5:
                 S[axis, axis] *= -1
     return S @ T
+
+
+def flip_axes(axes: str) -> tuple:
+    """Axis indices of a ``flip_axes`` value ("xy", "x" or "y"); ValueError on anything else."""
+    if not axes or any(a not in "xy" for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"augment.flip_axes must be 'xy', 'x' or 'y', got {axes!r}")
+    return tuple(sorted("xy".index(a) for a in axes))
 
 
 def apply(T: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -47,6 +47,9 @@ class FrameRef:
     k_color: np.ndarray
     k_depth: np.ndarray
     depth_scale: float = 1000.0  # raw depth units per metre
+    # (width, height) the intrinsics were recorded for (the export's export.json), None = unknown
+    color_size: Optional[Tuple[int, int]] = None
+    depth_size: Optional[Tuple[int, int]] = None
 
     def pose(self) -> np.ndarray:
         return read_matrix(self.pose_path)
@@ -54,7 +57,42 @@ class FrameRef:
     def load(self) -> Frame:
         color = np.asarray(Image.open(self.color_path).convert("RGB"))
         depth = read_depth_png(self.depth_path, self.depth_scale)
-        return Frame(color, depth, self.pose(), self.k_color, self.k_depth, f"{self.scene}/{self.index}")
+        k_color = intrinsics_for(self.k_color, self.color_size, color.shape[1], color.shape[0], self.color_path)
+        k_depth = intrinsics_for(self.k_depth, self.depth_size, depth.shape[1], depth.shape[0], self.depth_path)
+        return Frame(color, depth, self.pose(), k_color, k_depth, f"{self.scene}/{self.index}")
+
+
+def intrinsics_for(K: np.ndarray, recorded: Optional[Tuple[int, int]], width: int, height: int, image: Path,
+                   centre_tolerance: float = 0.2) -> np.ndarray:
+    """``K`` for an image of ``width`` x ``height`` pixels.
+
+    Why: exporters often resize the colour images (ScanNet's SensReader to 640x480) but keep the
+    1296x968 intrinsics; projected with those, every point lands on the wrong pixel and most fall
+    outside the image, with nothing to show for it. Where the size the intrinsics were recorded for is
+    known and the image is a uniform resize of it, ``K`` is rescaled (pixel centres at integers:
+    ``u' = (u + 0.5) s - 0.5``); any other mismatch is a ValueError naming the image. Where it is
+    unknown, an image whose centre is far (``centre_tolerance`` of its size) from the principal
+    point is taken for such a resize and refused."""
+    if recorded is not None:
+        w0, h0 = int(recorded[0]), int(recorded[1])
+        if (w0, h0) == (width, height):
+            return K
+        sx, sy = width / w0, height / h0
+        if abs(sx / sy - 1) > 0.01:
+            raise ValueError(f"{image}: image is {width}x{height}, its intrinsics are for {w0}x{h0} (export.json), "
+                             "which is not a uniform resize of it; export the images at the recorded size")
+        K = K.copy()
+        K[0, 0], K[0, 2] = K[0, 0] * sx, (K[0, 2] + 0.5) * sx - 0.5
+        K[1, 1], K[1, 2] = K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5
+        return K
+    cx, cy = float(K[0, 2]), float(K[1, 2])
+    if abs(2 * cx + 1 - width) > centre_tolerance * width or abs(2 * cy + 1 - height) > centre_tolerance * height:
+        raise ValueError(f"{image}: image is {width}x{height} but its intrinsics put the principal point at "
+                         f"({cx:.1f}, {cy:.1f}), i.e. for an image of about {2 * cx + 1:.0f}x{2 * cy + 1:.0f}: were "
+                         "the images resized after the intrinsics were written? Export them at that size (ScanNet: "
+                         "the .sens through `harness data prepare`, whose export.json records the sizes) or "
+                         "write intrinsics for this size")
+    return K
 
 
 def read_matrix(path: Path) -> np.ndarray:
@@ -133,7 +171,8 @@ def visible(points_cam: np.ndarray, K: np.ndarray, width: int, height: int, dept
 
 
 def sample_colors(points_cam: np.ndarray, color: np.ndarray, K: np.ndarray) -> np.ndarray:
-    """Colour of camera-frame points from the nearest colour pixel (black outside the image)."""
+    """Colour of camera-frame points from the nearest colour pixel (outside the image: the nearest
+    border pixel's, so that a colour camera a little narrower than the depth camera leaves no black rim)."""
     uv, _ = project(points_cam, K)
     h, w = color.shape[:2]
     c = np.clip(np.rint(uv[:, 0]), 0, w - 1).astype(np.int64)

@@ -253,13 +253,12 @@ class ScanNet(Dataset):
         d = self.frames_dir(scene)
         k_color = read_matrix(d / "intrinsic" / "intrinsic_color.txt")[:3, :3]
         k_depth = read_matrix(d / "intrinsic" / "intrinsic_depth.txt")[:3, :3]
-        scale = 1000.0
-        meta = d / "export.json"
-        if meta.is_file():
-            scale = float(json.loads(meta.read_text()).get("depth_shift", 1000.0))
+        meta = json.loads((d / "export.json").read_text()) if (d / "export.json").is_file() else {}
+        scale = float(meta.get("depth_shift", 1000.0))
+        sizes = [tuple(meta[k]) if meta.get(k) else None for k in ("color_size", "depth_size")]
         ids = sorted(int(p.stem) for p in (d / "pose").glob("*.txt"))
         return [FrameRef(scene, i, d / "color" / f"{i}.jpg", d / "depth" / f"{i}.png", d / "pose" / f"{i}.txt",
-                         k_color, k_depth, scale) for i in ids]
+                         k_color, k_depth, scale, *sizes) for i in ids]
 
 
 def instance_boxes(points: np.ndarray, instance: np.ndarray, instance_label: np.ndarray,

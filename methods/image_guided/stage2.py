@@ -180,9 +180,10 @@ def frame_sample(frame: Any, rng: np.random.Generator, cfg: Any, voxel_size: flo
 
 
 def collate_frames(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
-    shapes = {tuple(s["image"].shape) for s in samples}
+    shapes = {(tuple(s["image"].shape), tuple(s["valid_hw"])) for s in samples}
     if len(shapes) > 1:
-        raise ValueError(f"stage 2: frames of one batch have different colour image sizes {sorted(shapes)}; "
+        sizes = sorted({hw for _, hw in shapes})
+        raise ValueError(f"stage 2: frames of one batch have different colour image sizes (height, width) {sizes}; "
                          f"set stage2.image_size to resize them to one size")
     coords, rows, img_index = [], [], []
     offset = 0
