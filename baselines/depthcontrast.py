@@ -185,10 +185,7 @@ def make_view(rng: np.random.Generator, points: np.ndarray, colors: np.ndarray, 
     jitter = aug.AugmentConfig(color_jitter=cfg.color_jitter, color_noise=cfg.color_noise)
     col = aug.jitter_colors(rng, col, jitter)
     vox = voxelize(pts, cfg.voxel_size, rng=rng)
-    coords = vox.coords - vox.coords.min(0)
-    if cfg.coord_shift > 0:  # a random voxel offset: the stride-2 grid's parity differs between views
-        coords = coords + rng.integers(0, cfg.coord_shift, 3)
-    coords = coords.astype(np.int32)
+    coords = aug.shift_voxels(rng, vox.coords - vox.coords.min(0), cfg.coord_shift).astype(np.int32)
     return coords, aug.input_features(cfg.input_features, col[vox.index])
 
 

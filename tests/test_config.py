@@ -120,6 +120,13 @@ def test_paper_sweep_resolves_and_names_a_missing_data_root(monkeypatch):
     assert sweep.columns["semantickitti-semseg"].optimizer.head_lr_scale == 40.0
     assert sweep.columns["s3dis-semseg"].voxel_size == 0.05 and sweep.columns["scannet-semseg"].voxel_size == 0.02
     assert sweep.columns["sunrgbd-detection"].use_heading and not sweep.columns["scannet-detection"].use_heading
+    # augmentations: CSC's ScanNet set by default, its S3DIS variant, none of it for KITTI, x-only flips on SUN RGB-D
+    cols = sweep.columns
+    assert cols["scannet-semseg"].augment.elastic == [[0.2, 0.4], [0.8, 1.6]] and cols["scannet-instseg"].augment.coord_shift == 100
+    assert [cols[c].augment.clip_bound for c in ("s3dis-semseg", "s3dis-instseg")] == [4.0, 4.0]
+    assert cols["s3dis-instseg"].augment.elastic == [] and cols["s3dis-instseg"].augment.color_noise == 1.275
+    assert cols["semantickitti-semseg"].augment.elastic == [] and cols["semantickitti-semseg"].augment.point_dropout == 0
+    assert cols["sunrgbd-detection"].augment.flip_axes == "x" and cols["scannet-detection"].augment.flip_axes == "xy"
     monkeypatch.delenv("SCANNET_ROOT", raising=False)
     with pytest.raises(ConfigError, match=r"table1-paper.yaml: datasets.scannet.root: .*SCANNET_ROOT"):
         load_sweep(paper, ["methods.image_guided.stage1.encoder_weights=null"])

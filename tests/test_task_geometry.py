@@ -244,3 +244,91 @@ def test_flip_axes_mirror_only_the_named_axes():
     assert set(signs("y")[:, 0]) == {1.0}
     with pytest.raises(ValueError, match=r"augment.flip_axes .* got 'z'"):
         signs("z")
+
+
+# -- CSC's downstream augmentations --------------------------------------------------------------
+
+def test_elastic_field_has_the_variance_of_twice_box_filtered_noise_at_grid_nodes():
+    """Two passes of a 3-cell box filter per axis make the kernel [1, 2, 3, 2, 1] / 9 per axis:
+    a node's noise has variance (1 + 4 + 9 + 4 + 1) / 81 per axis, (19/81)^3 in all, so a node
+    away from the zero border moves by magnitude x 0.1136 (std) per coordinate."""
+    from harness.data.augment import elastic_distort
+
+    g = np.arange(0, 41, dtype=np.float64)
+    pts = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    moved = elastic_distort(np.random.default_rng(0), pts, granularity=1.0, magnitude=2.0)
+    inner = np.all((pts >= 3) & (pts <= 37), axis=1)
+    std = (moved - pts)[inner].std() / 2.0
+    assert abs(std / (19 / 81) ** 1.5 - 1) < 0.08, std
+    # trilinear between nodes: two points 0.01 cell apart along x move by at most 0.01 x the
+    # largest difference of two nodes, 2 x the largest node displacement
+    a = np.array([[10.3, 20.6, 7.2], [10.31, 20.6, 7.2]])
+    d = elastic_distort(np.random.default_rng(1), np.vstack([pts, a]), 1.0, 1.0) - np.vstack([pts, a])
+    assert 0 < np.abs(d[-2] - d[-1]).max() <= 0.01 * 2 * np.abs(d[:-2]).max()
+    np.testing.assert_array_equal(elastic_distort(np.random.default_rng(0), pts, 1.0, 0.0), pts)
+
+
+def test_clip_keeps_the_cube_around_the_shifted_centre():
+    from harness.data.augment import clip_mask
+
+    x = np.arange(0.0, 10.5, 0.5)  # extent 10, centre 5
+    pts = np.stack([x, np.zeros_like(x), np.zeros_like(x)], 1)
+    keep = clip_mask(np.random.default_rng(0), pts, 4.0, [0.0, 0.0, 0.0])
+    assert pts[keep, 0].min() == 1.0 and pts[keep, 0].max() == 8.5  # [1, 9)
+    assert clip_mask(np.random.default_rng(0), pts, 11.0, [0.2, 0.2, 0.2]).all()  # narrower than the bound
+    for seed in range(20):  # centre uniform in 5 +- 0.2 x 10: the window [c - 4, c + 4) within [-1, 11)
+        kept = pts[clip_mask(np.random.default_rng(seed), pts, 4.0, [0.2, 0.0, 0.0]), 0]
+        assert kept.min() >= 1.0 - 2.0 and kept.max() < 9.0 + 2.0 and 15 <= len(kept) <= 16
+
+
+def test_csc_colour_set_by_hand():
+    from harness.data.augment import AugmentConfig, jitter_colors
+
+    c = np.array([[50, 10, 7], [100, 20, 7], [150, 30, 7]], np.uint8)
+    only = dict(color_jitter=0.0, color_noise=0.0, color_shift=0.0, color_autocontrast=0.0)
+    # auto-contrast: each channel stretched to 0..255, blended with one random factor; a flat channel stays
+    out = jitter_colors(np.random.default_rng(0), c, AugmentConfig(**{**only, "color_autocontrast": 1.0}))
+    stretched = np.array([[0, 0], [127.5, 127.5], [255, 255]])
+    blend = (out[:, :2] - c[:, :2]) / (stretched - c[:, :2])
+    assert 0 < blend[0, 0] < 1 and np.allclose(blend, blend[0, 0]) and np.all(out[:, 2] == 7)
+    # shift: one offset per channel for every point, within +-0.1 x 255
+    mid = np.array([[50, 110, 120], [100, 120, 120], [150, 130, 120]], np.uint8)  # no clipping at 0 or 255
+    out = jitter_colors(np.random.default_rng(0), mid, AugmentConfig(**{**only, "color_shift": 0.1}))
+    d = out - mid
+    assert np.allclose(d, d[0]) and np.all(np.abs(d[0]) <= 25.5) and np.abs(d).max() > 0
+    # drawn with probability color_prob: never at 0
+    none = AugmentConfig(**{**only, "color_shift": 0.1, "color_noise": 5.0, "color_prob": 0.0})
+    np.testing.assert_array_equal(jitter_colors(np.random.default_rng(0), c, none), c)
+
+
+def test_dropout_applies_to_a_scene_with_its_probability_and_voxels_shift_within_the_bound():
+    from harness.data.augment import dropout_mask, shift_voxels
+
+    assert dropout_mask(np.random.default_rng(0), 1000, 0.5, prob=0.0).all()
+    kept = [dropout_mask(np.random.default_rng(s), 1000, 0.2, prob=0.2).mean() for s in range(200)]
+    dropped = np.array(kept) < 0.9
+    assert 0.1 < dropped.mean() < 0.3 and abs(np.mean(np.array(kept)[dropped]) - 0.8) < 0.01
+    offsets = np.array([shift_voxels(np.random.default_rng(s), np.zeros((1, 3), np.int64), 100)[0] for s in range(300)])
+    assert offsets.min() == 0 and offsets.max() == 99
+    np.testing.assert_array_equal(shift_voxels(np.random.default_rng(0), np.ones((2, 3)), 0), np.ones((2, 3)))
+
+
+def test_scene_data_with_csc_augmentations(small_scannet):
+    """The CSC ScanNet set runs end to end: every representative point moved by the elastic field
+    (within a few magnitudes' noise std of the rigid transform), voxel coordinates offset by
+    [0, 100); boxes refused with an elastic field."""
+    from harness.data.augment import AugmentConfig
+    from harness.tasks.common import SceneData
+
+    csc = AugmentConfig(tilt=np.pi / 64, point_dropout=0.2, dropout_prob=0.2, color_jitter=0.0, color_noise=12.75,
+                        color_autocontrast=0.2, color_shift=0.1, color_prob=0.95, elastic=[[0.2, 0.4], [0.8, 1.6]],
+                        elastic_prob=1.0, coord_shift=100)
+    data = SceneData(small_scannet, "train", 0.05, csc, limit=1, instances=True)
+    s = data.sample(0, np.random.default_rng(0))
+    T = s["transform"]
+    rigid = data.scene(0)["points"][s["point_index"]].astype(np.float64) @ T[:3, :3].T + T[:3, 3]
+    moved = np.linalg.norm(s["points"] - rigid, axis=1) / abs(np.linalg.det(T[:3, :3])) ** (1 / 3)
+    assert np.median(moved) > 0.01 and moved.max() < 6 * (0.4 + 1.6) * (19 / 81) ** 1.5
+    assert np.all(s["coords"].min(0) < 100) and s["coords"].min() >= 0 and len(s["instance_centre"]) == len(s["coords"])
+    with pytest.raises(ValueError, match="augment.elastic moves points non-rigidly"):
+        SceneData(small_scannet, "train", 0.05, csc, limit=1, boxes="axis_aligned")

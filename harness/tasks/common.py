@@ -68,6 +68,9 @@ class SceneData:
             self.names = self.names[:limit]
         if not self.names:
             raise ValueError(f"{type(dataset).__name__}: split '{split}' has no scenes")
+        if augment is not None and augment.elastic and boxes is not None:
+            raise ValueError("augment.elastic moves points non-rigidly, which boxes cannot follow; leave it empty "
+                             "for detection")
         self.voxel_size = voxel_size
         self.augment = augment
         self.input_features = input_features
@@ -91,21 +94,26 @@ class SceneData:
         s = self.scene(i)
         points = np.asarray(s["points"], dtype=np.float32)
         colors = np.asarray(s["colors"])
-        keep = np.ones(len(points), dtype=bool)
         T = np.eye(4)
-        if self.augment is not None and rng is not None:
-            keep &= aug.dropout_mask(rng, len(points), self.augment.point_dropout)
-            keep &= aug.crop_mask(rng, np.where(keep[:, None], points, np.inf), self.augment.max_points) \
-                if self.augment.max_points else keep
-            T = aug.random_transform(rng, self.augment)
-        sel = np.nonzero(keep)[0]
-        pts = aug.apply(T, points[sel])
-        col = aug.jitter_colors(rng, colors[sel], self.augment) if self.augment is not None and rng is not None \
-            else colors[sel].astype(np.float32)
+        a = self.augment if rng is not None else None
+        if a is not None:
+            sel = np.nonzero(aug.dropout_mask(rng, len(points), a.point_dropout, a.dropout_prob))[0]
+            moved = aug.elastic_distortions(rng, points[sel], a)
+            keep = aug.clip_mask(rng, moved, a.clip_bound, a.clip_shift)
+            if a.max_points:
+                keep &= aug.crop_mask(rng, np.where(keep[:, None], moved, np.inf), a.max_points)
+            sel, moved = sel[keep], moved[keep]
+            T = aug.random_transform(rng, a)
+        else:
+            sel, moved = np.arange(len(points)), points
+        pts = aug.apply(T, moved)
+        col = aug.jitter_colors(rng, colors[sel], a) if a is not None else colors[sel].astype(np.float32)
         semantic = s.get("semantic")
         vox = voxelize(pts, self.voxel_size, labels=None if semantic is None else semantic[sel], mode="vote",
                        ignore_index=-100, rng=rng)
         coords = vox.coords - vox.coords.min(0)
+        if a is not None:
+            coords = aug.shift_voxels(rng, coords, a.coord_shift)
         out: Dict[str, Any] = {
             "coords": coords.astype(np.int32),
             "feats": aug.input_features(self.input_features, col[vox.index]),
