@@ -42,16 +42,23 @@ def test_three_point_room_exact(three_point_release):
     assert ds.scenes("train") == ["Area_1/office_1"]
     assert ds.scenes("val") == ["Area_5/hallway_1"]
     s = ds.load("Area_1/office_1")
-    # files in natural order: ceiling_1, chair_1, stairs_1 (stairs count as clutter)
+    # files in natural order: ceiling_1, chair_1, stairs_1 (stairs ignored, as CSC, by default)
     np.testing.assert_array_equal(s["points"], np.array([[1, 2, 3], [0.5, 0.25, 0.125], [-4.25, 5.5, -0.01]],
                                                         np.float32))
     assert s["points"].dtype == np.float32 and s["colors"].dtype == np.uint8
     np.testing.assert_array_equal(s["colors"], [[10, 20, 30], [255, 0, 7], [0, 128, 255]])
+    np.testing.assert_array_equal(s["semantic"], [0, 8, IGNORE])
+    np.testing.assert_array_equal(s["instance"], [1, 2, 0])
+    np.testing.assert_array_equal(s["instance_label"], [IGNORE, 0, 8])
+    assert s["semantic"].dtype == np.int64 and s["instance"].dtype == np.int64
+    assert ds.num_classes == 13 and ds.ignore_index == -100 and set(ds.tasks) == {"semseg", "instseg"}
+    # PointNet's protocol: stairs are clutter (id 12), an instance of their own
+    s = reader(three_point_release, train_areas=[1], stairs="clutter").load("Area_1/office_1")
     np.testing.assert_array_equal(s["semantic"], [0, 8, 12])
     np.testing.assert_array_equal(s["instance"], [1, 2, 3])
     np.testing.assert_array_equal(s["instance_label"], [IGNORE, 0, 8, 12])
-    assert s["semantic"].dtype == np.int64 and s["instance"].dtype == np.int64
-    assert ds.num_classes == 13 and ds.ignore_index == -100 and set(ds.tasks) == {"semseg", "instseg"}
+    with pytest.raises(ValueError, match="datasets.s3dis.stairs must be one of ignore, clutter, got 'floor'"):
+        reader(three_point_release, stairs="floor")
 
 
 def test_root_may_be_the_release_parent_or_folder(three_point_release):

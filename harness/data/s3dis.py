@@ -4,8 +4,9 @@
 per line as ``x y z r g b`` (metres in the area's frame, colours 0..255). ``<room>/<room>.txt``
 (the whole room) is not read: the annotation files hold the same points, with labels.
 
-Labels: the 13 classes below as train ids 0..12 (``stairs``, which a few real rooms have, counts
-as ``clutter``, as in the usual benchmark protocol; any other unknown class name is an error).
+Labels: the 13 classes below as train ids 0..12; ``stairs``, which a few real rooms have, is
+ignored, as in CSC's pipeline (the recipe's), or counted as ``clutter`` (PointNet's protocol) with
+``stairs: clutter``; any other unknown class name is an error.
 Each annotation file is one instance: instance ids 1..K in the files' natural order
 (``chair_2`` before ``chair_10``). Instance segmentation evaluates all 13 classes.
 Splits: train = Areas 1, 2, 3, 4, 6; val = Area 5 (configurable).
@@ -34,7 +35,8 @@ IGNORE = -100
 CLASS_NAMES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa",
                "bookcase", "board", "clutter")
 # annotation class names of the release that are not benchmark classes -> benchmark class
-ALIASES = {"stairs": "clutter"}
+STAIRS = "stairs"
+STAIRS_MODES = ("ignore", "clutter")
 RELEASE_DIR = "Stanford3dDataset_v1.2_Aligned_Version"
 
 
@@ -52,6 +54,8 @@ class S3DISConfig(DatasetConfig):
     dataset: str = "s3dis"
     val_area: int = 5
     train_areas: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 6])
+    # the rooms' stairs: "ignore" (CSC's pipeline: label ignored, no instance) or "clutter"
+    stairs: str = "ignore"
     embedded: EmbeddedS3DISConfig = field(default_factory=EmbeddedS3DISConfig)
 
 
@@ -106,11 +110,13 @@ def read_points_txt(path: Path, columns: int = 6, max_bad_fraction: float = 0.5)
     return np.asarray(rows, dtype=np.float64).reshape(-1, columns)
 
 
-def class_of(path: Path) -> int:
-    """Train id of an annotation file ``<class>_<k>.txt``."""
+def class_of(path: Path, stairs: str = "ignore") -> int:
+    """Train id of an annotation file ``<class>_<k>.txt`` (IGNORE for stairs unless ``stairs`` is
+    "clutter")."""
     stem = path.stem
     name = stem.rsplit("_", 1)[0] if "_" in stem else stem
-    name = ALIASES.get(name, name)
+    if name == STAIRS:
+        return IGNORE if stairs == "ignore" else CLASS_NAMES.index(stairs)
     if name not in CLASS_NAMES:
         raise ValueError(f"{path}: unknown S3DIS class {name!r} (file names are <class>_<k>.txt with class one of "
                          f"{', '.join(CLASS_NAMES)}, or stairs)")
@@ -131,6 +137,8 @@ class S3DIS(Dataset):
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
+        if cfg.stairs not in STAIRS_MODES:
+            raise ValueError(f"datasets.s3dis.stairs must be one of {', '.join(STAIRS_MODES)}, got {cfg.stairs!r}")
         if cfg.root is None:
             from harness.data.s3dis_embedded import ensure_embedded_s3dis
 
@@ -177,13 +185,16 @@ class S3DIS(Dataset):
     def load(self, scene: str) -> Dict[str, Any]:
         pts, cols, sem, inst, labels = [], [], [], [], [IGNORE]
         for path in self.annotation_files(scene):
-            cls = class_of(path)
+            cls = class_of(path, self.cfg.stairs)
             arr = read_points_txt(path)
             if len(arr) == 0:
                 log.warning("s3dis.empty_annotation file=%s", path)
                 continue
-            labels.append(cls)
-            k = len(labels) - 1
+            if cls == IGNORE:
+                k = 0  # no instance
+            else:
+                labels.append(cls)
+                k = len(labels) - 1
             pts.append(arr[:, :3])
             cols.append(arr[:, 3:6])
             sem.append(np.full(len(arr), cls, np.int64))
