@@ -112,6 +112,13 @@ def test_postprocess_scores_each_kept_box_for_every_class():
     assert c.tolist() == [0, 1] and np.allclose(s, [0.72, 0.18]) and np.allclose(b, boxes[[0, 0]])
     b, c, s = postprocess(boxes, obj, sem, nms_iou=0.25, conf_threshold=0.05, per_class_proposal=False)
     assert c.tolist() == [0] and np.allclose(s, [0.9])
+    # empty-box removal: 4 points inside the first box (|x| <= 0.5), so it goes; the second (|x - 0.05| <=
+    # 0.5) holds those and a fifth at x = 0.54 and stays, now unsuppressed
+    pts = np.array([[0.1, 0, 0], [-0.2, 0.1, 0], [0.3, -0.3, 0.2], [0.0, 0.4, -0.4], [0.54, 0, 0]])
+    b, c, s = postprocess(boxes, obj, sem, 0.25, 0.05, False, points=pts, min_box_points=5)
+    assert c.tolist() == [0] and np.allclose(s, [0.6]) and np.allclose(b, boxes[[1]])
+    b, c, s = postprocess(boxes, obj, sem, 0.25, 0.05, False, points=pts, min_box_points=0)
+    assert np.allclose(s, [0.9])
 
 
 def test_heading_encoding_by_hand_and_round_trip():

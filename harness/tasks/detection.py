@@ -19,8 +19,8 @@ proposal -> nearest gt over positives, gt -> nearest proposal), heading and size
 cross-entropy + Huber on normalised residuals, semantic cross-entropy, all on positives;
 ``loss = 10 (vote + 0.5 obj + centre + 0.1 heading_cls + heading_reg + 0.1 size_cls + size_reg
 + 0.1 sem)``. Headings (``use_heading``) are on for SUN RGB-D and off for ScanNet's axis-aligned
-boxes (one heading bin, decoded heading 0). Inference: boxes with objectness > ``conf_threshold``,
-per-class 3D NMS at ``nms_iou`` (exact box IoU, :func:`harness.metrics.box3d_iou`), each kept box
+boxes (one heading bin, decoded heading 0). Inference: boxes with objectness > ``conf_threshold``
+holding at least ``min_box_points`` of the scene's voxels, per-class 3D NMS at ``nms_iou`` (exact box IoU, :func:`harness.metrics.box3d_iou`), each kept box
 then proposed for every class with score objectness x class probability (VoteNet's evaluation
 setting). Boxes are ``(cx, cy, cz, dx, dy, dz, heading)``.
 """
@@ -87,6 +87,9 @@ class DetectionConfig(FinetuneConfig):
     nms_iou: float = 0.25
     conf_threshold: float = 0.05
     per_class_proposal: bool = True
+    # predicted boxes with fewer of the scene's points (voxel representatives) inside are dropped
+    # (VoteNet's evaluation without faster_eval: 5); 0 keeps them
+    min_box_points: int = 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,11 +389,15 @@ class VoteNetModel(nn.Module):
 
 
 def postprocess(boxes: np.ndarray, obj: np.ndarray, sem_prob: np.ndarray, nms_iou: float, conf_threshold: float,
-                per_class_proposal: bool) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                per_class_proposal: bool, points: Optional[np.ndarray] = None, min_box_points: int = 0
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene's proposals -> (boxes, class indices, scores): objectness above the threshold,
+    at least ``min_box_points`` of the scene's ``points`` inside (VoteNet's empty-box removal),
     per-class NMS on the predicted class, then (VoteNet's evaluation) every kept box for every
     class with score objectness x class probability, or only its predicted class."""
     keep = np.nonzero(obj > conf_threshold)[0]
+    if min_box_points > 0 and points is not None and len(keep):
+        keep = keep[points_in_boxes(points, boxes[keep]).sum(0) >= min_box_points]
     cls = sem_prob.argmax(1)
     keep = keep[nms_3d(boxes[keep], obj[keep], nms_iou, labels=cls[keep])]
     if not per_class_proposal:
@@ -491,7 +498,7 @@ class Detection(Task):
         out = model.decode(model.net(batch))
         return postprocess(out["boxes"][0].double().cpu().numpy(), out["objectness"][0].double().cpu().numpy(),
                            out["sem_prob"][0].double().cpu().numpy(), cfg.nms_iou, cfg.conf_threshold,
-                           cfg.per_class_proposal)
+                           cfg.per_class_proposal, sample["points"], cfg.min_box_points)
 
     def evaluate(self, model: VoteNetModel, data: SceneData, classes: Sequence[int],
                  device: torch.device) -> Dict[str, Any]:
