@@ -284,6 +284,54 @@ def _enable_faulthandler() -> None:
         log.debug("faulthandler not enabled: %s", exc)
 
 
+class JobLocked(RuntimeError):
+    """Another process is running the same job (same run directory and job id)."""
+
+
+class job_lock:
+    """Held by a job's main process for its lifetime: a second process of the same job (a rerun
+    while an orphaned earlier one still trains, e.g. after ``kill -9`` of the launcher alone)
+    waits up to ``wait_s`` (a requeued SLURM job whose previous instance is still exiting), then
+    stops with :class:`JobLocked` naming the holder, instead of writing the same checkpoint, log
+    and result concurrently. An OS lock (``flock``): released by any death of the holder. A
+    file system without locks: no lock, a debug log line."""
+
+    def __init__(self, workdir: Path, job_id: str, wait_s: float = 60.0):
+        self.path, self.job_id, self.wait_s = Path(workdir) / ".lock", job_id, wait_s
+        self.fh: Any = None
+
+    def __enter__(self) -> "job_lock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+")
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.fh.seek(0)
+                    holder = self.fh.read().strip() or "another process"
+                    self.fh.close()
+                    raise JobLocked(f"job {self.job_id} is running in {holder} ({self.path}); wait for it to end "
+                                    "or stop it, then run the sweep again") from None
+                time.sleep(1.0)
+            except OSError as exc:  # e.g. ENOLCK / EOPNOTSUPP on a file system without locks
+                log.debug("job.lock_unavailable file=%s error=%s", self.path, exc)
+                return self
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fh is not None and not self.fh.closed:
+            self.fh.close()  # closing releases the lock
+
+
 class Job(submitit.helpers.Checkpointable):
     """The job function of every launcher: runs one ``JobSpec`` and records success or failure."""
 
@@ -310,7 +358,15 @@ class Job(submitit.helpers.Checkpointable):
         log.info("job.start id=%s kind=%s rank=%d world=%d threads=%d %s", spec.id, spec.kind, dist.rank(),
                  dist.world_size(), job_threads(spec), " ".join(f"{k}={v}" for k, v in _slurm_info().items()))
         try:
-            result = RUNNERS[spec.kind](spec)
+            if dist.is_main():
+                with job_lock(spec.workdir, spec.id):
+                    done = Store(Path(spec.run_dir)).read(spec.kind, spec.id) if dist.world_size() == 1 else None
+                    if done and done.get("status") == DONE and done.get("config_hash") == spec.config_hash:
+                        log.info("job.already_done id=%s (by the process that held its lock)", spec.id)
+                        return done
+                    result = RUNNERS[spec.kind](spec)
+            else:
+                result = RUNNERS[spec.kind](spec)
             dist.finish()
             return result
         except (Preempted, SystemExit):

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,8 +391,28 @@ def _job_error(job: Any) -> str:
         return f"job ended without a result ({type(e).__name__}: {e})"
     if exc is None:
         return "job ended without writing a result"
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+    return job_error_text(str(exc)) or type(exc).__name__
+
+
+_RAISED = re.compile(r"^\s*((?:\w+\.)*\w*(?:Error|Exception|Interrupt|Preempted|Exit)(?::.*)?)$")
+
+
+def job_error_text(text: str) -> str:
+    """What a job that died without recording itself ended with, from submitit's report of it:
+    the last exception its traceback names (a checkpointed stop included), else why no result
+    came (a process gone without output: killed, out of memory), not the report's log-path footer."""
+    lines = text.strip().splitlines()
+    raised = [m.group(1).strip() for m in map(_RAISED.match, lines) if m]
+    if raised:
+        last = raised[-1]
+        if "Preempted" in last.split(":")[0]:
+            return f"{last} (stopped by a signal; the next run of the sweep resumes it)"
+        return last
+    for line in lines:
+        if "has not produced any output" in line or "NO PROCESS AND NO RESULT" in line:
+            return (f"the job's process ended without a result ({line.strip()}): killed (SIGKILL, out of memory) "
+                    "or its launcher stopped; the next run of the sweep resumes it from its last checkpoint")
+    return lines[0].strip() if lines else ""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -152,6 +152,8 @@ def _last_step(path: Path) -> Optional[int]:
 def _why_missing(store: Store, job: Dict[str, Any], result: Optional[Dict[str, Any]],
                  jobs: Dict[str, Dict[str, Any]]) -> str:
     """Why a cell has no current result, as precisely as the store can tell."""
+    if result is not None and result.get("unreadable"):
+        return f"failed: {result['error']}"
     if result is not None and result.get("config_hash") == job["config_hash"] and result.get("status") == FAILED:
         log_path = f" (log: {result['log']})" if result.get("log") else ""
         return f"failed: {result.get('error')}{log_path}"

@@ -13,6 +13,8 @@ from harness.sweep import PRETRAIN, Plan
 
 def job_state(store: Store, spec: Any, queue: Optional[Dict[str, str]] = None) -> str:
     r = store.read(spec.kind, spec.id)
+    if r is not None and r.get("unreadable"):
+        return f"failed: {r['error']}"
     if r is not None and r.get("config_hash") == spec.config_hash:
         if r.get("status") == DONE:
             return "done"

@@ -41,9 +41,12 @@ class Store:
             return None
         try:
             return json.loads(path.read_text())
-        except json.JSONDecodeError:  # cannot happen with atomic writes; treat as absent
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # Atomic writes never leave one half-written; a disk or a hand did. Say so wherever
+            # the job is shown (status, report), and let the next run redo it.
             log.warning("store.unreadable file=%s", path)
-            return None
+            return {"status": FAILED, "unreadable": True,
+                    "error": f"{path} is unreadable ({exc}); the next run of the sweep redoes the job"}
 
     def write(self, kind: str, job_id: str, result: Dict[str, Any]) -> Path:
         return atomic_write_json(self.result_path(kind, job_id), result)

@@ -42,8 +42,8 @@ from harness.data.cache import atomic_write_text
 log = logging.getLogger(__name__)
 
 # SIGUSR2 is what submitit asks SLURM to send before a time limit; USR1 and TERM come from
-# users (scancel --signal) and preemption.
-CHECKPOINT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# users (scancel --signal) and preemption; INT is Ctrl-C (a second one stops at once).
+CHECKPOINT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -283,6 +283,7 @@ class Trainer:
         self.progress = progress
         self.step = 0
         self._signal: Optional[int] = None
+        self._last: Dict[str, float] = {}  # the last step's scalars (in the checkpoint: a run resumed at its end keeps them)
 
     # -- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -293,6 +294,7 @@ class Trainer:
             "step": self.step,
             "data": self.batches.state_dict(),
             "rng": _rng_state(),
+            "last": dict(self._last),
         }
 
     def save_checkpoint(self) -> None:
@@ -310,6 +312,7 @@ class Trainer:
     def _resume(self) -> int:
         state = load_state(self.ckpt_path)
         if state is None:
+            self._truncate_log(0)  # a run killed before its first checkpoint starts over: so does its log
             return 0
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -325,16 +328,28 @@ class Trainer:
                             len(ranks) if ranks is not None else 1, self.world)
             _set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self._last = {k: float(v) for k, v in (state.get("last") or {}).items()}
         self._truncate_log(self.step)
         log.info("ckpt.resume name=%s step=%d file=%s", self.name, self.step, self.ckpt_path)
         return self.step
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+        """Drop log lines written after the checkpoint we resume from (they will be redone), and
+        any line that is not a record (a process killed while writing it)."""
         if not dist.is_main() or not self.log_path.is_file():
             return
-        keep = [line for line in self.log_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep, torn = [], 0
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record = None
+                torn += 1
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line)
+        if torn:
+            log.warning("train.log_lines_dropped file=%s lines=%d: not JSON records (cut off when a process died)",
+                        self.log_path, torn)
         atomic_write_text(self.log_path, "".join(line + "\n" for line in keep))
 
     def _log(self, record: Dict[str, Any]) -> None:
@@ -354,6 +369,8 @@ class Trainer:
         return previous
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self._signal == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the step's checkpoint
         self._signal = signum  # acted upon at the end of the current step
 
     def _restore_signals(self, previous: Dict[int, Any]) -> None:
@@ -366,7 +383,6 @@ class Trainer:
         resumed = self._resume()
         previous = self._install_signals()
         start = time.time()
-        last: Dict[str, float] = {}
         evals: List[Dict[str, Any]] = []
         bad = 0
         autocast = _autocast(self.device, bool(self.cfg.amp))
@@ -402,9 +418,11 @@ class Trainer:
                     self.step += 1
                     last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()
                             if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))}
+                    self._last = last
                     if self.step % self.cfg.log_every == 0 or self.step == self.steps:
                         if self.world > 1:
                             last = dist.mean_scalars(last)  # the global batch's values (every rank)
+                        self._last = last
                         record = {"step": self.step, "total": self.steps, **last,
                                   "lr": self.optimizer.param_groups[0]["lr"], "time": round(time.time() - start, 3)}
                         self._log(record)
@@ -413,7 +431,7 @@ class Trainer:
                     if self.evaluate and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
                             and self.step < self.steps:
                         evals.append(self._run_eval())
-                    advance(self.step, last.get("loss", float("nan")))
+                    advance(self.step, self._last.get("loss", float("nan")))
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
                             and self.step < self.steps:
                         self.save_checkpoint()
@@ -424,7 +442,7 @@ class Trainer:
         finally:
             self._restore_signals(previous)
         self.save_checkpoint()
-        return TrainResult(self.step, last, time.time() - start, resumed, evals)
+        return TrainResult(self.step, dict(self._last), time.time() - start, resumed, evals)
 
     def _run_eval(self) -> Dict[str, Any]:
         assert self.evaluate is not None
@@ -437,11 +455,15 @@ class Trainer:
 
     def _preempt(self, previous: Dict[int, Any], signum: int) -> None:
         self.save_checkpoint()
-        log.warning("%s.preempted signal=%s step=%d checkpoint=%s", self.name, signum, self.step, self.ckpt_path)
+        log.warning("%s.%s signal=%s step=%d checkpoint=%s", self.name,
+                    "interrupted" if signum == signal.SIGINT else "preempted", signum, self.step, self.ckpt_path)
         self._restore_signals(previous)
         handler = previous.get(signum)
-        if callable(handler):  # e.g. submitit's: on rank 0 it requeues the job and exits
-            handler(signum, None)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signum, None)  # e.g. submitit's: on rank 0 it requeues the job and exits
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt(f"{self.name}: interrupted at step {self.step}; checkpoint saved, the next "
+                                    "launch resumes from it")
         if self.world > 1:
             # The other ranks leave after rank 0 has requeued the job: this barrier ends when rank 0
             # exits (a connection error) or, when its handler returned, when every rank is here.

@@ -159,3 +159,54 @@ def test_an_interrupted_job_says_so(tmp_path):
     assert Store(tmp_path).read("finetune", "m__c__s0")["error"].startswith("KeyboardInterrupt: interrupted (Ctrl-C")
     record_failure(spec, ValueError("bad value"))
     assert Store(tmp_path).read("finetune", "m__c__s0")["error"] == "ValueError: bad value"
+
+
+def test_a_job_that_died_without_recording_itself_is_named_by_its_last_exception_or_its_death():
+    from harness.launchers import job_error_text
+
+    failed = ("Job (task=0) failed during processing with trace:\n----------------------\n"
+              "Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    raise ValueError('bad')\n"
+              "ValueError: bad\n----------------------\nYou can check full logs with 'job.stderr(0)' and "
+              "'job.stdout(0)'or at paths:\n  - /runs/28236_0_log.err\n  - /runs/28236_0_log.out")
+    assert job_error_text(failed) == "ValueError: bad"
+    stopped = failed.replace("ValueError: bad", "harness.train.Preempted: finetune: stopped by signal 15 at step 60; "
+                                                "checkpoint saved")
+    assert job_error_text(stopped).startswith("harness.train.Preempted: finetune: stopped by signal 15 at step 60")
+    assert "resumes it" in job_error_text(stopped)
+    gone = ("Job 28236_0 (task: 0) with path /runs/28236_0_result.pkl\nhas not produced any output (state: FAILED)\n"
+            "Error stream produced:\n----------------------------------------\n2026-11-27 INFO harness.train ckpt.save")
+    assert job_error_text(gone).startswith("the job's process ended without a result (has not produced any output "
+                                           "(state: FAILED)): killed")
+
+
+def test_a_second_process_of_a_running_job_waits_then_names_the_holder(tmp_path):
+    import os
+    import time
+
+    from harness.launch import JobLocked, job_lock
+
+    with job_lock(tmp_path, "scratch__scannet-semseg__s0"):
+        t0 = time.monotonic()
+        with pytest.raises(JobLocked, match=rf"job scratch__scannet-semseg__s0 is running in pid {os.getpid()} on "):
+            with job_lock(tmp_path, "scratch__scannet-semseg__s0", wait_s=0.5):
+                pass
+        assert time.monotonic() - t0 >= 0.5
+    with job_lock(tmp_path, "scratch__scannet-semseg__s0", wait_s=0):  # released
+        pass
+
+
+def test_an_unreadable_result_is_shown_as_such(tmp_path):
+    from types import SimpleNamespace
+
+    from harness.status import job_state
+    from harness.store import Store
+
+    store = Store(tmp_path)
+    path = store.result_path("finetune", "a__b__s0")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"status": "done", "val')
+    r = store.read("finetune", "a__b__s0")
+    assert r["status"] == "failed" and str(path) in r["error"] and "redoes the job" in r["error"]
+    spec = SimpleNamespace(kind="finetune", id="a__b__s0", config_hash="h", workdir=path.parent)
+    assert job_state(store, spec).startswith(f"failed: {path} is unreadable")
+    assert not store.is_done("finetune", "a__b__s0", "h")

@@ -141,3 +141,58 @@ def test_tf32_setting_applies_on_cuda_only(enabled):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     assert OmegaConf.structured(TrainerConfig).tf32 is True
+
+
+def _signal_at(call: int, sig: int):
+    """A stream whose ``call``-th batch sends ``sig`` to this process (the signal arrives mid-step)."""
+    stream = make_stream()
+    inner, calls = stream.make_batch, {"n": 0}
+
+    def make_batch(items, rngs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), sig)
+        return inner(items, rngs)
+
+    stream.make_batch = make_batch
+    return stream
+
+
+def _steps(path):
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
+    ref = make_trainer(tmp_path / "ref", every=100)
+    ref_result = ref.fit()
+    first = make_trainer(tmp_path / "run", every=100, stream=_signal_at(5, signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 5; checkpoint saved"):
+        first.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    resumed = make_trainer(tmp_path / "run", every=100)
+    result = resumed.fit()
+    assert result.resumed_from == 5 and result.last == ref_result.last
+    for (k, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert _steps(tmp_path / "run" / "metrics-train.jsonl") == list(range(1, 13))
+
+
+def test_a_run_restarted_from_step_0_or_over_a_torn_log_line_keeps_one_line_per_step(tmp_path):
+    """Killed before its first checkpoint, a run starts over: the dead attempt's lines go. A
+    line cut off by a kill is dropped when resuming (it used to stop the resume for good)."""
+    log_path = tmp_path / "metrics-train.jsonl"
+    log_path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
+    make_trainer(tmp_path, steps=6, every=3).fit()
+    assert _steps(log_path) == [1, 2, 3, 4, 5, 6]
+    with open(log_path, "a") as fh:
+        fh.write('{"step": 7, "lo')
+    result = make_trainer(tmp_path, steps=9, every=3).fit()
+    assert result.resumed_from == 6 and _steps(log_path) == list(range(1, 10))
+
+
+def test_a_run_resumed_at_its_last_step_keeps_its_training_summary(tmp_path):
+    """The final checkpoint holds the last step's scalars: a job killed between it and its
+    result (during evaluation) reports the same training loss when rerun."""
+    done = make_trainer(tmp_path, steps=6, every=3).fit()
+    again = make_trainer(tmp_path, steps=6, every=3).fit()
+    assert again.resumed_from == 6 and again.last == done.last and "loss" in done.last
