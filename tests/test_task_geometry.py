@@ -184,10 +184,12 @@ def test_vote_targets_by_hand():
     # point 0 is in both boxes: votes to (0,0,0) and (1,0,0); the third slot repeats the first
     assert np.allclose(v[0], [[-0.5, 0, 0], [0.5, 0, 0], [-0.5, 0, 0]])
     assert np.allclose(v[1], [[0.5, 0, 0]] * 3)  # only in box 0
-    # with instance classes, a point votes only for boxes of its instance's class
-    votes, mask = vote_targets(pts, boxes, 3, box_labels=np.array([0, 1]), point_class=np.array([1, -1, 1]))
-    assert mask.tolist() == [True, False, False]
+    # with instance ids, a point votes only for its own instance's box (point 0 belongs to box 1's
+    # instance 7, though it lies in both boxes; point 1 to no boxed instance), in every slot
+    votes, mask = vote_targets(pts, boxes, 3, point_instance=np.array([7, 2, 7]), box_instance=np.array([4, 7]))
+    assert mask.tolist() == [True, False, True]
     assert np.allclose(votes.reshape(3, 3, 3)[0], [[0.5, 0, 0]] * 3)
+    assert np.allclose(votes.reshape(3, 3, 3)[2], [[-4, -5, -5]] * 3)
 
 
 def test_scene_data_instance_and_box_targets(small_scannet):

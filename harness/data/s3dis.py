@@ -126,7 +126,7 @@ def class_of(path: Path, stairs: str = "ignore") -> int:
 @DATASETS.register("s3dis")
 class S3DIS(Dataset):
     Config = S3DISConfig
-    version = "1"
+    version = "2"  # 2: stairs ignored by default
     tasks = ("semseg", "instseg")
     has_frames = False
     class_names = CLASS_NAMES

@@ -88,7 +88,7 @@ class ScanNetConfig(DatasetConfig):
 class ScanNet(Dataset):
     Config = ScanNetConfig
     # Bump when load() output can change for the same files (invalidates prepared caches).
-    version = "2"
+    version = "3"  # 3: box_instance (the instance each box was fitted to)
     tasks = ("semseg", "instseg", "detection")
     has_frames = True
     class_names = CLASS_NAMES
@@ -165,7 +165,8 @@ class ScanNet(Dataset):
                 inst, inst_label = self._instances(scene, agg, segs, nyu40)
                 out["instance"] = inst
                 out["instance_label"] = inst_label  # train id of each instance id (index = id)
-                out["boxes"], out["box_labels"] = instance_boxes(points, inst, inst_label, INSTANCE_CLASSES)
+                out["boxes"], out["box_labels"], out["box_instance"] = instance_boxes(points, inst, inst_label,
+                                                                                      INSTANCE_CLASSES)
         return out
 
     def _instances(self, scene: str, agg_path: Path, segs_path: Path, nyu40: np.ndarray):
@@ -263,8 +264,9 @@ class ScanNet(Dataset):
 
 def instance_boxes(points: np.ndarray, instance: np.ndarray, instance_label: np.ndarray,
                    classes: tuple) -> tuple:
-    """Axis-aligned boxes (K,7) ``(cx, cy, cz, dx, dy, dz, 0)`` of the instances of ``classes``."""
-    boxes, labels = [], []
+    """Axis-aligned boxes (K,7) ``(cx, cy, cz, dx, dy, dz, 0)`` of the instances of ``classes``,
+    their labels (K,) and instance ids (K,)."""
+    boxes, labels, ids = [], [], []
     for k in range(1, len(instance_label)):
         if instance_label[k] not in classes:
             continue
@@ -274,6 +276,7 @@ def instance_boxes(points: np.ndarray, instance: np.ndarray, instance_label: np.
         lo, hi = pts.min(0), pts.max(0)
         boxes.append(np.concatenate([(lo + hi) / 2, hi - lo, [0.0]]))
         labels.append(instance_label[k])
+        ids.append(k)
     if not boxes:
-        return np.zeros((0, 7), np.float32), np.zeros(0, np.int64)
-    return np.asarray(boxes, np.float32), np.asarray(labels, np.int64)
+        return np.zeros((0, 7), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.asarray(boxes, np.float32), np.asarray(labels, np.int64), np.asarray(ids, np.int64)

@@ -161,11 +161,15 @@ class SceneData:
                            f"which detection needs")
         boxes = np.asarray(s["boxes"], dtype=np.float64).reshape(-1, 7)
         labels = np.asarray(s["box_labels"], dtype=np.int64).reshape(-1)
+        ids = np.asarray(s["box_instance"], dtype=np.int64).reshape(-1) if "box_instance" in s else None
         if len(boxes) and len(crop_points) < len(s["points"]):
             keep = points_in_boxes(crop_points, boxes).any(0)
             boxes, labels = boxes[keep], labels[keep]
+            ids = ids[keep] if ids is not None else None
         out["boxes"] = transform_boxes(T, boxes, axis_aligned=self.boxes == "axis_aligned").astype(np.float32)
         out["box_labels"] = labels
+        if ids is not None:
+            out["box_instance"] = ids  # the instance each box was fitted to (votes: its own points only)
 
     @property
     def dataset_name(self) -> str:

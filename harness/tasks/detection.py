@@ -195,19 +195,21 @@ def nms_3d(boxes: np.ndarray, scores: np.ndarray, threshold: float,
     return np.asarray(keep, dtype=np.int64)
 
 
-def vote_targets(points: np.ndarray, boxes: np.ndarray, max_votes: int, box_labels: Optional[np.ndarray] = None,
-                 point_class: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+def vote_targets(points: np.ndarray, boxes: np.ndarray, max_votes: int, point_instance: Optional[np.ndarray] = None,
+                 box_instance: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Per point: up to ``max_votes`` offsets to the centres of the boxes it lies in (unused slots
-    repeat the first), flattened to (N, 3 * max_votes), and whether it lies in any box. With
-    ``point_class`` (the class of the point's annotated instance), a point votes only for boxes
-    of its own instance's class (VoteNet's ScanNet votes: instance points only)."""
+    repeat the first), flattened to (N, 3 * max_votes), and whether it votes at all (VoteNet's
+    SUN RGB-D votes). With instance ids of the points and of the boxes, a point votes only for its
+    own instance's box, in every slot (VoteNet's ScanNet votes: a chair's point never votes for
+    the centre of the chair next to it, however the boxes overlap)."""
     n = len(points)
     votes = np.zeros((n, max_votes, 3), dtype=np.float32)
     if len(boxes) == 0:
         return votes.reshape(n, -1), np.zeros(n, dtype=bool)
-    inside = points_in_boxes(points, boxes)
-    if point_class is not None and box_labels is not None:
-        inside &= np.asarray(point_class)[:, None] == np.asarray(box_labels)[None, :]
+    if point_instance is not None and box_instance is not None:
+        inside = np.asarray(point_instance)[:, None] == np.asarray(box_instance)[None, :]
+    else:
+        inside = points_in_boxes(points, boxes)
     count = inside.sum(1)
     slots = np.argsort(~inside, axis=1, kind="stable")[:, :max_votes]
     if slots.shape[1] < max_votes:
@@ -537,10 +539,9 @@ def detection_batch(samples: List[Dict[str, Any]], classes: Sequence[int], mean_
         boxes = np.asarray(s["boxes"], dtype=np.float64)[sel]
         lab = np.asarray([index[int(v)] for v in lab[sel]], dtype=np.int64)
         kept.append((boxes, lab))
-        point_class = None
-        if "instance_class" in s:
-            point_class = np.asarray([index.get(int(v), -1) for v in s["instance_class"]], dtype=np.int64)
-        v, m = vote_targets(s["points"], boxes, max_votes, lab, point_class)
+        owners = (s["instance"], np.asarray(s["box_instance"])[sel]) if "box_instance" in s and "instance" in s \
+            else (None, None)
+        v, m = vote_targets(s["points"], boxes, max_votes, *owners)
         votes.append(v)
         masks.append(m)
     batch = collate(samples, ("points",))
