@@ -49,16 +49,16 @@ def write_split(root: Path, train, test) -> None:
 
 def write_frame(root: Path, name: str, rgb, depth_png, K, tilt, objects=None) -> Path:
     d = root / "SUNRGBD" / name
-    for sub in ("image", "depth_bfx", "extrinsics", "annotation3Dfinal"):
+    for sub in ("image", "depth", "extrinsics", "annotation3Dfinal"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     if isinstance(rgb, Path):
         (d / "image" / rgb.name).symlink_to(rgb)
     else:
         Image.fromarray(rgb).save(d / "image" / "0001.jpg", quality=100)
     if isinstance(depth_png, Path):
-        (d / "depth_bfx" / depth_png.name).symlink_to(depth_png)
+        (d / "depth" / depth_png.name).symlink_to(depth_png)
     else:
-        Image.fromarray(depth_png).save(d / "depth_bfx" / "0001.png")
+        Image.fromarray(depth_png).save(d / "depth" / "0001.png")
     (d / "intrinsics.txt").write_text("\n".join(" ".join(map(str, r)) for r in K))
     (d / "extrinsics" / "20130101000000.txt").write_text("\n".join(" ".join(map(str, r)) for r in np.eye(3)))
     (d / "extrinsics" / "20150101000000.txt").write_text("\n".join(" ".join(map(str, r)) for r in tilt))
@@ -130,7 +130,7 @@ def test_corrupt_depth_png_is_named(tmp_path):
     write_frame(tmp_path, "kv1/a/1", np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint16),
                 np.eye(3).tolist(), np.eye(3))
     write_split(tmp_path, ["kv1/a/1"], [])
-    png = tmp_path / "SUNRGBD" / "kv1/a/1" / "depth_bfx" / "0001.png"
+    png = tmp_path / "SUNRGBD" / "kv1/a/1" / "depth" / "0001.png"
     png.write_bytes(png.read_bytes()[:20])
     ds = SUNRGBD(config(SUNRGBDConfig, root=str(tmp_path), cache_dir=str(tmp_path / "c")))
     with pytest.raises(ValueError, match="0001.png"):
@@ -160,3 +160,29 @@ def test_embedded_frames(small_sunrgbd):
             assert inside.sum() >= 10
         n_boxes += len(s["boxes"])
     assert n_boxes >= 6
+
+
+def test_the_raw_depth_folder_is_read_unless_the_hole_filled_one_is_asked_for(tmp_path):
+    """The toolbox's readframeSUNRGBD and VoteNet read depth/; depth_bfx/ (the release's
+    hole-filled copy, here with the hole filled at 2 m) only with depth_folder=depth_bfx."""
+    raw = np.array([[1000, 0], [0, 3000]], dtype=np.uint16)  # two holes
+    filled = np.array([[1000, 2000], [2000, 3000]], dtype=np.uint16)
+    K = [[2.0, 0, 1.5], [0, 2.0, 1.5], [0, 0, 1]]
+    d = write_frame(tmp_path, "kv1/y/0001", np.full((2, 2, 3), 90, np.uint8), encode_depth(raw), K, np.eye(3), [])
+    (d / "depth_bfx").mkdir()
+    Image.fromarray(encode_depth(filled)).save(d / "depth_bfx" / "0001.png")
+    write_split(tmp_path, [], ["kv1/y/0001"])
+
+    def points(**kw):
+        ds = SUNRGBD(config(SUNRGBDConfig, root=str(tmp_path), cache_dir=str(tmp_path / "c"), **kw))
+        return ds.load(ds.scenes("val")[0])["points"]
+
+    assert len(points()) == 2 and sorted(points()[:, 1].round(3)) == [1.0, 3.0]  # upright y = camera z
+    assert len(points(depth_folder="depth_bfx")) == 4
+    (d / "depth" / "0001.png").unlink()
+    (d / "depth").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"depth not found \(depth_bfx/ is there: "
+                                                r"datasets.sunrgbd.depth_folder=depth_bfx reads it\)"):
+        points()
+    with pytest.raises(ValueError, match="depth_folder must be one of depth, depth_bfx, got 'raw'"):
+        points(depth_folder="raw")

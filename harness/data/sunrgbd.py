@@ -2,7 +2,8 @@
 
 Root: the folder holding ``SUNRGBD/`` (the release, e.g. ``SUNRGBD/kv1/NYUdata/NYU0001/``) and
 ``SUNRGBDtoolbox/`` (for ``traintestSUNRGBD/allsplit.mat``). Per frame folder:
-``image/<name>.jpg``, ``depth_bfx/<name>.png`` (the refined depth; ``depth/`` as a fallback),
+``image/<name>.jpg``, ``depth/<name>.png`` (the raw depth, which the toolbox's readframeSUNRGBD
+and VoteNet read; ``depth_folder: depth_bfx`` reads the hole-filled copy instead),
 ``intrinsics.txt`` (3x3 K, row-major, MATLAB's 1-based pixel convention),
 ``extrinsics/<timestamp>.txt`` (the tilt rotation; the last file by name is used, as the toolbox
 does) and ``annotation3Dfinal/index.json`` (objects: ``name`` and ``polygon[0]`` with the
@@ -137,6 +138,9 @@ class EmbeddedSUNRGBDConfig:
     image_size: List[int] = field(default_factory=lambda: [160, 120])
 
 
+DEPTH_FOLDERS = ("depth", "depth_bfx")
+
+
 @dataclass
 class SUNRGBDConfig(DatasetConfig):
     dataset: str = "sunrgbd"
@@ -144,13 +148,16 @@ class SUNRGBDConfig(DatasetConfig):
     split_file: str = SPLIT_FILE
     # depths beyond this many metres are clamped to it (the toolbox's read3dPoints uses 8)
     max_depth: float = 8.0
+    # the frame folder's depth images: "depth" (raw, as the toolbox and VoteNet) or "depth_bfx"
+    # (the release's hole-filled copy)
+    depth_folder: str = "depth"
     embedded: EmbeddedSUNRGBDConfig = field(default_factory=EmbeddedSUNRGBDConfig)
 
 
 @DATASETS.register("sunrgbd")
 class SUNRGBD(Dataset):
     Config = SUNRGBDConfig
-    version = "1"
+    version = "2"  # 2: raw depth/ by default (was depth_bfx/)
     tasks = ("detection",)
     has_frames = False
     class_names = CLASS_NAMES
@@ -161,6 +168,9 @@ class SUNRGBD(Dataset):
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
+        if cfg.depth_folder not in DEPTH_FOLDERS:
+            raise ValueError(f"datasets.sunrgbd.depth_folder must be one of {', '.join(DEPTH_FOLDERS)}, "
+                             f"got {cfg.depth_folder!r}")
         if cfg.root is None:
             from harness.data.sunrgbd_embedded import ensure_embedded_sunrgbd
 
@@ -198,7 +208,12 @@ class SUNRGBD(Dataset):
         d = self.frame_dir(scene)
         if not d.is_dir():
             raise FileNotFoundError(f"SUN RGB-D frame {scene}: {d} not found")
-        depth_dir = d / "depth_bfx" if (d / "depth_bfx").is_dir() else d / "depth"
+        depth_dir = d / self.cfg.depth_folder
+        if not depth_dir.is_dir():
+            other = next((f for f in DEPTH_FOLDERS if f != self.cfg.depth_folder and (d / f).is_dir()), None)
+            raise FileNotFoundError(f"SUN RGB-D frame {scene}: {depth_dir} not found"
+                                    + (f" ({other}/ is there: datasets.sunrgbd.depth_folder={other} reads it)"
+                                       if other else ""))
         return {"image": self._one(d / "image", "*.jpg"), "depth": self._one(depth_dir, "*.png"),
                 "intrinsics": d / "intrinsics.txt", "extrinsics": self._one(d / "extrinsics", "*.txt", last=True),
                 "annotation": d / "annotation3Dfinal" / "index.json"}

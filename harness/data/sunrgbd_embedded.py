@@ -3,8 +3,8 @@
 Deterministic from a seed, generated on first use into the cache directory. Each frame is a room
 (floor and walls) with furniture of the 10 benchmark classes turned to arbitrary headings plus a
 few objects of other classes, seen by a tilted camera (pitch and roll). Written as the release
-writes a frame folder, ``SUNRGBD/kv1/NYUdata/NYU<nnnn>/``: ``image/*.jpg``, ``depth_bfx/*.png``
-and ``depth/*.png`` (16-bit, millimetres with the release's 3-bit rotation), ``intrinsics.txt``
+writes a frame folder, ``SUNRGBD/kv1/NYUdata/NYU<nnnn>/``: ``image/*.jpg``, ``depth/*.png`` and the
+same in ``depth_bfx/`` (16-bit, millimetres with the release's 3-bit rotation), ``intrinsics.txt``
 (1-based pixel convention), ``extrinsics/<timestamp>.txt`` (the tilt rotation, 3x4),
 ``annotation3Dfinal/index.json`` (bird's-eye polygon + vertical extent per visible object) and
 ``scene.txt``; the split as the toolbox's ``SUNRGBDtoolbox/traintestSUNRGBD/allsplit.mat``
