@@ -94,6 +94,7 @@ def test_hand_written_frame_exact(tmp_path):
         {"name": "chair", "polygon": [{"X": [3, 3, 0, 0], "Z": [1, 2, 2, 1], "Ymin": -1.0, "Ymax": 0.5}]},
         {"name": "table:occluded", "polygon": [{"X": [1, 0, 0, 1], "Z": [3, 3, 0, 0], "Ymin": 0, "Ymax": 1}]},
         {"name": "lamp", "polygon": [{"X": [0, 1, 1], "Z": [0, 0, 1], "Ymin": 0, "Ymax": 1}]},
+        {"name": "bed", "polygon": [{"X": [0, 1], "Z": [0, 0], "Ymin": 0, "Ymax": 1}]},  # 2 corners: skipped, warned
         {"name": "wall", "polygon": [{"X": [0, 1, 1], "Z": [0, 0, 1], "Ymin": 0, "Ymax": 1}]},
         None, {"name": "sofa", "polygon": []},
     ]

@@ -255,7 +255,11 @@ class SUNRGBD(Dataset):
             name = class_name(str(obj.get("name", "")))
             if name not in CLASS_NAMES:
                 continue
-            boxes.append(polygon_box(obj["polygon"][0], f"{path} (objects[{i}], {name})"))
+            try:
+                boxes.append(polygon_box(obj["polygon"][0], f"{path} (objects[{i}], {name})"))
+            except ValueError as exc:  # one bad polygon must not cost the frame (or stop a prepare)
+                log.warning("sunrgbd.bad_polygon skipped: %s", exc)
+                continue
             labels.append(CLASS_NAMES.index(name))
         if not boxes:
             return np.zeros((0, 7), np.float32), np.zeros(0, np.int64)
