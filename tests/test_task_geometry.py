@@ -285,6 +285,8 @@ def test_clip_keeps_the_cube_around_the_shifted_centre():
     keep = clip_mask(np.random.default_rng(0), pts, 4.0, [0.0, 0.0, 0.0])
     assert pts[keep, 0].min() == 1.0 and pts[keep, 0].max() == 8.5  # [1, 9)
     assert clip_mask(np.random.default_rng(0), pts, 11.0, [0.2, 0.2, 0.2]).all()  # narrower than the bound
+    two = np.array([[0.0, 0, 0], [20.0, 0, 0]])  # the cube around x = 10 holds neither: both kept
+    assert clip_mask(np.random.default_rng(0), two, 4.0, [0.0, 0.0, 0.0]).all()
     for seed in range(20):  # centre uniform in 5 +- 0.2 x 10: the window [c - 4, c + 4) within [-1, 11)
         kept = pts[clip_mask(np.random.default_rng(seed), pts, 4.0, [0.2, 0.0, 0.0]), 0]
         assert kept.min() >= 1.0 - 2.0 and kept.max() < 9.0 + 2.0 and 15 <= len(kept) <= 16

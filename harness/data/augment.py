@@ -180,7 +180,8 @@ def clip_mask(rng: np.random.Generator, points: np.ndarray, bound: float, shift)
     centre = lo + size / 2 + rng.uniform(-1.0, 1.0, 3) * np.asarray(shift, dtype=np.float64) * size
     if size.max() < bound:
         return np.ones(n, dtype=bool)
-    return np.all((points >= centre - bound) & (points < centre + bound), axis=1)
+    keep = np.all((points >= centre - bound) & (points < centre + bound), axis=1)
+    return keep if keep.any() else np.ones(n, dtype=bool)  # a cube between sparse points: the whole scene
 
 
 def crop_mask(rng: np.random.Generator, points: np.ndarray, max_points: int) -> np.ndarray:
