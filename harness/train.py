@@ -362,6 +362,8 @@ class Trainer:
         previous = {}
         for sig in CHECKPOINT_SIGNALS:
             try:
+                if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # a process told to ignore Ctrl-C (nohup, a background job) keeps ignoring it
                 previous[sig] = signal.getsignal(sig)
                 signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: no signal handling

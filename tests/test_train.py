@@ -162,7 +162,17 @@ def _steps(path):
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
+@pytest.fixture
+def sigint_handler(request):
+    """SIGINT handled as ``request.param`` says for the test (a terminal: Python's own Ctrl-C
+    handler; nohup or a background job: ignored), whatever the test process started with."""
+    previous = signal.signal(signal.SIGINT, request.param)
+    yield request.param
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("sigint_handler", [signal.default_int_handler], indirect=True)
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path, sigint_handler):
     ref = make_trainer(tmp_path / "ref", every=100)
     ref_result = ref.fit()
     first = make_trainer(tmp_path / "run", every=100, stream=_signal_at(5, signal.SIGINT))
@@ -196,3 +206,9 @@ def test_a_run_resumed_at_its_last_step_keeps_its_training_summary(tmp_path):
     done = make_trainer(tmp_path, steps=6, every=3).fit()
     again = make_trainer(tmp_path, steps=6, every=3).fit()
     assert again.resumed_from == 6 and again.last == done.last and "loss" in done.last
+
+
+@pytest.mark.parametrize("sigint_handler", [signal.SIG_IGN], indirect=True)
+def test_a_process_that_ignores_ctrl_c_trains_on(tmp_path, sigint_handler):
+    result = make_trainer(tmp_path, every=100, stream=_signal_at(5, signal.SIGINT)).fit()
+    assert result.steps == 12 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
