@@ -36,10 +36,13 @@ from harness.train import BatchStream
 log = logging.getLogger(__name__)
 
 
-def pair_augment() -> aug.AugmentConfig:
-    """The views' augmentation of the public pair loader: any heading, tilt up to pi/64, scale 0.9-1.1."""
-    return aug.AugmentConfig(rotate_z=math.pi, tilt=math.pi / 64, scale_min=0.9, scale_max=1.1, flip=False,
-                             point_dropout=0.0, color_jitter=0.0, color_noise=0.0, max_points=0)
+def pair_augment(rotate_axis: str = "z") -> aug.AugmentConfig:
+    """The views' augmentation of the public pair loaders, each view its own: CSC's any heading with
+    tilts up to pi/64 ("z"), or PointContrast's rotation about a random axis ("free"); no scale
+    (neither loader scales) and no flips or colour changes."""
+    return aug.AugmentConfig(rotate_z=math.pi, rotate_axis=rotate_axis, tilt=math.pi / 64 if rotate_axis == "z" else 0.0,
+                             scale_min=1.0, scale_max=1.0, flip=False, point_dropout=0.0, color_jitter=0.0,
+                             color_noise=0.0, max_points=0)
 
 
 @dataclass

@@ -13,13 +13,14 @@ over the matches of every rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
 
-from baselines.contrastive import FramePairConfig, FramePairMethod, PairModel, sample_rows
+from baselines.contrastive import FramePairConfig, FramePairMethod, PairModel, pair_augment, sample_rows
+from harness.data import augment as aug
 from harness import distributed as dist
 from harness.registry import METHODS
 
@@ -60,6 +61,8 @@ class PointContrastModel(PairModel):
 class PointContrastConfig(FramePairConfig):
     method: str = "pointcontrast"
     input_features: str = "ones"
+    # each view turned about its own random axis (public PointContrast; CSC keeps gravity up)
+    augment: aug.AugmentConfig = field(default_factory=lambda: pair_augment("free"))
 
 
 @METHODS.register("pointcontrast")

@@ -343,3 +343,25 @@ def test_scene_data_with_csc_augmentations(small_scannet):
     assert np.all(s["coords"].min(0) < 100) and s["coords"].min() >= 0 and len(s["instance_centre"]) == len(s["coords"])
     with pytest.raises(ValueError, match="augment.elastic moves points non-rigidly"):
         SceneData(small_scannet, "train", 0.05, csc, limit=1, boxes="axis_aligned")
+
+
+def test_free_rotation_turns_about_a_random_axis_and_z_rotation_keeps_gravity():
+    """PointContrast's views: a rotation (orthonormal, det 1) that leaves its axis fixed, with
+    the up axis tilted by more than 10 degrees most of the time; the default keeps z up."""
+    from harness.data.augment import AugmentConfig, random_transform, rotation_about
+
+    R = rotation_about(np.array([0.0, 0.0, 2.0]), np.pi / 2)[:3, :3]
+    np.testing.assert_allclose(R @ [1.0, 0, 0], [0, 1.0, 0], atol=1e-12)  # right-handed about +z
+    free = AugmentConfig(rotate_axis="free", tilt=0.0, scale_min=1.0, scale_max=1.0, flip=False)
+    rng = np.random.default_rng(0)
+    tilts = []
+    for _ in range(300):
+        R = random_transform(rng, free)[:3, :3]
+        np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
+        assert abs(np.linalg.det(R) - 1) < 1e-12
+        tilts.append(np.degrees(np.arccos(np.clip(R[2, 2], -1, 1))))
+    assert np.mean(np.array(tilts) > 10) > 0.8 and max(tilts) > 90
+    upright = AugmentConfig(tilt=0.0, scale_min=1.0, scale_max=1.0, flip=False)
+    assert all(random_transform(rng, upright)[2, 2] == 1.0 for _ in range(20))
+    with pytest.raises(ValueError, match="rotate_axis must be 'z' or 'free', got 'x'"):
+        random_transform(rng, AugmentConfig(rotate_axis="x"))

@@ -16,8 +16,11 @@ import numpy as np
 
 @dataclass
 class AugmentConfig:
-    # rotation about +z, uniform in [-rotate_z, rotate_z] radians (pi = any heading)
+    # rotation uniform in [-rotate_z, rotate_z] radians (pi = any heading) about +z, or with
+    # rotate_axis "free" about an axis drawn per sample (PointContrast's pair loader: views in
+    # any orientation, gravity included)
     rotate_z: float = 3.141592653589793
+    rotate_axis: str = "z"
     # small rotations about x and y (radians, uniform)
     tilt: float = 0.0
     # isotropic scale, uniform in [scale_min, scale_max]
@@ -62,9 +65,27 @@ def rotation_z(angle: float) -> np.ndarray:
     return T
 
 
+def rotation_about(axis: np.ndarray, angle: float) -> np.ndarray:
+    """4x4 rotation by ``angle`` about ``axis`` (any length but 0), right-handed (Rodrigues)."""
+    k = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    T = np.eye(4)
+    T[:3, :3] = np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * (K @ K)
+    return T
+
+
 def random_transform(rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     """A random similarity transform (rotation, tilt, scale, flips) as a 4x4 matrix."""
-    T = rotation_z(rng.uniform(-cfg.rotate_z, cfg.rotate_z))
+    if cfg.rotate_axis == "free":
+        # PointContrast's sample_random_trans: axis with coordinates uniform in [-0.5, 0.5)
+        axis = rng.uniform(-0.5, 0.5, 3)
+        while not np.any(axis):
+            axis = rng.uniform(-0.5, 0.5, 3)
+        T = rotation_about(axis, rng.uniform(-cfg.rotate_z, cfg.rotate_z))
+    elif cfg.rotate_axis == "z":
+        T = rotation_z(rng.uniform(-cfg.rotate_z, cfg.rotate_z))
+    else:
+        raise ValueError(f"augment.rotate_axis must be 'z' or 'free', got {cfg.rotate_axis!r}")
     if cfg.tilt > 0:
         for axis in (0, 1):
             a = rng.uniform(-cfg.tilt, cfg.tilt)
