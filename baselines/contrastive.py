@@ -157,7 +157,8 @@ class FramePairData:
 
 
 def collate_pairs(samples: List[Dict[str, Any]], voxel_size: float) -> Dict[str, Any]:
-    """Both views of every pair in one backbone batch (view A of pair b: 2b, view B: 2b + 1)."""
+    """Both views of every pair in one batch (view A of pair b: batch id 2b, view B: 2b + 1; the
+    model runs the A views and the B views as two backbone calls)."""
     coords, feats, ma, mb, item, anchor = [], [], [], [], [], []
     offset = 0
     for b, s in enumerate(samples):
@@ -208,11 +209,26 @@ class PairModel(nn.Module):
         self.num_matches = int(cfg.num_matches)
 
     def forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        out = self.backbone(batch["coords"], batch["feats"])
+        out = self.views_forward(batch["coords"], batch["feats"])
         if batch["match_a"].numel() == 0 and not (self.collective_loss and dist.world_size() > 1):
             # no positives in this batch: a zero loss that keeps the graph (no update)
             return {"loss": out.sum() * 0.0, "matches": torch.zeros(())}
         return self.loss(out.float(), batch)
+
+    def views_forward(self, coords: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """The backbone over the A views (batch ids 2b), then over the B views (2b + 1), as two
+        calls: each view set's BatchNorm statistics are its own, as in the public trainers (which
+        run ``model(sinput0)``, then ``model(sinput1)``). Rows come back in the batch's order."""
+        is_a = coords[:, 0] % 2 == 0
+        out = None
+        for rows in (torch.nonzero(is_a).squeeze(1), torch.nonzero(~is_a).squeeze(1)):
+            c = coords.index_select(0, rows)
+            c = torch.cat([c[:, :1] // 2, c[:, 1:]], 1)
+            part = self.backbone(c, feats.index_select(0, rows))
+            if out is None:
+                out = part.new_empty((len(coords), part.shape[1]))
+            out = out.index_copy(0, rows, part)
+        return out
 
     def loss(self, out: torch.Tensor, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """The loss dict from the backbone's output rows and the batch's matches."""

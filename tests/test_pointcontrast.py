@@ -159,3 +159,25 @@ def test_pretrain_export_and_semseg_loads_the_checkpoint(name, pair_scannet, tmp
     load = fctx.extra["checkpoint_load"]
     assert load["loaded"] == len(state) and load["skipped"] == 0
     assert load["missing"] == 2  # final.kernel and final.bias: the task's own head
+
+
+def test_the_a_views_and_the_b_views_are_two_backbone_calls_with_rows_in_batch_order():
+    """As the public trainers (model(sinput0), then model(sinput1)): each view set's BatchNorm
+    statistics are its own; the output rows come back where the batch had them."""
+    from omegaconf import OmegaConf
+
+    from baselines.contrastive import PairModel
+
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, coords, feats):
+            calls.append(coords[:, 0].tolist())
+            return feats * 10 + coords[:, :1].float()  # row's own value, and its batch id in the call
+
+    model = PairModel(Recorder(), OmegaConf.create({"tau": 0.4, "num_matches": 8}))
+    coords = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0], [2, 1, 1, 1], [3, 2, 2, 2], [1, 5, 5, 5]], dtype=torch.int32)
+    feats = torch.arange(5, dtype=torch.float32)[:, None]
+    out = model.views_forward(coords, feats)
+    assert calls == [[0, 1], [0, 1, 0]]  # A views of pairs 0, 1; then B views of pairs 0, 1, 0
+    assert out[:, 0].tolist() == [0.0, 10.0, 21.0, 31.0, 40.0]
