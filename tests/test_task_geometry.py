@@ -365,3 +365,53 @@ def test_free_rotation_turns_about_a_random_axis_and_z_rotation_keeps_gravity():
     assert all(random_transform(rng, upright)[2, 2] == 1.0 for _ in range(20))
     with pytest.raises(ValueError, match="rotate_axis must be 'z' or 'free', got 'x'"):
         random_transform(rng, AugmentConfig(rotate_axis="x"))
+
+
+def test_grouping_of_points_collapsed_onto_their_centres_is_bounded_and_finds_the_same_instances(monkeypatch):
+    """Shifted points of a well-trained model collapse onto instance centres: thousands of points
+    closer than the radius. Past GROUP_MAX_PAIRS pairs the grouping links cell mates and nearest
+    neighbours only, and still returns the same instances."""
+    from harness.tasks import instseg
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.002, (1500, 3))  # one instance's shifted points, all within 1 cm of its centre
+    b = rng.normal(0, 0.002, (800, 3)) + [0.5, 0, 0]
+    chain = np.stack([np.linspace(2, 2.5, 26), np.zeros(26), np.zeros(26)], 1)  # steps of 2 cm: one instance
+    pts = np.concatenate([a, b, chain])
+    labels = np.zeros(len(pts), np.int64)
+    scores = np.arange(len(pts), dtype=np.float64)
+
+    def groups():
+        return sorted((len(m), round(s, 6)) for m, _, s in instseg.group_proposals(pts, labels, scores, [0], 0.03, 10))
+
+    exact = groups()
+    assert exact == [(26, float(np.mean(scores[2300:]))), (800, float(np.mean(scores[1500:2300]))),
+                     (1500, float(np.mean(scores[:1500])))]
+    monkeypatch.setattr(instseg, "GROUP_MAX_PAIRS", 1000)
+    assert groups() == exact
+
+
+def test_a_voxel_whose_class_vote_and_instance_disagree_has_no_offset_target(monkeypatch):
+    """Voxel 1's points voted class 2 but its representative point belongs to an instance of
+    class 1 (an object's border): only voxels 0 and 2 get offset targets."""
+    from harness.tasks import instseg
+
+    class Flat(torch.nn.Module):
+        planes = (8,) * 8
+
+        def forward(self, coords, feats):
+            return feats.repeat(1, 8)[:, :8]
+
+    model = instseg.InstSegModel(Flat(), num_classes=3, thing_classes=[1, 2], ignore_index=-100)
+    seen = {}
+
+    def capture(pred, target, mask):
+        seen["mask"] = mask.tolist()
+        return pred.sum() * 0, pred.sum() * 0
+
+    monkeypatch.setattr(instseg, "offset_losses", capture)
+    batch = {"coords": torch.zeros((3, 4), dtype=torch.int32), "feats": torch.ones(3, 3),
+             "semantic": torch.tensor([1, 2, 2]), "instance_class": torch.tensor([1, 1, 2]),
+             "instance_centre": torch.zeros(3, 3), "points": torch.zeros(3, 3)}
+    model(batch)
+    assert seen["mask"] == [True, False, True]

@@ -78,8 +78,10 @@ class InstSegModel(nn.Module):
         logits, offsets = self.predict(batch["coords"], batch["feats"])
         logits, offsets = logits.float(), offsets.float()
         sem_loss = nn.functional.cross_entropy(logits, batch["semantic"], ignore_index=self.ignore_index)
-        offset_loss, dir_loss = offset_losses(offsets, batch["instance_centre"] - batch["points"],
-                                              instance_mask(batch["instance_class"], self.thing))
+        # a voxel's class is its points' majority vote, its instance its representative point's:
+        # where the two disagree (voxels on an object's border) it has no offset target
+        mask = instance_mask(batch["instance_class"], self.thing) & (batch["instance_class"] == batch["semantic"])
+        offset_loss, dir_loss = offset_losses(offsets, batch["instance_centre"] - batch["points"], mask)
         loss = sem_loss + self.offset_weight * offset_loss + self.direction_weight * dir_loss
         return {"loss": loss, "semantic_loss": sem_loss.detach(), "offset_loss": offset_loss.detach(),
                 "direction_loss": dir_loss.detach()}
@@ -105,11 +107,40 @@ def offset_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
     return l1, (cos * m).sum() / denom
 
 
+# Above this many point pairs closer than the radius within one class (shifted points collapse
+# onto instance centres: a floor of 20k voxels made 2e8 pairs, 57 s and 9.8 GB), the grouping
+# links each point only to its cell mates and its GROUP_NEIGHBOURS nearest (CSC's ball query is
+# capped likewise, at 1000 neighbours).
+GROUP_MAX_PAIRS = 5_000_000
+GROUP_NEIGHBOURS = 32
+
+
+def _close_pairs(pts: np.ndarray, radius: float, tree: Any) -> np.ndarray:
+    """(M, 2) index pairs closer than ``radius``: all of them, or where they are too many, those
+    within a cell of side radius / sqrt(3) (all closer than the radius) plus each point's nearest."""
+    n = len(pts)
+    if (int(tree.count_neighbors(tree, radius)) - n) // 2 <= GROUP_MAX_PAIRS:  # ordered pairs, self included
+        return tree.query_pairs(radius, output_type="ndarray")
+    log.warning("instseg.group_capped points=%d radius=%g: too many close pairs; each point linked to its cell "
+                "and its %d nearest", n, radius, GROUP_NEIGHBOURS)
+    cells = np.unique(np.floor(pts / (radius / np.sqrt(3.0) * (1 - 1e-9))).astype(np.int64), axis=0,
+                      return_inverse=True)[1].reshape(-1)
+    first = np.full(cells.max() + 1, -1, dtype=np.int64)
+    first[cells[::-1]] = np.arange(n)[::-1]  # the lowest index of each cell
+    same = np.stack([np.arange(n), first[cells]], 1)
+    k = min(GROUP_NEIGHBOURS + 1, n)
+    dist, nb = tree.query(pts, k=k, distance_upper_bound=radius)
+    dist, nb = dist.reshape(n, k), nb.reshape(n, k)
+    ok = np.isfinite(dist)
+    near = np.stack([np.repeat(np.arange(n), k)[ok.ravel()], nb.ravel()[ok.ravel()]], 1)
+    return np.concatenate([same, near])
+
+
 def group_proposals(shifted: np.ndarray, labels: np.ndarray, scores: np.ndarray, classes: Sequence[int],
                     radius: float, min_points: int) -> List[Tuple[np.ndarray, int, float]]:
     """Proposals ``(member indices, class, score)``: per class in ``classes``, the connected
     components of its points under "closer than ``radius``" (in ``shifted``), with at least
-    ``min_points`` members; the score is the mean of ``scores`` (the class probability) over them."""
+    ``min_points`` members; the score is the mean of ``scores`` (the class logit) over them."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
@@ -121,7 +152,8 @@ def group_proposals(shifted: np.ndarray, labels: np.ndarray, scores: np.ndarray,
         idx = np.nonzero(labels == c)[0]
         if len(idx) < max(min_points, 1):
             continue
-        pairs = cKDTree(shifted[idx]).query_pairs(radius, output_type="ndarray")
+        pts = shifted[idx]
+        pairs = _close_pairs(pts, radius, cKDTree(pts))
         n = len(idx)
         graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
         count, comp = connected_components(graph, directed=False)
@@ -204,10 +236,11 @@ class InstanceSegmentation(Task):
                                    f"instance annotations to evaluate against")
                 batch = collate([sample], ())
                 logits, offsets = model.predict(batch["coords"].to(device), batch["feats"].to(device))
-                prob = torch.softmax(logits.float(), 1).cpu().numpy()
-                label = prob.argmax(1)
+                logit = logits.float().cpu().numpy()
+                label = logit.argmax(1)
                 shifted = sample["points"] + offsets.float().cpu().numpy()
-                props = group_proposals(shifted, label, prob[np.arange(len(label)), label], things,
+                # a proposal's confidence: the mean raw logit of its class (CSC's test clustering)
+                props = group_proposals(shifted, label, logit[np.arange(len(label)), label], things,
                                         cfg.cluster_radius, cfg.min_cluster_points)
                 inverse, crop = sample["inverse"], sample["crop"]
                 n_points = len(scene["points"])
