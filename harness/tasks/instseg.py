@@ -55,14 +55,14 @@ class InstSegModel(nn.Module):
     """Backbone features -> semantic logits and per-voxel offsets to the instance centre."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, thing_classes: Sequence[int], ignore_index: int,
-                 offset_weight: float = 1.0, direction_weight: float = 1.0):
+                 offset_weight: float = 1.0, direction_weight: float = 1.0, bn_momentum: float = 0.1):
         super().__init__()
         backbone.final = nn.Identity()  # the heads below replace the 1x1 classifier
         width = int(backbone.planes[7])
         self.backbone = backbone
         self.semantic = nn.Linear(width, num_classes)
-        self.offset = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
-                                    nn.Linear(width, 3))
+        self.offset = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width, momentum=bn_momentum),
+                                    nn.ReLU(inplace=True), nn.Linear(width, 3))
         thing = torch.zeros(num_classes, dtype=torch.bool)
         thing[list(thing_classes)] = True
         self.register_buffer("thing", thing, persistent=False)
@@ -195,7 +195,7 @@ class InstanceSegmentation(Task):
                           instances=True)
         val = SceneData(ds, cfg.eval_split, cfg.voxel_size, None, cfg.input_features, cfg.max_eval_scenes)
         model = InstSegModel(load_pretrained(ctx, ds.num_classes, cfg), ds.num_classes, things, ds.ignore_index,
-                             cfg.offset_weight, cfg.direction_weight)
+                             cfg.offset_weight, cfg.direction_weight, cfg.bn_momentum)  # the head's norm as the trunk's
         keys = ("semantic", "instance_class", "instance_centre", "points")
 
         def make_batch(items: List[tuple], rngs: List[np.random.Generator]) -> Dict[str, Any]:
