@@ -284,6 +284,12 @@ def _enable_faulthandler() -> None:
         log.debug("faulthandler not enabled: %s", exc)
 
 
+def _done_result(spec: JobSpec) -> Optional[Dict[str, Any]]:
+    """The job's stored result when it is done with this configuration, else None."""
+    r = Store(Path(spec.run_dir)).read(spec.kind, spec.id)
+    return r if r and r.get("status") == DONE and r.get("config_hash") == spec.config_hash else None
+
+
 class JobLocked(RuntimeError):
     """Another process is running the same job (same run directory and job id)."""
 
@@ -339,9 +345,8 @@ class Job(submitit.helpers.Checkpointable):
         _STARTED["at"] = now_iso()
         setup_logging()
         _enable_faulthandler()
-        done = Store(Path(spec.run_dir)).read(spec.kind, spec.id)
-        if done and done.get("status") == DONE and done.get("config_hash") == spec.config_hash:
-            # e.g. SLURM requeued a job that had already finished (scontrol requeue within KillWait)
+        done = _done_result(spec)
+        if done:  # e.g. SLURM requeued a job that had already finished (scontrol requeue within KillWait)
             log.info("job.already_done id=%s", spec.id)
             return done
         _set_threads(job_threads(spec))
@@ -360,8 +365,8 @@ class Job(submitit.helpers.Checkpointable):
         try:
             if dist.is_main():
                 with job_lock(spec.workdir, spec.id):
-                    done = Store(Path(spec.run_dir)).read(spec.kind, spec.id) if dist.world_size() == 1 else None
-                    if done and done.get("status") == DONE and done.get("config_hash") == spec.config_hash:
+                    done = _done_result(spec) if dist.world_size() == 1 else None
+                    if done:
                         log.info("job.already_done id=%s (by the process that held its lock)", spec.id)
                         return done
                     result = RUNNERS[spec.kind](spec)
