@@ -415,3 +415,21 @@ def test_a_voxel_whose_class_vote_and_instance_disagree_has_no_offset_target(mon
              "instance_centre": torch.zeros(3, 3), "points": torch.zeros(3, 3)}
     model(batch)
     assert seen["mask"] == [True, False, True]
+
+
+def test_detection_scenes_are_sampled_to_a_point_budget_before_voxelisation(small_scannet):
+    """VoteNet's random_sampling: at most sample_points of a scene's points, a uniform draw (the
+    same one at every evaluation of a scene), then voxelised; boxes keep following the points."""
+    from harness.tasks.common import SceneData
+
+    full = SceneData(small_scannet, "val", 0.05, None, limit=1, boxes="axis_aligned")
+    n = len(full.scene(0)["points"])
+    data = SceneData(small_scannet, "val", 0.05, None, limit=1, boxes="axis_aligned", sample_points=n // 3)
+    a, b = data.sample(0), data.sample(0)
+    assert len(a["crop"]) == n // 3 and len(np.unique(a["crop"])) == n // 3
+    np.testing.assert_array_equal(a["crop"], b["crop"])
+    assert len(a["coords"]) < len(full.sample(0)["coords"])
+    scene_pts = full.scene(0)["points"]
+    kept = points_in_boxes(scene_pts[a["crop"]], full.scene(0)["boxes"]).any(0)
+    assert len(a["boxes"]) == kept.sum()
+    assert len(SceneData(small_scannet, "val", 0.05, None, limit=1, sample_points=10 * n).sample(0)["crop"]) == n

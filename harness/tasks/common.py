@@ -58,7 +58,7 @@ class SceneData:
 
     def __init__(self, dataset: Any, split: str, voxel_size: float, augment: Optional[aug.AugmentConfig],
                  input_features: str = "rgb", limit: int = 0, instances: bool = False,
-                 boxes: Optional[str] = None):
+                 boxes: Optional[str] = None, sample_points: int = 0):
         if boxes not in (None, "oriented", "axis_aligned"):
             raise ValueError(f"SceneData: boxes must be null, 'oriented' or 'axis_aligned', got {boxes!r}")
         self.dataset = dataset
@@ -73,6 +73,9 @@ class SceneData:
                              "for detection")
         self.voxel_size = voxel_size
         self.augment = augment
+        # at most this many of a scene's points, drawn uniformly (VoteNet's random_sampling), in
+        # training from the item's RNG, in evaluation from one seeded by the scene's index; 0 = all
+        self.sample_points = int(sample_points)
         self.input_features = input_features
         self.instances = instances
         self.boxes = boxes
@@ -106,6 +109,10 @@ class SceneData:
             T = aug.random_transform(rng, a)
         else:
             sel, moved = np.arange(len(points)), points
+        if 0 < self.sample_points < len(sel):
+            pick = np.sort((rng if rng is not None else np.random.default_rng(i)).choice(
+                len(sel), self.sample_points, replace=False))
+            sel, moved = sel[pick], moved[pick]
         pts = aug.apply(T, moved)
         col = aug.jitter_colors(rng, colors[sel], a) if a is not None else colors[sel].astype(np.float32)
         semantic = s.get("semantic")

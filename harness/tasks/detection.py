@@ -87,6 +87,9 @@ class DetectionConfig(FinetuneConfig):
     nms_iou: float = 0.25
     conf_threshold: float = 0.05
     per_class_proposal: bool = True
+    # points per scene, drawn at random before voxelisation, in training and evaluation (VoteNet's
+    # num_point: ScanNet 40000, SUN RGB-D 20000); 0 = every point
+    sample_points: int = 0
     # predicted boxes with fewer of the scene's points (voxel representatives) inside are dropped
     # (VoteNet's evaluation without faster_eval: 5); 0 keeps them
     min_box_points: int = 5
@@ -462,9 +465,10 @@ class Detection(Task):
         classes = self.classes(ds)
         mode = "oriented" if cfg.use_heading else "axis_aligned"
         train = SceneData(ds, "train", cfg.voxel_size, cfg.augment, cfg.input_features, cfg.max_train_scenes,
-                          boxes=mode)
+                          boxes=mode, sample_points=cfg.sample_points)
         train.instances = all(k in train.scene(0) for k in ("instance", "instance_label"))
-        val = SceneData(ds, cfg.eval_split, cfg.voxel_size, None, cfg.input_features, cfg.max_eval_scenes)
+        val = SceneData(ds, cfg.eval_split, cfg.voxel_size, None, cfg.input_features, cfg.max_eval_scenes,
+                        sample_points=cfg.sample_points)
         mean_sizes = self.mean_sizes(train, classes, cfg.use_heading)
         model = VoteNetModel(load_pretrained(ctx, cfg.feature_dim, cfg), len(classes), mean_sizes, cfg)
         nh = model.nh
