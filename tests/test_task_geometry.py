@@ -38,6 +38,8 @@ def test_gt_instance_ids_follow_scannet_encoding():
     instance = np.array([0, 1, 1, 2, 3, 3])
     instance_label = np.array([-100, 4, 0, -100])  # id 2 is a wall (train id 0), id 3 unlabelled
     assert gt_instance_ids(instance, instance_label).tolist() == [0, 5001, 5001, 1002, 0, 0]
+    with pytest.raises(ValueError, match="instance id 1000: .* needs ids below 1000"):
+        gt_instance_ids(np.array([0, 1000]), np.full(1001, 3))
 
 
 def test_offset_losses_by_hand():

@@ -173,7 +173,10 @@ def gt_instance_ids(instance: np.ndarray, instance_label: np.ndarray) -> np.ndar
     """
     inst = np.asarray(instance, dtype=np.int64)
     labels = np.asarray(instance_label, dtype=np.int64)
-    lab = np.full(max(int(inst.max()) + 1, len(labels)), -1, dtype=np.int64)
+    if len(inst) and int(inst.max()) >= 1000:
+        raise ValueError(f"instance id {int(inst.max())}: ScanNet's encoding (label + 1) * 1000 + id needs ids "
+                         "below 1000 per scene")
+    lab = np.full(max(int(inst.max()) + 1 if len(inst) else 0, len(labels)), -1, dtype=np.int64)
     lab[:len(labels)] = labels
     point_label = lab[inst]
     ok = (inst > 0) & (point_label >= 0)
