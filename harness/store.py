@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness.data.cache import atomic_write_json
 
@@ -23,6 +23,24 @@ log = logging.getLogger(__name__)
 
 RESULT = "result.json"
 DONE, FAILED = "done", "failed"
+
+
+def read_jsonl(path: Path) -> Tuple[List[Dict[str, Any]], int]:
+    """The records (JSON objects, one a line) of a JSON-lines file such as a job's metric log, and
+    how many non-blank lines were not records (cut off when a process died while writing)."""
+    records, bad = [], 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad += 1
+    return records, bad
 
 
 @dataclass

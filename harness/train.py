@@ -338,19 +338,13 @@ class Trainer:
         any line that is not a record (a process killed while writing it)."""
         if not dist.is_main() or not self.log_path.is_file():
             return
-        keep, torn = [], 0
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                record = None
-                torn += 1
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                keep.append(line)
+        from harness.store import read_jsonl
+
+        records, torn = read_jsonl(self.log_path)
         if torn:
             log.warning("train.log_lines_dropped file=%s lines=%d: not JSON records (cut off when a process died)",
                         self.log_path, torn)
-        atomic_write_text(self.log_path, "".join(line + "\n" for line in keep))
+        atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
 
     def _log(self, record: Dict[str, Any]) -> None:
         if dist.is_main():

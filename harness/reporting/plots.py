@@ -16,12 +16,13 @@ backend state, no display needed.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from harness.store import read_jsonl
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.report import Table
@@ -40,15 +41,11 @@ def read_metrics_log(path: Path) -> Tuple[Dict[str, Curve], Dict[str, Curve]]:
     train: Dict[str, Curve] = {}
     val: Dict[str, Curve] = {}
     try:
-        text = Path(path).read_text()
+        records, _ = read_jsonl(Path(path))
     except OSError:
         return train, val
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict) or "step" not in rec:
+    for rec in records:
+        if "step" not in rec:
             continue
         target = val if rec.get("split") == "val" else train
         for key, v in rec.items():
