@@ -40,17 +40,23 @@ report: setup  ## the report of runs/table1 again (ARGS="--compare published")
 # and frame-pair mining. Where real ScanNet meshes are at hand ($HARNESS_SAMPLES/scannet, default
 # ../shared/samples/scannet) the backbone and the CPU floor also run on them (*-scannet.md).
 SCANNET_SAMPLES ?= $(or $(HARNESS_SAMPLES),../shared/samples)/scannet
-bench: setup  ## benchmarks into reports/bench/ (not tests; BENCH_ARGS=...)
-	$(PY) bench/backbone.py --threads 2 --out reports/bench/backbone.md $(BENCH_ARGS)
-	$(PY) -m bench.launches --out reports/bench/launches.md
-	$(PY) -m bench.cpu_floor --threads 2 --repeats 5 --out reports/bench/cpu-floor.md
+# OpenBLAS (numpy's, whose products the torch backend uses where they beat torch's MKL, and
+# MinkowskiEngine's) picks its kernels for the CPU by itself unless OPENBLAS_CORETYPE names a
+# core; this project's VMs export OPENBLAS_CORETYPE=Haswell, which holds both backends to AVX2
+# kernels on an AVX-512 CPU. The benchmark unsets it for both (BENCH_UNSET= keeps it).
+BENCH_UNSET ?= OPENBLAS_CORETYPE
+BENCH_PY = $(if $(BENCH_UNSET),env $(addprefix -u ,$(BENCH_UNSET)) )$(PY)
+bench: setup  ## benchmarks into reports/bench/ (not tests; BENCH_ARGS=...; BENCH_UNSET= keeps OPENBLAS_CORETYPE)
+	$(BENCH_PY) bench/backbone.py --threads 2 --out reports/bench/backbone.md $(BENCH_ARGS)
+	$(BENCH_PY) -m bench.launches --out reports/bench/launches.md
+	$(BENCH_PY) -m bench.cpu_floor --threads 2 --repeats 5 --out reports/bench/cpu-floor.md
 	if [ -d "$(SCANNET_SAMPLES)/scans" ]; then \
-	  $(PY) bench/backbone.py --threads 2 --input scannet --scannet-root "$(SCANNET_SAMPLES)" \
+	  $(BENCH_PY) bench/backbone.py --threads 2 --input scannet --scannet-root "$(SCANNET_SAMPLES)" \
 	    --out reports/bench/backbone-scannet.md $(BENCH_ARGS) && \
-	  $(PY) -m bench.cpu_floor --threads 2 --repeats 5 --input scannet --scannet-root "$(SCANNET_SAMPLES)" \
+	  $(BENCH_PY) -m bench.cpu_floor --threads 2 --repeats 5 --input scannet --scannet-root "$(SCANNET_SAMPLES)" \
 	    --out reports/bench/cpu-floor-scannet.md; \
 	else echo "no ScanNet meshes under $(SCANNET_SAMPLES)/scans: the real-scan benchmark is skipped"; fi
-	$(PY) -m bench.pairs
+	$(BENCH_PY) -m bench.pairs
 
 # Optional: MinkowskiEngine 0.5.4, CPU-only, built once from its sdist and cached
 # (~/.cache/harness/wheels; ME_WHEEL_CACHE overrides). A second run installs the cached wheel

@@ -85,9 +85,12 @@ def _sync(device: str) -> None:
 
 def matmul_peak(dtype_name: str = "float32", device: str = "cpu", reps: int = 3) -> float:
     """Best GFLOP/s of one square matmul on ``device`` (torch's own matmul settings, so no
-    TF32 unless the caller enabled it, as for the convolutions)."""
+    TF32 unless the caller enabled it, as for the convolutions). CPU fp32: the library the
+    torch backend's convolutions use (:mod:`harness.backbones.gemm`), on its worker threads."""
     import torch
 
+    if device == "cpu" and dtype_name == "float32":
+        return cpu_gemm_peak(reps)
     n = 8192 if device.startswith("cuda") else 4096
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
@@ -100,6 +103,55 @@ def matmul_peak(dtype_name: str = "float32", device: str = "cpu", reps: int = 3)
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
+
+
+def cpu_gemm_peak(reps: int = 3, n: int = 2048) -> float:
+    """Best GFLOP/s of fp32 n x n products through the torch backend's CPU GEMM, one per worker
+    thread side by side (as its convolutions run them), 4 rounds per worker."""
+    import torch
+
+    from harness.backbones import gemm
+    from harness.backbones.workers import run_tasks, worker_count
+
+    workers = worker_count(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    mats = [(torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen), torch.empty(n, n))
+            for _ in range(workers)]
+
+    def task(t: int, w: int) -> None:
+        a, b, out = mats[w]
+        gemm.mm(a, b, out=out)
+
+    tasks = 4 * workers
+    run_tasks(task, tasks, torch.device("cpu"))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run_tasks(task, tasks, torch.device("cpu"))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 * tasks / best / 1e9
+
+
+def openblas_cores() -> Dict[str, str]:
+    """The OpenBLAS libraries loaded in this process (numpy's, MinkowskiEngine's) -> the core
+    type each picked its kernels for (Linux)."""
+    import ctypes
+
+    cores = {}
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line and line.split()[-1].startswith("/")})
+    except OSError:
+        return cores
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                cores[Path(path).name] = fn().decode(errors="replace")
+                break
+    return cores
 
 
 def gemm_seconds(coords, feats, device: str) -> Optional[float]:
@@ -467,7 +519,12 @@ def render(results: Dict) -> str:
              f"MinkowskiEngine {env['minkowski'] or 'not installed'}; {env['date']}; "
              f"OpenMP wait policy {env.get('omp_wait_policy', 'default')}, OpenBLAS thread timeout "
              f"{env.get('openblas_thread_timeout', 'default')} for both backends.  ",
-             f"fp32 matmul peak measured in this run: {env['peak_fp32']:.0f} GFLOP/s (bf16: {env['peak_bf16']:.0f}).  ",
+             *([f"CPU GEMMs of the torch backend: {env['cpu_gemm']}; OpenBLAS kernels: "
+                + (", ".join(f"{k} {v}" for k, v in env['openblas_cores'].items()) or "none loaded")
+                + f" (OPENBLAS_CORETYPE {env.get('openblas_coretype') or 'unset'}).  "] if env.get("cpu_gemm") else []),
+             f"fp32 matmul peak measured in this run: {env['peak_fp32']:.0f} GFLOP/s"
+             f"{' (that GEMM, one 2048^3 product per worker thread side by side)' if env.get('cpu_gemm') else ''} "
+             f"(bf16: {env['peak_bf16']:.0f}).  ",
              f"Other jobs kept {results['other_cores']:.2f} of the {env['ncpu']} cores busy on average during the "
              "timing (a shared machine: compare the ratio, not the seconds).", "",
              f"Input: {results.get('input', input_description())}, train mode, one step = sparse input from "
@@ -600,6 +657,11 @@ def main(argv=None) -> int:
            "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "default"),
            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
            "peak_fp32": matmul_peak("float32", device), "peak_bf16": matmul_peak("bfloat16", device)}
+    if device == "cpu":
+        from harness.backbones import gemm
+
+        env.update(cpu_gemm=gemm.describe(), openblas_cores=openblas_cores(),
+                   openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"))
     results = {"command": "python bench/backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "env": env, "rows": [], "padding": {}, "input": input_description()}
     mon = CpuMonitor().start()

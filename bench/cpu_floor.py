@@ -41,8 +41,9 @@ from bench.backbone import add_input_options, use_input  # noqa: E402
 from bench.launches import GEMMS, VIEWS, top_level_ops  # noqa: E402
 
 MAPS = "kernel maps"
+NUMPY_GEMM = "numpy GEMM"  # a product through numpy's BLAS (harness.backbones.gemm), no aten op of its own
 KINDS: Tuple[Tuple[str, frozenset], ...] = (
-    ("GEMMs", frozenset(GEMMS)),
+    ("GEMMs", frozenset(GEMMS) | {NUMPY_GEMM}),
     ("gathers", frozenset({"aten::index_select", "aten::index_fill_"})),
     ("scatter-adds and row writes", frozenset({"aten::index_add_", "aten::scatter_add_", "aten::index_copy_"})),
     ("batch norm", frozenset({"aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::batch_norm"})),
@@ -69,6 +70,24 @@ def maps_marked():
         yield
 
 
+@contextmanager
+def numpy_gemms_marked():
+    """Runs each product the backend hands to numpy's BLAS inside a profiler range named
+    ``NUMPY_GEMM`` (the profiler sees aten ops only)."""
+    from torch.profiler import record_function
+
+    from harness.backbones import gemm
+
+    numpy_mm = gemm._numpy_mm
+
+    def marked(*args, **kwargs):
+        with record_function(NUMPY_GEMM):
+            return numpy_mm(*args, **kwargs)
+
+    with mock.patch.object(gemm, "_numpy_mm", marked):
+        yield
+
+
 def work_by_kind(model, coords, feats) -> Tuple[Dict[str, float], float]:
     """Seconds per kind of work in one profiled step (one thread), and the profiled step's
     wall seconds. ``other ops`` are the remaining aten ops; ``Python and dispatch`` is what no
@@ -77,14 +96,14 @@ def work_by_kind(model, coords, feats) -> Tuple[Dict[str, float], float]:
 
     from bench.backbone import _step
 
-    with maps_marked():
+    with maps_marked(), numpy_gemms_marked():
         _step(model, coords, feats, "cpu")
         model.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             wall = _step(model, coords, feats, "cpu")
     secs: Dict[str, float] = {name: 0.0 for name, _ in KINDS}
     secs.update({MAPS: 0.0, "other ops": 0.0})
-    for evt in top_level_ops(prof.events(), marks=(MAPS,)):
+    for evt in top_level_ops(prof.events(), marks=(MAPS, NUMPY_GEMM)):
         kind = MAPS if evt.name == MAPS else next((name for name, ops in KINDS if evt.name in ops), "other ops")
         secs[kind] += evt.cpu_time_total / 1e6
     secs["Python and dispatch"] = max(0.0, wall - sum(secs.values()))
@@ -162,7 +181,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench.backbone import _build, _step, count_flops, input_args, input_description, make_input, matmul_peak
-    from harness.backbones import available_backends
+    from harness.backbones import available_backends, gemm
     from harness.provenance import git_commit
 
     coords, feats = make_input(args.voxels)
@@ -221,7 +240,7 @@ def main(argv=None) -> int:
               f"GEMMs: {flops['executed_step_gflop']:.0f} GFLOP executed (useful {flops['step_gflop']:.0f}) in "
               f"{gemm_s:.2f} s = {flops['executed_step_gflop'] / gemm_s:.0f} GFLOP/s, "
               f"{flops['executed_step_gflop'] / gemm_s / peak1:.0%} of the one-thread matmul peak "
-              f"({peak1:.0f} GFLOP/s, 4096^2, this run).", "",
+              f"({peak1:.0f} GFLOP/s, this run, through the backend's CPU GEMM: {gemm.describe()}).", "",
               f"## One thread against {t}", "",
               f"| part | 1 thread: seconds | {t} threads: wall | {t} threads: CPU | cores busy | CPU / 1 thread |",
               "|---|---:|---:|---:|---:|---:|"]

@@ -8,7 +8,7 @@ import torch
 
 ME = pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine not installed (make minkowski)")
 
-from harness.backbones import build_backbone, kernel_map  # noqa: E402
+from harness.backbones import build_backbone, gemm, kernel_map  # noqa: E402
 from harness.backbones.sparse import SparseTensor  # noqa: E402
 from harness.backbones.synthetic import room_batch  # noqa: E402
 from harness.backbones.torch_backend import SparseConv, SparseConvTranspose  # noqa: E402
@@ -66,19 +66,25 @@ def _assert_agree(ours, theirs, tol=1e-5):
 
 
 @pytest.mark.minkowski
-@pytest.mark.parametrize("mode,offset_major_sites,spill_below,table,lines", [
-    ("train", 1000, kernel_map.SPILL_BELOW, False, False), ("eval", 1000, kernel_map.SPILL_BELOW, False, False),
-    ("train", 0, kernel_map.SPILL_BELOW, False, False), ("train", 0, 0.0, False, False),
-    ("train", 0, kernel_map.SPILL_BELOW, False, True),
-    ("train", 10**9, kernel_map.SPILL_BELOW, False, False), ("train", 10**9, kernel_map.SPILL_BELOW, True, False)])
+@pytest.mark.parametrize("mode,offset_major_sites,spill_below,table,lines,cpu_gemm", [
+    ("train", 1000, kernel_map.SPILL_BELOW, False, False, "torch"),
+    ("eval", 1000, kernel_map.SPILL_BELOW, False, False, "torch"),
+    ("train", 0, kernel_map.SPILL_BELOW, False, False, "torch"), ("train", 0, 0.0, False, False, "torch"),
+    ("train", 0, kernel_map.SPILL_BELOW, False, True, "torch"),
+    ("train", 10**9, kernel_map.SPILL_BELOW, False, False, "torch"),
+    ("train", 10**9, kernel_map.SPILL_BELOW, True, False, "torch"),
+    ("train", 1000, kernel_map.SPILL_BELOW, False, False, "numpy"),
+    ("train", 0, kernel_map.SPILL_BELOW, False, True, "numpy")])
 def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode, offset_major_sites, spill_below, table,
-                                                     lines, monkeypatch):
+                                                     lines, cpu_gemm, monkeypatch):
     """Same state_dict and input: outputs, input and weight gradients (and in train mode the
     updated running statistics) agree to 1e-5 relative (in fact to rounding, ~1e-12).
     With 1000 the stride-1 level (about 2500 sites) runs in buckets and the coarser ones
     offset by offset; with 0 every level runs in buckets (rare offsets spilled, or none) or, with
     ``lines``, as line plans; with 10**9 every level and every stride-2 map offset by offset on
-    the worker threads, or as table plans (the GPU's scheme, forced on the CPU)."""
+    the worker threads, or as table plans (the GPU's scheme, forced on the CPU). ``cpu_gemm``:
+    the library that multiplies (harness.backbones.gemm)."""
+    skip_without(cpu_gemm)
     monkeypatch.setattr(kernel_map, "OFFSET_MAJOR_SITES", offset_major_sites)
     monkeypatch.setattr(kernel_map, "SPILL_BELOW", spill_below)
     monkeypatch.setattr(kernel_map, "LINE_PLAN_PADDING", -1.0 if lines else kernel_map.LINE_PLAN_PADDING)
@@ -87,7 +93,14 @@ def test_res16unet34c_equal_on_both_backends_float64(scene, models, mode, offset
     coords, feats = scene
     mt, mm = models
     sd = {k: v.clone() for k, v in mt.state_dict().items()}
-    _assert_agree(_step(mt, coords, feats, torch.float64, mode, sd), _step(mm, coords, feats, torch.float64, mode, sd))
+    with gemm.using(cpu_gemm):
+        ours = _step(mt, coords, feats, torch.float64, mode, sd)
+    _assert_agree(ours, _step(mm, coords, feats, torch.float64, mode, sd))
+
+
+def skip_without(cpu_gemm: str) -> None:
+    if cpu_gemm == "numpy" and gemm._numpy_openblas() is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS with per-thread thread counts")
 
 
 def l2rel(a, b):
@@ -97,7 +110,8 @@ def l2rel(a, b):
 
 @pytest.mark.minkowski
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_res16unet34c_float32_close_to_me(scene, models, mode):
+@pytest.mark.parametrize("cpu_gemm", ["torch", "numpy"])
+def test_res16unet34c_float32_close_to_me(scene, models, mode, cpu_gemm):
     """float32: outputs agree to 1e-5 relative (eval; 3e-5 in train mode). Gradients in float32 are not comparable
     element by element: a pre-activation within ~1e-8 of zero can round to either side of
     the ReLU kink in either backend, which switches that element's gradient on or off (seen:
@@ -109,8 +123,10 @@ def test_res16unet34c_float32_close_to_me(scene, models, mode):
     coords, feats = scene
     mt, mm = models
     sd = {k: v.double().clone() if v.is_floating_point() else v.clone() for k, v in mt.state_dict().items()}
+    skip_without(cpu_gemm)
     ref = _step(mm, coords, feats, torch.float64, mode, sd)
-    ours = _step(mt, coords, feats, torch.float32, mode, sd)
+    with gemm.using(cpu_gemm):
+        ours = _step(mt, coords, feats, torch.float32, mode, sd)
     me = _step(mm, coords, feats, torch.float32, mode, sd)
     mt.double()
     mm.double()

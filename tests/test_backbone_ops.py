@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import kernel_map, ops, workers
+from harness.backbones import gemm, kernel_map, ops, workers
 from harness.backbones.kernel_map import (KERNEL2, KERNEL3, CoordinateManager, LinePlan, OffsetPlan, Plan,
                                          TablePlan, choose_buckets)
 from harness.backbones.ops import global_pool
@@ -19,6 +19,15 @@ from harness.backbones.sparse import SparseTensor
 from harness.backbones.torch_backend import SparseBatchNorm, SparseConv, SparseConvTranspose, TorchOps
 
 DT = torch.float64
+
+
+@pytest.fixture(autouse=True, params=["torch", "numpy"])
+def cpu_gemm(request):
+    """Every test with each library that can multiply on the CPU (harness.backbones.gemm)."""
+    if request.param == "numpy" and gemm._numpy_openblas() is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS with per-thread thread counts")
+    with gemm.using(request.param):
+        yield request.param
 
 
 def random_sites(seed, n_batch=2, extent=6, density=0.35, stride=1):

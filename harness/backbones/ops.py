@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from . import gemm
 from .kernel_map import LinePlan, OffsetPlan, Plan, TablePlan
 from .workers import caller_threads_for, run_tasks, worker_count
 
@@ -108,10 +109,10 @@ def plan_matmul(plan: Plan, x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
         wb = slices.get(w, bi, b)
         g = _gather(x, b, r0, r1, scratch.bufs[w]["g"])
         if b.rows is None:
-            torch.mm(g, wb, out=out[b.start + r0:b.start + r1])
+            gemm.mm(g, wb, out=out[b.start + r0:b.start + r1])
         else:
             y = scratch.get(w, "y", (r1 - r0, c_out))
-            out.index_copy_(0, b.rows[r0:r1], torch.mm(g, wb, out=y))
+            out.index_copy_(0, b.rows[r0:r1], gemm.mm(g, wb, out=y))
 
     run_tasks(task, len(plan.chunks), x.device)
     if plan.spill is not None:
@@ -200,9 +201,9 @@ def _accumulated(K: int, n_pieces: int, k_of, cols_of, ref: torch.Tensor, block:
 
 def _accumulate(acc: torch.Tensor, first: bool, a: torch.Tensor, b: torch.Tensor) -> None:
     if first:
-        torch.mm(a, b, out=acc)
+        gemm.mm(a, b, out=acc)
     else:
-        acc.addmm_(a, b)
+        gemm.addmm_(acc, a, b)
 
 
 class _WeightSlices:
@@ -278,10 +279,10 @@ def symmetric_backward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, grad: 
             g = _gather(grad, b, r0, r1, scratch.bufs[w]["g"])
             if need_x:
                 if b.rows is None:
-                    torch.mm(g, wb, out=gx[b.start + r0:b.start + r1])
+                    gemm.mm(g, wb, out=gx[b.start + r0:b.start + r1])
                 else:
                     y = scratch.get(w, "y", (r1 - r0, c_in))
-                    gx.index_copy_(0, b.rows[r0:r1], torch.mm(g, wb, out=y))
+                    gx.index_copy_(0, b.rows[r0:r1], gemm.mm(g, wb, out=y))
             if need_w:
                 _accumulate(acc, r0 == p0, g.t(), _rows(x, b, r0, r1, scratch, w, "xi"))
 
@@ -323,7 +324,7 @@ def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, w
         i, a, b = plan.offsets[j], plan.seg[j], plan.seg[j + 1]
         g = _pair_rows(src, src_rows, scratch, w, "g", a, b)
         if prods is not None:
-            torch.mm(g, weight[i], out=prods[a:b])
+            gemm.mm(g, weight[i], out=prods[a:b])
         if after is not None:
             after(i, a, b, g, w)
 
@@ -333,12 +334,14 @@ def _offset_tasks(plan: OffsetPlan, src: torch.Tensor, src_rows: torch.Tensor, w
 
 def _centre_parts(plan: OffsetPlan, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> List[Callable[[], None]]:
     """``out = a @ w[centre]`` as tasks of about as many rows as the largest other offset has
-    pairs, so that no single task holds the workers up at the end (one task without workers,
-    none without a centre)."""
+    pairs, so that no single task holds the workers up at the end (none without a centre).
+    The same cut on any number of workers: a BLAS may pick its kernels by a product's size
+    (OpenBLAS has its own for small ones), so the cut must not follow the thread count for the
+    result to stay bit for bit the same."""
     if plan.centre is None:
         return []
-    rows = max(plan.max_pairs, 256) if worker_count(a.device) > 1 else max(plan.n_out, 1)
-    return [lambda r0=r0, r1=min(plan.n_out, r0 + rows): torch.mm(a[r0:r1], w[plan.centre], out=out[r0:r1])
+    rows = max(plan.max_pairs, 256)
+    return [lambda r0=r0, r1=min(plan.n_out, r0 + rows): gemm.mm(a[r0:r1], w[plan.centre], out=out[r0:r1])
             for r0 in range(0, plan.n_out, rows)]
 
 
@@ -386,14 +389,14 @@ def _blocked_matmul(plan: OffsetPlan, blocks, x: torch.Tensor, weight: torch.Ten
     def task(t: int, w: int) -> None:
         r0, r1 = bounds[t], bounds[t + 1]
         if plan.centre is not None:
-            torch.mm(x[r0:r1], weight[plan.centre], out=out[r0:r1])
+            gemm.mm(x[r0:r1], weight[plan.centre], out=out[r0:r1])
         else:
             out[r0:r1].zero_()
         for j, i in enumerate(plan.offsets):
             a, b = cuts[j][t], cuts[j][t + 1]
             if b > a:
                 g = _pair_rows(x, plan.in_rows, scratch, w, "g", a, b)
-                out.index_add_(0, plan.out_rows[a:b], torch.mm(g, weight[i], out=scratch.get(w, "y", (b - a, c_out))))
+                out.index_add_(0, plan.out_rows[a:b], gemm.mm(g, weight[i], out=scratch.get(w, "y", (b - a, c_out))))
 
     run_tasks(task, len(bounds) - 1, x.device)
     return out
@@ -422,14 +425,14 @@ def offset_backward(plan: OffsetPlan, x: torch.Tensor, weight: Optional[torch.Te
     scratch = _Scratch(x, worker_count(grad.device), xi=plan.max_pairs * c_in) if need_w else None
     first = _centre_parts(plan, grad, wt, gx) if need_x else []
     if need_w and plan.centre is not None:
-        first.append(lambda: torch.mm(x.t(), grad, out=gw[plan.centre]))
+        first.append(lambda: gemm.mm(x.t(), grad, out=gw[plan.centre]))
 
     def weight_grad(i: int, a: int, b: int, g: torch.Tensor, w: int) -> None:
         xi = _pair_rows(x, plan.in_rows, scratch, w, "xi", a, b)
         if gw_base is None:
-            torch.mm(xi.t(), g, out=gw[i])
+            gemm.mm(xi.t(), g, out=gw[i])
         else:
-            gw[i].addmm_(xi.t(), g)
+            gemm.addmm_(gw[i], xi.t(), g)
 
     prods = _offset_tasks(plan, grad, plan.out_rows, wt, first, weight_grad if need_w else None)
     return (_scatter_sum(gx, plan, "in", prods) if need_x else None), gw
@@ -454,9 +457,9 @@ def _blocked_backward(plan: OffsetPlan, blocks, x: torch.Tensor, wt: Optional[to
         dw = acc.view(K, c_in, c_out) if acc is not None else None
         if plan.centre is not None:  # the centre reads row q at row q
             if need_x:
-                torch.mm(grad[q0:q1], wt[plan.centre], out=gx[q0:q1])
+                gemm.mm(grad[q0:q1], wt[plan.centre], out=gx[q0:q1])
             if dw is not None:
-                torch.mm(x[q0:q1].t(), grad[q0:q1], out=dw[plan.centre])
+                gemm.mm(x[q0:q1].t(), grad[q0:q1], out=dw[plan.centre])
         elif need_x:
             gx[q0:q1].zero_()
         if dw is not None:
@@ -470,9 +473,9 @@ def _blocked_backward(plan: OffsetPlan, blocks, x: torch.Tensor, wt: Optional[to
                 continue
             g = _pair_rows(grad, plan.out_rows, scratch, w, "g", a, b)
             if need_x:
-                gx.index_add_(0, plan.in_rows[a:b], torch.mm(g, wt[i], out=scratch.get(w, "y", (b - a, c_in))))
+                gx.index_add_(0, plan.in_rows[a:b], gemm.mm(g, wt[i], out=scratch.get(w, "y", (b - a, c_in))))
             if dw is not None:
-                torch.mm(_pair_rows(x, plan.in_rows, scratch, w, "xi", a, b).t(), g, out=dw[i])
+                gemm.mm(_pair_rows(x, plan.in_rows, scratch, w, "xi", a, b).t(), g, out=dw[i])
 
     gw = None
     if need_w:
@@ -505,9 +508,9 @@ class _LineSum:
         """Rows r0..r1 of bucket ``b`` (block ``t``): ``g @ wb``, written or added."""
         if b.starts is not None and not self.half:
             s0 = b.starts[t]
-            torch.mm(g, wb, out=self.t[s0:s0 + r1 - r0])
+            gemm.mm(g, wb, out=self.t[s0:s0 + r1 - r0])
             return
-        y = torch.mm(g, wb, out=self.scratch.get(w, "y", (r1 - r0, self.c)))
+        y = gemm.mm(g, wb, out=self.scratch.get(w, "y", (r1 - r0, self.c)))
         if b.starts is not None:
             self.t[b.starts[t]:b.starts[t] + r1 - r0].copy_(y)
         else:
@@ -575,10 +578,10 @@ def line_backward(plan: LinePlan, x: torch.Tensor, weight: torch.Tensor, grad: t
                     xr = torch.index_select(x, 0, b.rows[r0:r1], out=scratch.get(w, "xi", (r1 - r0, c_in)))
                 if b.consecutive:
                     c0 = b.cols[0]
-                    acc[c0 * c_out:(c0 + b.k) * c_out].addmm_(g.t(), xr)
+                    gemm.addmm_(acc[c0 * c_out:(c0 + b.k) * c_out], g.t(), xr)
                 else:
                     for p, col in enumerate(b.cols):
-                        acc[col * c_out:(col + 1) * c_out].addmm_(g[:, p * c_out:(p + 1) * c_out].t(), xr)
+                        gemm.addmm_(acc[col * c_out:(col + 1) * c_out], g[:, p * c_out:(p + 1) * c_out].t(), xr)
 
     gw = None
     if need_w:

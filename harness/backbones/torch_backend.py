@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemm
 from .ops import sparse_conv
 from .sparse import SparseTensor, check_input
 from .workers import restore_caller_threads
@@ -190,6 +191,8 @@ class TorchOps:
     def wrap(coords: torch.Tensor, feats: torch.Tensor, in_channels: int,
              widths: Optional[Dict[int, int]] = None) -> Tuple[SparseTensor, None]:
         check_input(coords, feats, in_channels)
+        if feats.device.type == "cpu":
+            gemm.backend()  # chosen (timed) here, on the calling thread, before any worker needs it
         x = SparseTensor(feats, coords, reorder=True, widths=widths)
         if widths:
             # Every coordinate set the network uses, before its first layer: on a GPU building

@@ -27,7 +27,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-__all__ = ["caller_threads_for", "restore_caller_threads", "run_tasks", "worker_count"]
+__all__ = ["caller_threads_for", "on_worker_thread", "restore_caller_threads", "run_tasks", "worker_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,11 @@ def restore_caller_threads() -> None:
     _LOCAL.saved_threads = None
     if saved is not None and torch.get_num_threads() == 1:
         torch.set_num_threads(saved)
+
+
+def on_worker_thread() -> bool:
+    """Whether the calling thread is one of the pool's workers."""
+    return getattr(_LOCAL, "worker", False)
 
 
 def worker_count(device: torch.device) -> int:
