@@ -5,7 +5,7 @@ code even where the CPU has AVX-512, while numpy's OpenBLAS picks its AVX-512 (S
 there. On this project's 2-core AMD EPYC (Zen 5), one core: ``torch.mm`` 98 GFLOP/s, numpy's
 OpenBLAS 190-215 at the shapes of the sparse convolutions (gathered chunks such as 910 x 864 by
 864 x 96, and the weight gradients' transposed products); a Res16UNet34C step at 100k voxels ran
-1.5x faster. (This project's VMs export ``OPENBLAS_CORETYPE=Haswell``, which holds OpenBLAS to its
+1.46x faster. (This project's VMs export ``OPENBLAS_CORETYPE=Haswell``, which holds OpenBLAS to its
 AVX2 kernels, 113 GFLOP/s: then torch.mm stays.)
 
 Which library multiplies is chosen once per process (:func:`backend`): by :func:`select` or
@@ -52,7 +52,8 @@ _STATE = {"choice": None, "detail": ""}
 
 
 def _numpy_openblas():
-    """(numpy module, the per-thread thread-count setter of numpy's OpenBLAS) or None."""
+    """(numpy module, the per-thread thread-count setter of numpy's OpenBLAS, its core name), or
+    None where numpy's BLAS is no such OpenBLAS."""
     try:
         import numpy as np
     except ImportError:
@@ -180,11 +181,11 @@ def _blas_layout(t: torch.Tensor) -> bool:
 
 
 def _numpy_ok(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor]) -> bool:
-    if a.device.type != "cpu" or a.dtype not in _DTYPES or b.dtype != a.dtype:
+    if a.device.type != "cpu" or backend() != "numpy" or a.dtype not in _DTYPES or b.dtype != a.dtype:
         return False
     if out is not None and (out.dtype != a.dtype or not _blas_layout(out)):
         return False
-    return _blas_layout(a) and _blas_layout(b) and backend() == "numpy"
+    return _blas_layout(a) and _blas_layout(b)
 
 
 def _numpy_mm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
