@@ -132,28 +132,6 @@ def cpu_gemm_peak(reps: int = 3, n: int = 2048) -> float:
     return 2 * n ** 3 * tasks / best / 1e9
 
 
-def openblas_cores() -> Dict[str, str]:
-    """The OpenBLAS libraries loaded in this process (numpy's, MinkowskiEngine's) -> the core
-    type each picked its kernels for (Linux)."""
-    import ctypes
-
-    cores = {}
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line and line.split()[-1].startswith("/")})
-    except OSError:
-        return cores
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.restype = ctypes.c_char_p
-                cores[Path(path).name] = fn().decode(errors="replace")
-                break
-    return cores
-
-
 def gemm_seconds(coords, feats, device: str) -> Optional[float]:
     """GPU time of the matrix products in one torch-backend step (CUDA profiler), or None off
     CUDA: the convolutions' GEMMs alone, against which the GPU's matmul peak is a fair yardstick."""
@@ -660,7 +638,7 @@ def main(argv=None) -> int:
     if device == "cpu":
         from harness.backbones import gemm
 
-        env.update(cpu_gemm=gemm.describe(), openblas_cores=openblas_cores(),
+        env.update(cpu_gemm=gemm.describe(), openblas_cores=gemm.openblas_cores(),
                    openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"))
     results = {"command": "python bench/backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "env": env, "rows": [], "padding": {}, "input": input_description()}

@@ -170,3 +170,11 @@ def test_using_gives_the_earlier_choice_back(restore_choice):
     with gemm.using("numpy") as chosen:
         assert chosen == "numpy" == gemm.backend()
     assert gemm.backend() == "torch" and gemm._NUMPY is None
+
+
+@needs_numpy_blas
+def test_openblas_cores_names_numpys_library_and_its_kernels():
+    cores = gemm.openblas_cores()
+    numpys = [name for name in cores if "openblas" in name]
+    assert numpys and all(cores[name] and cores[name] != "?" for name in numpys)
+    assert gemm._numpy_openblas()[2] in cores.values()

@@ -28,13 +28,13 @@ import logging
 import os
 import threading
 import time
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from .workers import on_worker_thread
 
-__all__ = ["backend", "describe", "select", "using", "mm", "addmm_", "CHOICES"]
+__all__ = ["backend", "describe", "select", "using", "mm", "addmm_", "openblas_cores", "CHOICES"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,21 @@ _LOCAL = threading.local()  # .one_blas_thread: this thread's OpenBLAS count is 
 _STATE = {"choice": None, "detail": ""}
 
 
+def _loaded_openblas() -> List[str]:
+    """Paths of the OpenBLAS libraries loaded in this process (Linux; none elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f if "openblas" in line and line.split()[-1].startswith("/")})
+    except OSError:
+        return []
+
+
+def openblas_cores() -> Dict[str, str]:
+    """Each loaded OpenBLAS (numpy's, MinkowskiEngine's) by file name -> the core type it picked
+    its kernels for."""
+    return {os.path.basename(path): _corename(ctypes.CDLL(path)) for path in _loaded_openblas()}
+
+
 def _numpy_openblas():
     """(numpy module, the per-thread thread-count setter of numpy's OpenBLAS, its core name), or
     None where numpy's BLAS is no such OpenBLAS."""
@@ -61,12 +76,9 @@ def _numpy_openblas():
     except ImportError:
         return None
     np.dot(np.ones((2, 2)), np.ones((2, 2)))  # numpy loads its BLAS lazily on some builds
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line and "numpy" in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
+    for path in _loaded_openblas():
+        if "numpy" not in path:
+            continue
         try:
             lib = ctypes.CDLL(path)
         except OSError:
