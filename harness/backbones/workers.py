@@ -138,7 +138,7 @@ def caller_threads_for(sites: int, device: torch.device) -> None:
     wait policy each parallel op first wakes the partner thread, which costs more than a small
     op's work (Res16UNet34C steps alternating with and without this: 1.22x at 5k voxels,
     1.06-1.08x at 2k and 20k, 1.00x at 100k). The worker pool keeps the configured width."""
-    if device.type != "cpu" or getattr(_LOCAL, "worker", False):
+    if device.type != "cpu" or on_worker_thread():
         return
     threads = _configured_threads()
     if threads <= 1:
@@ -170,7 +170,7 @@ def on_worker_thread() -> bool:
 def worker_count(device: torch.device) -> int:
     """Threads that run tasks for ops on ``device``: the caller's configured torch thread
     count on the CPU (1 = the caller itself), 1 elsewhere."""
-    if device.type != "cpu" or getattr(_LOCAL, "worker", False):
+    if device.type != "cpu" or on_worker_thread():
         return 1
     return _configured_threads()
 
